@@ -1,0 +1,235 @@
+"""Command line: parse, load config, call the API; heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fine-tune pretrained language models on your data.")
+console = Console(stderr=True)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    logger = logging.getLogger("lmtune")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    for noisy in ("transformers", "datasets", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from lmtune.config import ConfigError
+    from lmtune.data import DataError
+    from lmtune.models import ModelError
+
+    return ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError, ValueError
+
+
+def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
+          overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-5"),
+          resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run of this config."),
+          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Fine-tune a model as the config says; writes a run directory."""
+    _setup_logging(verbose)
+    from lmtune.config import load_config
+    from lmtune.run import train as run_train
+
+    try:
+        cfg = load_config(config, overrides)
+        console.rule("resolved config")
+        console.print(cfg.to_yaml(), highlight=False, markup=False)
+        result = run_train(config, overrides, resume=resume)
+    except _user_errors() as err:
+        _fail(err)
+    m = result.metrics
+    for split in ("validation", "test"):
+        if split in m:
+            console.print(_metrics_table(f"{split} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
+    console.print(f"trained {m['params']['trainable']:,} of {m['params']['total']:,} parameters in "
+                  f"{m['train_seconds']:.1f} s; run directory: [bold]{result.run_dir}[/]")
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="Run config (YAML)."),
+             overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides.")) -> None:
+    """Check the config and the data (every row) without training."""
+    _setup_logging()
+    from lmtune import models
+    from lmtune.config import load_config
+    from lmtune.registry import TASKS
+
+    try:
+        cfg = load_config(config, overrides)
+        console.print(cfg.to_yaml(), highlight=False, markup=False)
+        models.resolve_model(cfg.model.name)
+        models.load_tokenizer(cfg.model)
+        task = TASKS[cfg.task.name](cfg.task, cfg.data)
+        _, report = task.load_splits(cfg.train.seed)
+    except _user_errors() as err:
+        _fail(err)
+    table = Table(title="data")
+    for column in ("split", "rows", "skipped rows", "overlap with train"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, rows in report["rows"].items():
+        table.add_row(split, str(rows), str(report["skipped_rows"].get(split, 0)),
+                      str(report.get("overlap_with_train", {}).get(split, "")))
+    console.print(table)
+    if report.get("labels"):
+        console.print(f"labels: {', '.join(map(str, report['labels']))}")
+    console.print("[green]config and data are valid[/]")
+
+
+def _read_inputs(path: str) -> list[Any]:
+    """Inputs for predict: JSONL/JSON/CSV/TSV rows (dicts), or plain text lines (file or stdin)."""
+    if path == "-":
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    from lmtune.data import read_table
+
+    file = Path(path)
+    if file.suffix in (".txt", ""):
+        return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ds = read_table(file)
+    return [{k: v for k, v in row.items() if k != "_row"} for row in ds]
+
+
+def _write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> None:
+    rows = [{**(i if isinstance(i, dict) else {"text": i}), **p} for i, p in zip(inputs, preds)]
+    if path == "-":
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    if file.suffix in (".csv", ".tsv"):
+        import pandas as pd
+
+        flat = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows]
+        pd.DataFrame(flat).to_csv(file, index=False, sep="\t" if file.suffix == ".tsv" else ",")
+    else:
+        file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@app.command()
+def predict(run: Path = typer.Argument(..., help="Run directory."),
+            input: str = typer.Option("-", "--input", "-i", help="JSONL/CSV/TSV/JSON file, text lines, or - for stdin."),
+            output: str = typer.Option("-", "--output", "-o", help="Output file (.jsonl/.csv/.tsv) or - for stdout."),
+            text_column: Optional[str] = typer.Option(None, help="Input column holding the text (default: "
+                                                      "the run's data.text_column, else 'text').")) -> None:
+    """Predict with a trained run for every input row."""
+    _setup_logging()
+    from lmtune.run import load
+
+    try:
+        predictor = load(run)
+        inputs = _read_inputs(input)
+        column = text_column or predictor.session.cfg.data.text_column
+        pair = predictor.session.cfg.data.text_pair_column
+        records = [{"text": i[column], **({"text_pair": i[pair]} if pair else {})} if isinstance(i, dict) and
+                   column in i else i for i in inputs]
+        preds = predictor.predict(records)
+    except (*_user_errors(), KeyError) as err:
+        _fail(err)
+    _write_outputs(output, inputs, preds)
+    if output != "-":
+        console.print(f"{len(preds)} predictions written to {output}")
+
+
+@app.command("eval")
+def evaluate(run: Path = typer.Argument(..., help="Run directory."),
+             data: Path = typer.Option(..., "--data", "-d", help="Labelled file in the training data's format."),
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the metrics as JSON here.")) -> None:
+    """Score a trained run on a labelled file."""
+    _setup_logging()
+    from lmtune.run import evaluate as run_evaluate
+
+    try:
+        metrics = run_evaluate(run, data)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(_metrics_table(f"{data} ({metrics['rows']} rows)", metrics))
+    if output:
+        output.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+
+
+@app.command("ls")
+def list_things(fields: bool = typer.Option(False, "--fields", help="Also list every config field.")) -> None:
+    """List tasks, methods, built-in models and example configs."""
+    from lmtune.config import SECTIONS
+    from lmtune.models import BUILTIN_MODELS
+    from lmtune.registry import METHODS, TASKS, load_builtins
+
+    load_builtins()
+    table = Table(title="lmtune")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("description")
+    for kind, registry in (("task", TASKS), ("method", METHODS)):
+        for name, obj in registry.items():
+            table.add_row(kind, name, obj.Options.model_fields["name"].description or "")
+    for name, (package, version, _) in BUILTIN_MODELS.items():
+        table.add_row("model", name, f"from the package {package}=={version}")
+    for path in sorted(EXAMPLES.glob("*.yaml")) if EXAMPLES.is_dir() else []:
+        table.add_row("example", str(path.relative_to(EXAMPLES.parent)), _first_comment(path))
+    console.print(table)
+    if fields:
+        sections = {**SECTIONS, **{f"task ({n})": o.Options for n, o in TASKS.items()},
+                    **{f"method ({n})": o.Options for n, o in METHODS.items()}}
+        for section, model in sections.items():
+            t = Table(title=section)
+            for column in ("field", "default", "description"):
+                t.add_column(column)
+            for name, field in model.model_fields.items():
+                t.add_row(name, repr(field.default), field.description or "")
+            console.print(t)
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Typed run configuration: YAML + dotted overrides -> validated RunConfig, with clear errors."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
+
+from lmtune.registry import METHODS, TASKS, load_builtins
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    # Field docstrings become descriptions (`lmtune ls`, --help); unknown keys are errors.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "minilm-l6"
+    """Pretrained model: a built-in name (see `lmtune ls`) or a local Hugging Face model folder."""
+    max_length: int | None = None
+    """Longest input in tokens; longer inputs are truncated. Default: the model's own limit (at most 512)."""
+    allow_pickle: bool = False
+    """Allow loading pickled `.bin` weights (can run arbitrary code); safetensors only otherwise."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside the model folder to run."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError(f"model.max_length={self.max_length} is too small (at least 8 tokens)")
+        return self
+
+
+class DataConfig(Section):
+    train: str | None = None
+    """Training file (csv, tsv, jsonl, json, parquet, optionally .gz) or `builtin:NAME/FILE`."""
+    validation: str | None = None
+    """Validation file; when absent, `validation_size` of train is split off (stratified, seeded)."""
+    test: str | None = None
+    """Test file; when absent, `test_size` of train is split off (stratified, seeded)."""
+    format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = None
+    """File format; default: from the file extension."""
+    text_column: str = "text"
+    """Column holding the input text."""
+    text_pair_column: str | None = None
+    """Column holding the second text of a sentence pair (e.g. NLI hypothesis), if any."""
+    label_column: str = "label"
+    """Column holding the label (for multi-label: a list, or a string split on `label_separator`)."""
+    labels: list[str] | None = None
+    """Label names in index order; default: discovered from the training data (sorted)."""
+    label_separator: str = ","
+    """Separator of labels in a multi-label string column."""
+    validation_size: float = 0.1
+    """Fraction (0-1) or row count of train split off as validation when no validation file is given."""
+    test_size: float = 0.1
+    """Fraction (0-1) or row count of train split off as test when no test file is given; 0 = no test."""
+    max_train_samples: int | None = None
+    """Train on a stratified, seeded subset of this many rows (a manageable part of a big dataset)."""
+    max_eval_samples: int | None = None
+    """Evaluate on a stratified, seeded subset of this many validation/test rows."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """What to do with a bad row (empty text, missing/unknown label): stop with an error, or skip and count it."""
+    unescape_html: bool = False
+    """Turn HTML entities such as `&#039;` into characters before tokenizing (scraped reviews)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        for name in ("validation_size", "test_size"):
+            value = getattr(self, name)
+            if value < 0 or (value >= 1 and value != int(value)):
+                raise ValueError(f"data.{name}={value}: give a fraction in [0, 1) or a whole row count")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name}={value}: must be at least 1 (or left out for all rows)")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: int = 3
+    """Passes over the training data (per stage unless the method sets its own)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total; overrides `epochs` when given."""
+    batch_size: int = 16
+    """Examples per forward pass (per device)."""
+    grad_accum: int = 1
+    """Forward passes whose gradients are summed before one optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never applied to biases and LayerNorm weights."""
+    warmup_ratio: float = 0.1
+    """Share of each stage's steps spent warming the learning rate up from 0."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; null = no clipping."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast precision: auto = bf16 on a GPU that supports it, else fp32."""
+    seed: int = 42
+    """Seed for splits, sampling, initialisation and dropout."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, faster), order still shuffled."""
+    pad_to_multiple_of: int = 8
+    """Pad each batch to a multiple of this many tokens (tensor-core friendly)."""
+    eval_every: int | None = None
+    """Evaluate (and checkpoint) every N optimizer steps; null = at the end of every epoch."""
+    log_every: int = 10
+    """Log the training loss every N optimizer steps."""
+    early_stopping_patience: int | None = None
+    """Stop a stage after this many evaluations without improvement; null = never stop early."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest change of the selection metric that counts as an improvement."""
+    load_best: bool = True
+    """At the end, restore the weights of the best evaluation (by `eval.metric`)."""
+    checkpoint: bool = True
+    """Save a resumable checkpoint (model, optimizer, scheduler, RNG, data position) at each evaluation."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    compile: bool = False
+    """Compile the model with torch.compile (GPU; pays off on long runs)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every, "pad_to_multiple_of": self.pad_to_multiple_of}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"train.{name}={value}: must be at least 1")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr}: must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        for name in ("max_steps", "eval_every", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{name}={value}: must be at least 1 (or null)")
+        return self
+
+
+class EvalConfig(Section):
+    metric: str | None = None
+    """Metric that selects the best checkpoint and drives early stopping; default: the task's main metric."""
+    batch_size: int | None = None
+    """Examples per evaluation batch; default: twice train.batch_size."""
+    test: bool = True
+    """Evaluate the final model on the test split and report it."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+    """Folder that holds run directories."""
+    name: str | None = None
+    """Run directory name; default: `<config file name>-<date>-<time>`."""
+    overwrite: bool = False
+    """Replace an existing run directory of the same name (otherwise an error)."""
+
+
+class RunConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    task: SerializeAsAny[BaseModel]
+    method: SerializeAsAny[BaseModel]
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        no_validation = self.data.validation is None and self.data.validation_size == 0
+        if no_validation and self.train.early_stopping_patience:
+            raise ValueError("train.early_stopping_patience needs validation data: give data.validation "
+                             "or a data.validation_size above 0")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+            "output": OutputConfig}
+DEFAULT_TASK, DEFAULT_METHOD = "classification", "full"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=3e-5")
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    for part in loc:
+        if model is None:
+            return []
+        field = model.model_fields.get(str(part))
+        model = field.annotation if field and isinstance(field.annotation, type) else None
+    return list(model.model_fields) if model is not None and issubclass(model, BaseModel) else []
+
+
+def _format_errors(err: ValidationError, prefix: tuple[str, ...], model: type[BaseModel]) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = prefix + tuple(str(p) for p in e["loc"])
+        where = ".".join(loc) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key{_closest(loc[-1], _fields_at(model, e['loc'][:-1]))}")
+        elif e["type"] == "value_error":
+            lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {e['msg']}{shown}")
+    return lines
+
+
+def _validate_registered(raw: Any, section: str, table: dict[str, Any], default: str) -> tuple[Any, list[str]]:
+    raw = {"name": raw} if isinstance(raw, str) else dict(raw or {})
+    raw.setdefault("name", default)
+    name = raw["name"]
+    if name not in table:
+        return None, [f"{section}.name: unknown {section} {name!r}{_closest(str(name), list(table))}"
+                      .replace("valid keys", f"known {section}s")]
+    options = table[name].Options
+    try:
+        return options.model_validate(raw), []
+    except ValidationError as err:
+        return None, _format_errors(err, (section,), options)
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw nested dict into a RunConfig, raising one ConfigError listing every problem."""
+    load_builtins()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a mapping of sections, got {type(raw).__name__}")
+    known = set(SECTIONS) | {"task", "method"}
+    errors = [f"{key}: unknown section{_closest(str(key), sorted(known))}" for key in raw if key not in known]
+    task, task_errors = _validate_registered(raw.get("task"), "task", TASKS, DEFAULT_TASK)
+    method, method_errors = _validate_registered(raw.get("method"), "method", METHODS, DEFAULT_METHOD)
+    errors += task_errors + method_errors
+    rest = {k: v for k, v in raw.items() if k in SECTIONS}
+    if not errors:
+        try:
+            return RunConfig.model_validate({**rest, "task": task, "method": method})
+        except ValidationError as err:
+            errors += _format_errors(err, (), RunConfig)
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(errors)))
+
+
+def load_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or take a dict/RunConfig), apply dotted overrides and validate."""
+    if isinstance(source, RunConfig):
+        raw = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        raw = yaml.safe_load(yaml.safe_dump(source))  # deep copy; callers keep their dict
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return build_config(raw)

@@ -1,0 +1,16 @@
+"""Generic, task-independent data reading: files to datasets, row checks, splits and subsets."""
+
+from lmtune.data.checks import apply_row_checks
+from lmtune.data.readers import DataError, read_table, require_columns, resolve_path
+from lmtune.data.splits import count_overlap, split_off, stratified_subset
+
+__all__ = [
+    "DataError",
+    "apply_row_checks",
+    "count_overlap",
+    "read_table",
+    "require_columns",
+    "resolve_path",
+    "split_off",
+    "stratified_subset",
+]

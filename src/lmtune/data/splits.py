@@ -1,0 +1,149 @@
+"""Seeded splits and subsets of a dataset (stratified by a label column where possible) and overlap counts."""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Hashable
+
+import datasets
+import numpy as np
+
+logger = logging.getLogger("lmtune")
+
+
+def split_off(
+    ds: datasets.Dataset,
+    size: float | int,
+    seed: int,
+    stratify_by: str | None = None,
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split ``ds`` into ``(rest, split)``; ``size`` is a fraction in (0, 1) or a row count.
+
+    Stratified by ``stratify_by`` (sklearn ``train_test_split``) when that column holds scalars and
+    every class has at least 2 rows; otherwise a plain seeded random split, with a warning saying why.
+    Both parts keep the original row order. The same seed gives the same split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(ds)
+    n_split = _split_count(size, n)
+    indices = np.arange(n)
+    codes = _stratify_codes(ds, stratify_by, min_per_class=2) if stratify_by else None
+    rest_idx = split_idx = None
+    if codes is not None:
+        try:
+            rest_idx, split_idx = train_test_split(indices, test_size=n_split, random_state=seed, stratify=codes)
+        except ValueError as e:  # e.g. fewer split rows than classes
+            logger.warning("cannot stratify by %r (%s); splitting at random instead", stratify_by, e)
+    if split_idx is None:
+        rest_idx, split_idx = train_test_split(indices, test_size=n_split, random_state=seed)
+    return ds.select(np.sort(rest_idx)), ds.select(np.sort(split_idx))
+
+
+def _split_count(size: float | int, n: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, numbers.Real):
+        raise ValueError(f"split size must be a fraction in (0, 1) or a row count, got {size!r}")
+    if n < 2:
+        raise ValueError(f"cannot split a dataset of {n} row(s)")
+    if not isinstance(size, numbers.Integral):  # numpy scalars count too
+        if not 0.0 < size < 1.0:
+            raise ValueError(f"split fraction must be in (0, 1), got {size}")
+        # sklearn rounds test_size up; the epsilon keeps 0.1 * 30 (= 3.0000000000000004) at 3.
+        count = math.ceil(size * n - 1e-9)
+    else:
+        count = int(size)
+    if not 1 <= count <= n - 1:
+        raise ValueError(f"split size {size!r} leaves no rows on one side of a dataset of {n} rows")
+    return count
+
+
+def stratified_subset(
+    ds: datasets.Dataset,
+    n: int,
+    seed: int,
+    stratify_by: str | None = None,
+) -> datasets.Dataset:
+    """A seeded sample of ``n`` rows, keeping class proportions of ``stratify_by`` where possible.
+
+    ``n >= len(ds)`` returns ``ds`` unchanged. Class quotas are proportional (largest remainder),
+    and when ``n`` is at least the number of classes every class keeps at least one row, so rare
+    classes do not vanish. A column that does not hold scalars falls back to a random sample,
+    with a warning. Rows keep their original order.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"subset size must be a positive row count, got {n!r}")
+    n = int(n)
+    if n >= len(ds):
+        return ds
+    rng = np.random.default_rng(seed)
+    codes = _stratify_codes(ds, stratify_by, min_per_class=1) if stratify_by else None
+    if codes is None:
+        chosen = rng.choice(len(ds), size=n, replace=False)
+    else:
+        chosen = _stratified_sample(np.asarray(codes), n, rng)
+    return ds.select(np.sort(chosen))
+
+
+def _stratify_codes(ds: datasets.Dataset, column: str, min_per_class: int) -> list[int] | None:
+    """Class code per row for stratifying, or None (after a warning) when the column cannot be used."""
+    if column not in ds.column_names:
+        raise ValueError(f"cannot stratify by {column!r}: no such column; columns are {ds.column_names}")
+    feature = ds.features[column]
+    if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
+        logger.warning("cannot stratify by %r: its values are not scalars (%s); sampling at random", column, feature)
+        return None
+    values = ds.select_columns([column]).to_dict()[column]  # list(ds[column]) is slow in datasets 5
+    code_of: dict[Hashable, int] = {}
+    codes = [code_of.setdefault(v, len(code_of)) for v in values]
+    counts = np.bincount(codes, minlength=len(code_of))
+    if counts.min() < min_per_class:
+        rare = next(v for v, c in code_of.items() if counts[c] < min_per_class)
+        logger.warning(
+            "cannot stratify by %r: class %r has %d row(s), fewer than %d; sampling at random",
+            column, rare, int(counts[code_of[rare]]), min_per_class,
+        )
+        return None
+    return codes
+
+
+def _stratified_sample(codes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    counts = np.bincount(codes)
+    quotas = _allocate(counts.tolist(), n)
+    order = np.argsort(codes, kind="stable")
+    groups = np.split(order, np.cumsum(counts)[:-1])
+    picked = [rng.choice(group, size=q, replace=False) for group, q in zip(groups, quotas, strict=True) if q]
+    return np.concatenate(picked)
+
+
+def _allocate(counts: list[int], n: int) -> list[int]:
+    """Split ``n`` over classes proportionally to ``counts`` (largest remainder), at least 1 each when n allows."""
+    total = sum(counts)
+    quotas = [n * c / total for c in counts]
+    floor_one = n >= len(counts)
+    alloc = [min(c, max(math.floor(q), 1 if floor_one else 0)) for c, q in zip(counts, quotas, strict=True)]
+    # Too many (the floor of one row per class): take back from the classes furthest above quota.
+    while sum(alloc) > n:
+        donors = sorted((i for i in range(len(alloc)) if alloc[i] > 1), key=lambda i: quotas[i] - alloc[i])
+        for i in donors[: sum(alloc) - n]:
+            alloc[i] -= 1
+    # Too few (rounding down): give to the classes with the largest remainder that still have rows.
+    while sum(alloc) < n:
+        takers = sorted((i for i in range(len(alloc)) if alloc[i] < counts[i]), key=lambda i: alloc[i] - quotas[i])
+        for i in takers[: n - sum(alloc)]:
+            alloc[i] += 1
+    return alloc
+
+
+def count_overlap(train_texts: list[str], other_texts: list[str]) -> int:
+    """How many of ``other_texts`` also occur in ``train_texts`` (whitespace-normalised, casefolded).
+
+    Duplicates in ``other_texts`` count each time: the number is "evaluation rows seen in training".
+    """
+    seen = {_normalise(t) for t in train_texts}
+    return sum(_normalise(t) in seen for t in other_texts)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(str(text).split()).casefold()

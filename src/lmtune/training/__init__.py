@@ -1,0 +1,1 @@
+"""Training: the loop that runs a method's stages, batching, checkpoints and logs."""

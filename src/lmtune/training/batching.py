@@ -1,0 +1,49 @@
+"""Batch order: length-grouped, seeded, resumable and sharded across processes."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, group_by_length: bool,
+                  rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """The batches (lists of row indices) this process trains on in `epoch`.
+
+    The order depends only on (seed, epoch), never on global RNG state, so a resumed run can rebuild the
+    exact order and skip what it already saw. With grouping, indices are shuffled, cut into megabatches of
+    50 batches, sorted by length inside each megabatch (little padding), and the batches shuffled again
+    so lengths still vary from step to step. The longest batch goes first so an out-of-memory error
+    shows up at step 1, not hours in.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if group_by_length:
+        mega = batch_size * 50
+        order = [i for s in range(0, len(order), mega)
+                 for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length and len(batches) > 1:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        first = batches.pop(longest)
+        batches = [first] + [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    # Every process needs the same number of steps; the last few batches are dropped, not padded with
+    # repeats, so no example is counted twice.
+    per_rank = len(batches) // world_size if world_size > 1 else len(batches)
+    return batches[rank::world_size][:per_rank]
+
+
+def eval_batches(lengths: Sequence[int], batch_size: int, *, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Evaluation batches sorted by length (least padding); callers restore the original order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return batches[rank::world_size]
+
+
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
+    batches = math.ceil(n_rows / batch_size)
+    if world_size > 1:
+        batches //= world_size
+    return max(1, math.ceil(batches / grad_accum))

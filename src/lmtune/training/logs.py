@@ -1,0 +1,60 @@
+"""Run logs: one JSON line per log/eval step in metrics.jsonl, mirrored to TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl (+ TensorBoard) written by the main process only."""
+
+    def __init__(self, run_dir: Path, accelerator: Any, truncate_after: int | None = None) -> None:
+        self.enabled = accelerator.is_main_process
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if not self.enabled:
+            return
+        if truncate_after is not None and self.path.exists():
+            # Lines logged after the checkpoint we resume from will be logged again.
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= truncate_after]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # TensorBoard is optional: metrics.jsonl is the record
+            self._tb = None
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, step: int, stage: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "stage": stage, "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(record, default=_plain) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
