@@ -268,6 +268,9 @@ def test_builtin_drugreview_train():
     mtime = path.stat().st_mtime_ns
     assert resolve_path("builtin:drugreview/train.tsv").stat().st_mtime_ns == mtime  # extracted once
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # shared cache, not a private temp file
     ds = read_table("builtin:drugreview/train.tsv")
     assert len(ds) == 600
     require_columns(ds, "builtin:drugreview/train.tsv", ["review", "rating"])

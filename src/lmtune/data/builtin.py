@@ -6,7 +6,7 @@ import contextlib
 import importlib.metadata
 import os
 import shutil
-import tempfile
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +83,10 @@ def _locate_archive(shown: str, builtin: _Builtin) -> Path:
 def write_atomic(target: Path, src: BinaryIO) -> None:
     """Copy a binary stream to ``target`` through a temp file + rename, so a crash leaves no half file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    # Not tempfile.mkstemp: its 0600 mode would make the cached file private; open("xb") honours umask.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "xb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
         os.replace(tmp, target)
     except BaseException:

@@ -10,7 +10,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from lmtune.data.readers import ROW_COLUMN, DataError
+from lmtune.data.errors import DataError
+from lmtune.data.readers import ROW_COLUMN
 
 logger = logging.getLogger("lmtune")
 

@@ -121,7 +121,7 @@ class Classification:
         report["skipped_rows"]["train"] = n_skipped
         report["skipped_examples"] += messages[:20]
         if not self.labels:
-            self.labels = _sort_labels({v for labels in list(train["labels"]) for v in labels})
+            self.labels = _sort_labels({v for labels in train["labels"][:] for v in labels})
         splits: dict[str, Any] = {}
         for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation,
                                                                        cfg.validation_size)):
@@ -138,7 +138,7 @@ class Classification:
             if cfg.max_eval_samples:
                 splits[name] = stratified_subset(splits[name], cfg.max_eval_samples, seed,
                                                   self._stratum(splits[name]))
-            overlap = count_overlap(list(train["text"]), list(splits[name]["text"]))
+            overlap = count_overlap(train["text"][:], splits[name]["text"][:])
             report.setdefault("overlap_with_train", {})[name] = overlap
             if overlap:
                 log.warning("%d of %d %s texts also occur in the training data: %s scores may be optimistic",
@@ -156,7 +156,7 @@ class Classification:
 
     def _counts(self, ds: Any) -> dict[str, int]:
         counts = {name: 0 for name in self.labels}
-        for labels in list(ds["labels"]):
+        for labels in ds["labels"][:]:
             for name in labels:
                 counts[name] = counts.get(name, 0) + 1
         return counts
@@ -237,7 +237,7 @@ class Classification:
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
         logits, loss = self._collect(outputs, len(features))
-        gold = np.asarray(list(features["labels"]))
+        gold = np.asarray(features["labels"][:])
         if self.options.multi_label:
             pred = (1 / (1 + np.exp(-logits)) >= self.options.threshold).astype(int)
             gold = gold.astype(int)

@@ -68,7 +68,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int,
                     accelerator: Any) -> Iterator[tuple[list[int], Any, dict]]:
     """Forward passes over `dataset` in length-sorted batches: yields (row indices, outputs, batch)."""
-    batches = eval_batches(list(dataset["length"]), batch_size,
+    batches = eval_batches(dataset["length"][:], batch_size,
                            rank=accelerator.process_index, world_size=accelerator.num_processes)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda")
@@ -150,7 +150,7 @@ def _train_stage(job: Job, index: int, state: LoopState, cfg: TrainConfig, accel
     since_log = 0
     stop = state.stage_done
     postfix: dict[str, str] = {}
-    lengths = list(job.train_set["length"])
+    lengths = job.train_set["length"][:]
     while not stop and state.epoch < epochs:
         batches = train_batches(lengths, cfg.batch_size, seed=cfg.seed + 7919 * index,
                                 epoch=state.epoch, group_by_length=cfg.group_by_length,

@@ -1,0 +1,77 @@
+"""Config: typed sections, overrides, and errors that name the key and suggest the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmtune.config import ConfigError, apply_overrides, load_config
+
+BASE = {"data": {"train": "train.csv"}}
+
+
+def error_of(raw: dict, overrides: list[str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(raw, overrides)
+    return str(info.value)
+
+
+def test_defaults_and_overrides_are_typed() -> None:
+    cfg = load_config(BASE, ["train.lr=3e-5", "train.epochs=2", "method.name=head", "data.labels=[a, b]"])
+    assert cfg.train.lr == pytest.approx(3e-5) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 2
+    assert cfg.method.name == "head" and cfg.task.name == "classification"
+    assert cfg.data.labels == ["a", "b"]
+
+
+def test_unknown_key_suggests_nearest() -> None:
+    assert "train.lrr: unknown key; did you mean 'lr'?" in error_of(BASE, ["train.lrr=1e-4"])
+    assert "did you mean 'text_column'" in error_of({"data": {"train": "x", "txt_column": "review"}})
+
+
+def test_unknown_section_and_registered_names() -> None:
+    assert "trian: unknown section; did you mean 'train'?" in error_of({**BASE, "trian": {}})
+    assert "method.name: unknown method 'lora2'; known methods: full, head" in error_of(BASE, ["method.name=lora2"])
+    assert "did you mean 'full'" in error_of(BASE, ["method.name=ful"])
+    assert "method.head_lrr: unknown key; did you mean 'head_lr'?" in error_of(BASE, ["method.head_lrr=1"])
+
+
+def test_wrong_types_are_named() -> None:
+    message = error_of(BASE, ["train.epochs=many"])
+    assert "train.epochs" in message and "'many'" in message
+    assert "train.precision" in error_of(BASE, ["train.precision=fp8"])
+
+
+def test_impossible_combinations_give_one_clear_message() -> None:
+    message = error_of(BASE, ["data.validation_size=0", "train.early_stopping_patience=2"])
+    assert "early_stopping_patience needs validation data" in message
+    assert "train.lr=-1.0: must be positive" in error_of(BASE, ["train.lr=-1"])
+    assert "data.max_train_samples=0" in error_of(BASE, ["data.max_train_samples=0"])
+
+
+def test_all_problems_reported_together() -> None:
+    message = error_of({**BASE, "train": {"lrr": 1, "epochs": "x"}})
+    assert "train.lrr" in message and "train.epochs" in message
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"train": 3}, ["train.lr=1"])
+
+
+def test_round_trip_through_yaml(tmp_path) -> None:
+    cfg = load_config(BASE, ["method.name=head", "method.lr=0.001", "task.multi_label=true"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg and again.method.lr == 0.001 and again.task.multi_label is True
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,171 @@
+"""End to end on a tiny model: train -> run directory -> load -> predict/eval, and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmtune
+from lmtune.config import load_config
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir) -> lmtune.RunResult:
+    """One full run shared by the read-only checks below (training is the slow part)."""
+    from conftest import make_sentiment_rows, write_csv
+
+    root = tmp_path_factory.mktemp("trained")
+    train = write_csv(root / "train.csv", make_sentiment_rows(96, seed=1))
+    test = write_csv(root / "test.csv", make_sentiment_rows(32, seed=2))
+    cfg = {"model": {"name": str(tiny_model_dir)},
+           "data": {"train": str(train), "test": str(test), "validation_size": 0.25},
+           "train": {"epochs": 4, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0.0, "log_every": 2, "seed": 7},
+           "output": {"dir": str(root / "runs"), "name": "tiny"}}
+    return lmtune.train(cfg)
+
+
+def test_training_learns(trained) -> None:
+    losses = [r["train/loss"] for r in train_records(trained.run_dir) if "train/loss" in r]
+    assert len(losses) >= 5
+    assert sum(losses[-2:]) / 2 < 0.6 * sum(losses[:2]) / 2, losses
+    m = trained.metrics
+    assert m["test"]["accuracy"] >= 0.9
+    assert m["selection"]["metric"] == "accuracy" and m["selection"]["best"] >= 0.9
+    assert set(m["test"]["per_class"]) == {"negative", "positive"}
+    assert sum(map(sum, m["test"]["confusion_matrix"])) == 32
+
+
+def test_run_directory_contents(trained) -> None:
+    run = trained.run_dir
+    for name in ("config.yaml", "metrics.json", "metrics.jsonl", "model/model.safetensors", "model/tokenizer.json",
+                 "plots/learning_curves.png", "plots/confusion_test.png"):
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoints").exists()  # removed once the run finished
+    assert load_config(run / "config.yaml").train.epochs == 4
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["params"]["trainable"] == m["params"]["total"] > 0
+    assert m["train_examples_per_second"] > 0 and m["data"]["rows"] == {"train": 72, "validation": 24, "test": 32}
+    assert m["data"]["skipped_rows"] == {"train": 0, "test": 0}
+
+
+def test_pipeline_loads_the_model_with_label_names(trained) -> None:
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(trained.run_dir / "model"), device="cpu")
+    out = classify(["great excellent film", "awful terrible film"])
+    assert [o["label"] for o in out] == ["positive", "negative"]
+
+
+def test_load_predict_and_eval_agree_with_training(trained) -> None:
+    predictor = lmtune.load(trained.run_dir)
+    preds = predictor.predict(["wonderful great drug", "horrible worst drug", {"text": "love it, best"}])
+    assert [p["label"] for p in preds] == ["positive", "negative", "positive"]
+    assert abs(sum(preds[0]["scores"].values()) - 1) < 1e-4
+    test_file = load_config(trained.run_dir / "config.yaml").data.test
+    metrics = lmtune.evaluate(trained.run_dir, test_file)
+    assert metrics["rows"] == 32
+    assert metrics["accuracy"] == pytest.approx(trained.metrics["test"]["accuracy"])
+
+
+def test_cli_predict_jsonl_and_stdin(trained, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"id": 1, "text": "great best film"}\n{"id": 2, "text": "worst awful film"}\n')
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(inputs), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["label"]) for r in rows] == [(1, "positive"), (2, "negative")]
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir)], input="excellent great\nterrible bad\n")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["label"] for r in lines] == ["positive", "negative"]
+
+
+def test_cli_eval_and_validate(trained, tiny_config, tmp_path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    test_file = load_config(trained.run_dir / "config.yaml").data.test
+    result = CliRunner().invoke(app, ["eval", str(trained.run_dir), "--data", test_file])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["validate", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "config and data are valid" in result.output
+    result = CliRunner().invoke(app, ["validate", str(config), "train.lrr=1"])
+    assert result.exit_code == 1 and "did you mean 'lr'" in result.output
+
+
+def test_head_method_keeps_the_backbone(tiny_config, tiny_model_dir) -> None:
+    tiny_config["method"] = {"name": "head", "lr": 1e-2}
+    result = lmtune.train(tiny_config)
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(result.run_dir / "model" / "model.safetensors"))
+    backbone = [k for k in after if k.startswith("bert.")]
+    assert backbone and all(torch.equal(after[k], before[k.removeprefix("bert.")]) for k in backbone)
+    assert result.metrics["params"]["trainable"] < result.metrics["params"]["total"] / 10
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_config) -> None:
+    tiny_config["train"].update(eval_every=3, epochs=3)
+    tiny_config["output"]["name"] = "straight"
+    straight = lmtune.train(tiny_config)
+
+    tiny_config["output"]["name"] = "resumed"
+
+    def crash(state) -> None:
+        if state.step == 7:  # after the step-6 checkpoint, mid-epoch: the resume must replay steps 7..
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        lmtune.train(tiny_config, callbacks=[crash])
+    run_dir = Path(tiny_config["output"]["dir"]) / "resumed"
+    assert (run_dir / "checkpoints" / "last").is_dir() and not (run_dir / "model").exists()
+    resumed = lmtune.train(tiny_config, resume=True)
+
+    a = load_file(str(straight.run_dir / "model" / "model.safetensors"))
+    b = load_file(str(resumed.run_dir / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert resumed.metrics["steps"] == straight.metrics["steps"]
+    steps = [r["step"] for r in train_records(run_dir) if "train/loss" in r]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+def test_resume_refuses_a_changed_config(tiny_config) -> None:
+    def crash(state) -> None:
+        if state.step == 9:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        lmtune.train(tiny_config, callbacks=[crash])
+    with pytest.raises(ValueError, match="config differs"):
+        lmtune.train(tiny_config, ["train.lr=1e-3"], resume=True)
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_config) -> None:
+    tiny_config["train"]["max_steps"] = 1
+    lmtune.train(tiny_config)
+    with pytest.raises(FileExistsError, match="output.overwrite=true"):
+        lmtune.train(tiny_config)

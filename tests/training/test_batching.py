@@ -1,0 +1,64 @@
+"""Batch order: covers every row once, groups lengths, replays exactly, shards evenly."""
+
+from __future__ import annotations
+
+import random
+
+from lmtune.training.batching import eval_batches, steps_per_epoch, train_batches
+
+
+def lengths(n: int = 1000, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(5, 500) for _ in range(n)]
+
+
+def padded_tokens(batches: list[list[int]], lens: list[int]) -> int:
+    return sum(len(b) * max(lens[i] for i in b) for b in batches)
+
+
+def test_every_row_once_and_deterministic() -> None:
+    lens = lengths()
+    a = train_batches(lens, 32, seed=1, epoch=0, group_by_length=True)
+    assert sorted(i for b in a for i in b) == list(range(len(lens)))
+    assert a == train_batches(lens, 32, seed=1, epoch=0, group_by_length=True)
+    assert a != train_batches(lens, 32, seed=1, epoch=1, group_by_length=True)
+
+
+def test_grouping_cuts_padding_and_longest_batch_first() -> None:
+    lens = lengths()
+    grouped = train_batches(lens, 32, seed=1, epoch=0, group_by_length=True)
+    plain = train_batches(lens, 32, seed=1, epoch=0, group_by_length=False)
+    assert padded_tokens(grouped, lens) < 0.7 * padded_tokens(plain, lens)
+    assert max(lens[i] for i in grouped[0]) == max(lens)
+
+
+def test_does_not_touch_global_rng() -> None:
+    import torch
+
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    train_batches(lengths(), 32, seed=1, epoch=0, group_by_length=True)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_shards_are_disjoint_and_equal_sized() -> None:
+    lens = lengths(1001)
+    shards = [train_batches(lens, 16, seed=0, epoch=0, group_by_length=True, rank=r, world_size=3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    seen = [i for s in shards for b in s for i in b]
+    assert len(seen) == len(set(seen))
+
+
+def test_eval_batches_sorted_and_complete() -> None:
+    lens = lengths(100)
+    batches = eval_batches(lens, 7)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(100))
+    assert [lens[i] for i in flat] == sorted(lens, reverse=True)
+
+
+def test_steps_per_epoch_counts_partial_windows() -> None:
+    assert steps_per_epoch(100, 8, 1) == 13
+    assert steps_per_epoch(100, 8, 4) == 4
+    assert steps_per_epoch(100, 8, 1, world_size=2) == 6
