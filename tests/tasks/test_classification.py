@@ -1,0 +1,157 @@
+"""Classification data: bad input named by file/row/field, skip policy, splits, multi-label and pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lmtune
+from lmtune.config import load_config
+from lmtune.data import DataError
+from lmtune.registry import TASKS
+
+
+def task_for(cfg: dict, labels: list[str] | None = None):
+    config = load_config(cfg)
+    return TASKS["classification"](config.task, config.data, labels=labels)
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def data_error(cfg: dict) -> DataError:
+    with pytest.raises(DataError) as info:
+        task_for(cfg).load_splits(seed=0)
+    return info.value
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> dict:
+    rows = "text,label\n" + "".join(f"good film {i},pos\nbad film {i},neg\n" for i in range(10))
+    return {"data": {"train": str(write(tmp_path / "train.csv", rows)), "test_size": 0, "validation_size": 0.2}}
+
+
+def test_missing_file(cfg: dict, tmp_path: Path) -> None:
+    cfg["data"]["train"] = str(tmp_path / "nope.csv")
+    err = data_error(cfg)
+    assert "nope.csv" in str(err) and "not found" in str(err).lower()
+
+
+def test_missing_column_suggests_nearest(cfg: dict) -> None:
+    cfg["data"]["text_column"] = "txt"
+    err = data_error(cfg)
+    assert err.field == "txt" and "'text'" in str(err) and "train.csv" in str(err)
+
+
+def test_empty_text_names_row_and_field(cfg: dict, tmp_path: Path) -> None:
+    cfg["data"]["train"] = str(write(tmp_path / "t.csv", "text,label\ngood,pos\n,neg\n   ,pos\nbad,neg\n"))
+    err = data_error(cfg)
+    assert (err.row, err.field) == (2, "text") and "empty text" in str(err) and "t.csv" in str(err)
+    assert "2 bad rows" in str(err)
+
+
+def test_missing_label(cfg: dict, tmp_path: Path) -> None:
+    cfg["data"]["train"] = str(write(tmp_path / "t.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n'))
+    err = data_error(cfg)
+    assert (err.row, err.field) == (2, "label") and "missing label" in str(err)
+
+
+def test_unknown_label_in_test_file(cfg: dict, tmp_path: Path) -> None:
+    cfg["data"]["test"] = str(write(tmp_path / "test.csv", "text,label\ngreat,pos\nmeh,neutral\n"))
+    err = data_error(cfg)
+    assert "test.csv" in str(err) and err.row == 2 and "unknown label 'neutral'" in str(err)
+
+
+def test_unknown_label_against_given_labels(cfg: dict) -> None:
+    cfg["data"]["labels"] = ["pos", "other"]
+    err = data_error(cfg)
+    assert "unknown label 'neg'" in str(err) and err.row == 2
+
+
+def test_undecodable_bytes_name_the_line(cfg: dict, tmp_path: Path) -> None:
+    cfg["data"]["train"] = str(write(tmp_path / "t.csv", b"text,label\ngood,pos\nbad \xff\xfe,neg\n"))
+    err = data_error(cfg)
+    assert "t.csv" in str(err) and err.row == 3
+
+
+def test_empty_dataset(cfg: dict, tmp_path: Path) -> None:
+    cfg["data"]["train"] = str(write(tmp_path / "t.csv", "text,label\n"))
+    assert "no rows" in str(data_error(cfg))
+
+
+def test_skip_policy_drops_and_counts(cfg: dict, tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = "text,label\n" + "".join(f"good film {i},pos\nbad film {i},neg\n" for i in range(10)) + ",pos\nok,\n"
+    cfg["data"].update(train=str(write(tmp_path / "t.csv", rows)), on_bad_rows="skip")
+    splits, report = task_for(cfg).load_splits(seed=0)
+    assert report["skipped_rows"] == {"train": 2}
+    assert len(splits["train"]) + len(splits["validation"]) == 20
+    assert any("row 21" in m and "empty text" in m for m in report["skipped_examples"])
+    cfg.update(model={"name": str(tiny_model_dir)}, train={"max_steps": 1},
+               output={"dir": str(tmp_path / "runs"), "name": "skip"})
+    metrics = lmtune.train(cfg).metrics
+    assert metrics["data"]["skipped_rows"] == {"train": 2}
+
+
+def test_stratified_splits_and_subset(tmp_path: Path) -> None:
+    rows = "text,label\n" + "".join(f"text {i},{'a' if i % 4 else 'b'}\n" for i in range(400))
+    cfg = {"data": {"train": str(write(tmp_path / "t.csv", rows)), "validation_size": 0.25, "test_size": 0.1,
+                    "max_train_samples": 100}}
+    splits, report = task_for(cfg).load_splits(seed=3)
+    assert report["rows"] == {"test": 40, "validation": 90, "train": 100}
+    for name, ds in splits.items():
+        share_b = ds["labels"][:].count(["b"]) / len(ds)
+        assert abs(share_b - 0.25) < 0.03, name
+    again, _ = task_for(cfg).load_splits(seed=3)
+    assert again["validation"]["text"][:] == splits["validation"]["text"][:]
+
+
+def test_overlap_between_train_and_test_is_counted(cfg: dict, tmp_path: Path, caplog) -> None:
+    cfg["data"]["test"] = str(write(tmp_path / "test.csv", "text,label\ngood film 1,pos\nnew text,neg\n"))
+    _, report = task_for(cfg).load_splits(seed=0)
+    assert report["overlap_with_train"]["test"] == 1
+    assert "1 of 2 test texts also occur in the training data" in caplog.text
+
+
+def test_html_unescape_and_numeric_labels(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.tsv", 'review\trating\n"I didn&#039;t like it"\t1\n"fine"\t10\n"ok"\t2\n')
+    cfg = {"data": {"train": str(path), "text_column": "review", "label_column": "rating",
+                    "unescape_html": True, "validation_size": 0, "test_size": 0}}
+    task = task_for(cfg)
+    splits, _ = task.load_splits(seed=0)
+    assert "I didn't like it" in splits["train"]["text"][:]
+    assert task.labels == ["1", "2", "10"]  # numeric order, not string order
+
+
+def test_multi_label_trains_and_predicts_sets(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = [{"text": f"great film {i}", "labels": ["pos", "film"]} if i % 2 else
+            {"text": f"awful drug {i}", "labels": ["neg"]} for i in range(64)]
+    path = write(tmp_path / "t.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"model": {"name": str(tiny_model_dir)},
+           "data": {"train": str(path), "label_column": "labels", "validation_size": 0.25, "test_size": 0},
+           "task": {"name": "classification", "multi_label": True},
+           "train": {"epochs": 6, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0},
+           "output": {"dir": str(tmp_path / "runs"), "name": "ml"}}
+    result = lmtune.train(cfg)
+    assert result.metrics["selection"]["metric"] == "micro_f1"
+    assert result.metrics["validation"]["micro_f1"] > 0.9
+    preds = lmtune.load(result.run_dir).predict(["great film", "awful drug"])
+    assert sorted(preds[0]["labels"]) == ["film", "pos"] and preds[1]["labels"] == ["neg"]
+
+
+def test_sentence_pairs_reach_the_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # The label depends only on whether the two texts agree, so the pair must reach the model.
+    rows = "premise,hypothesis,label\n" + "".join(
+        f"good film,{'good' if i % 2 else 'bad'} film,{'same' if i % 2 else 'different'}\n" for i in range(64))
+    cfg = {"model": {"name": str(tiny_model_dir)},
+           "data": {"train": str(write(tmp_path / "p.csv", rows)), "text_column": "premise",
+                    "text_pair_column": "hypothesis", "validation_size": 0.25, "test_size": 0},
+           "train": {"epochs": 6, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0},
+           "output": {"dir": str(tmp_path / "runs"), "name": "pairs"}}
+    result = lmtune.train(cfg)
+    assert result.metrics["validation"]["accuracy"] == 1.0
+    preds = lmtune.load(result.run_dir).predict([{"text": "bad film", "text_pair": "bad film"}])
+    assert preds[0]["label"] in ("same", "different")
