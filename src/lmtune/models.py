@@ -69,6 +69,11 @@ def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, l
     """Load `auto_class` from the configured model; returns the model and the names of new weights."""
     folder = resolve_model(cfg.name)
     _check_weight_format(folder, cfg)
+    import torch
+
+    # Master weights in fp32 whatever the checkpoint holds (fp16/bf16 copies too): mixed precision
+    # comes from autocast, and AdamW on half-precision weights loses small updates.
+    kwargs.setdefault("dtype", torch.float32)
     model, info = auto_class.from_pretrained(
         folder,
         use_safetensors=None if cfg.allow_pickle else True,
