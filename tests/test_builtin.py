@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmtune
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from lmtune.config import load_config
 from lmtune.registry import TASKS
 

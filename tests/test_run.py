@@ -20,7 +20,7 @@ def train_records(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir) -> lmtune.RunResult:
     """One full run shared by the read-only checks below (training is the slow part)."""
-    from conftest import make_sentiment_rows, write_csv
+    from helpers import make_sentiment_rows, write_csv
 
     root = tmp_path_factory.mktemp("trained")
     train = write_csv(root / "train.csv", make_sentiment_rows(96, seed=1))

@@ -62,6 +62,9 @@ def max_length(cfg: ModelConfig, tokenizer: Any, model_config: Any) -> int:
     limits = [512, getattr(model_config, "max_position_embeddings", None) or 512]
     if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:
         limits.append(tokenizer.model_max_length)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if cfg.max_length and positions and cfg.max_length > positions:
+        raise ModelError(f"model.max_length={cfg.max_length} exceeds the {positions} positions this model has")
     return cfg.max_length or min(limits)
 
 

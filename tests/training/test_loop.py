@@ -1,0 +1,106 @@
+"""The loop on a toy regression model: accumulation, early stopping, best weights, stages."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+from accelerate import Accelerator
+
+from lmtune.config import TrainConfig
+from lmtune.methods import ParamGroup, Stage
+from lmtune.training.loop import Job, fit
+
+
+class Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loss=torch.nn.functional.mse_loss(self.head(self.body(x)).squeeze(-1), y))
+
+
+def toy_data(n: int = 64) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    return datasets.Dataset.from_dict({"x": x.tolist(), "y": y.tolist(), "length": [4] * n})
+
+
+def collate(rows: list[dict]) -> dict:
+    return {"x": torch.tensor([r["x"] for r in rows]), "y": torch.tensor([r["y"] for r in rows])}
+
+
+def job(tmp_path, model: Toy, stages: list[Stage] | None = None, evaluate=None) -> Job:
+    names = [n for n, _ in model.named_parameters()]
+    return Job(model=model, stages=stages or [Stage("all", [ParamGroup(names)])], train_set=toy_data(),
+               collate=collate, evaluate=evaluate, metric="score", greater_is_better=True, run_dir=tmp_path)
+
+
+def train_cfg(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=8, lr=0.05, warmup_ratio=0.0, weight_decay=0.0, group_by_length=False,
+                max_grad_norm=None, checkpoint=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tmp_path) -> None:
+    a, b = Toy(), Toy()
+    fit(job(tmp_path / "a", a), train_cfg(batch_size=8), Accelerator(cpu=True))
+    state = fit(job(tmp_path / "b", b), train_cfg(batch_size=4, grad_accum=2), Accelerator(cpu=True))
+    assert state.step == 16  # 64 rows / 8 per step * 2 epochs
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loss_falls(tmp_path) -> None:
+    model = Toy()
+    data = toy_data()
+    before = model(**collate(list(data))).loss.item()
+    fit(job(tmp_path, model), train_cfg(epochs=5), Accelerator(cpu=True))
+    assert model(**collate(list(data))).loss.item() < 0.2 * before
+
+
+def test_early_stopping_restores_the_best_weights(tmp_path) -> None:
+    scores = iter([0.1, 0.5, 0.4, 0.45, 0.3, 0.9])
+    snapshots = []
+
+    def evaluate(model) -> dict:
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"score": next(scores)}
+
+    model = Toy()
+    state = fit(job(tmp_path, model, evaluate=evaluate),
+                train_cfg(epochs=10, eval_every=2, early_stopping_patience=2), Accelerator(cpu=True))
+    assert len(snapshots) == 4 and state.step == 8  # stopped after two evaluations without improvement
+    assert (state.best_metric, state.best_step) == (0.5, 4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[1][key]), key
+
+
+def test_stages_train_only_their_parameters(tmp_path) -> None:
+    model = Toy()
+    body_before = model.body.weight.detach().clone()
+    head_before = model.head.weight.detach().clone()
+    stages = [Stage("head", [ParamGroup(["head.weight", "head.bias"], lr=0.1)], epochs=1),
+              Stage("all", [ParamGroup(["body.weight", "body.bias", "head.weight", "head.bias"])], epochs=1)]
+    seen = []
+
+    def callback(state) -> None:
+        seen.append((state.stage, torch.equal(model.body.weight, body_before)))
+
+    j = job(tmp_path, model, stages)
+    j.callbacks.append(callback)
+    state = fit(j, train_cfg(), Accelerator(cpu=True))
+    assert state.step == 16 and set(state.stage_seconds) == {"head", "all"}
+    assert all(unchanged for stage, unchanged in seen if stage == 0)  # body frozen in stage 1
+    assert not torch.equal(model.body.weight, body_before) and not torch.equal(model.head.weight, head_before)
+
+
+def test_metric_missing_from_evaluation_is_an_error(tmp_path) -> None:
+    with pytest.raises(KeyError, match="eval.metric 'score'"):
+        fit(job(tmp_path, Toy(), evaluate=lambda m: {"accuracy": 1.0}), train_cfg(), Accelerator(cpu=True))
