@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -14,7 +15,9 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune pretrained language models on your data.")
-console = Console(stderr=True)
+# Under torchrun / accelerate launch only the first process talks; the others stay quiet.
+MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
+console = Console(stderr=True, quiet=not MAIN_PROCESS)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -24,7 +27,7 @@ def _setup_logging(verbose: bool = False) -> None:
     handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
     logger = logging.getLogger("lmtune")
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO if MAIN_PROCESS else logging.ERROR)
     logger.propagate = False
     for noisy in ("transformers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

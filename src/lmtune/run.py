@@ -61,7 +61,8 @@ def make_accelerator(precision: str) -> Any:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not cuda:
         raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    # cpu=True on a CPU-only machine lets torchrun/accelerate launch form a multi-process (gloo) group.
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not cuda)
 
 
 def head_names(model: Any, new_weights: list[str]) -> list[str]:
@@ -111,19 +112,27 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
 
     cfg = load_config(config, overrides)
     stem = Path(config).stem if isinstance(config, (str, Path)) else "run"
-    run_dir = _run_dir(cfg, stem, resume)
-    log.info("run directory: %s", run_dir)
-    write_text(run_dir / "config.yaml", cfg.to_yaml())
-    transformers.set_seed(cfg.train.seed)
     accelerator = make_accelerator(cfg.train.precision)
+    # One process picks (and creates) the run directory; the others are told its name.
+    picked = [str(_run_dir(cfg, stem, resume)) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(picked)
+    run_dir = Path(picked[0])
+    log.info("run directory: %s", run_dir)
+    if accelerator.is_main_process:
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
+    transformers.set_seed(cfg.train.seed)
 
     task = TASKS[cfg.task.name](cfg.task, cfg.data)
     tokenizer = models.load_tokenizer(cfg.model)
-    splits, data_report = task.load_splits(cfg.train.seed)
-    model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the rest read it
+        splits, data_report = task.load_splits(cfg.train.seed)
+        model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+        session = Session(cfg, task, tokenizer, model, accelerator)
+        features = {name: session.encode(ds) for name, ds in splits.items()}
     stages = METHODS[cfg.method.name].apply(model, TaskInfo(head_names=head_names(model, new_weights)), cfg.method)
-    session = Session(cfg, task, tokenizer, model, accelerator)
-    features = {name: session.encode(ds) for name, ds in splits.items()}
     metric = cfg.eval.metric or task.default_metric
     has_validation = "validation" in features and len(features["validation"]) > 0
     job = Job(model=model, stages=stages, train_set=features["train"], collate=session.collate,

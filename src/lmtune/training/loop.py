@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -67,17 +68,31 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int,
                     accelerator: Any) -> Iterator[tuple[list[int], Any, dict]]:
-    """Forward passes over `dataset` in length-sorted batches: yields (row indices, outputs, batch)."""
-    batches = eval_batches(dataset["length"][:], batch_size,
-                           rank=accelerator.process_index, world_size=accelerator.num_processes)
+    """Forward passes over `dataset` in length-sorted batches: yields (row indices, outputs, batch).
+
+    With several processes each runs its share and every process receives all results (on the CPU),
+    so metrics are computed over the whole set everywhere.
+    """
+    world = accelerator.num_processes
+    batches = eval_batches(dataset["length"][:], batch_size, rank=accelerator.process_index, world_size=world)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda")
     was_training = model.training
     model.eval()
+    results = []
     with torch.inference_mode(), accelerator.autocast():
         for indices, batch in zip(batches, loader):
-            yield indices, model(**to_device(batch, accelerator.device)), batch
+            out = model(**to_device(batch, accelerator.device))
+            if world == 1:
+                yield indices, out, batch
+            else:
+                results.append((indices, {k: v.float().cpu() for k, v in out.items()}, batch))
     model.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        for indices, out, batch in gather_object(results):
+            yield indices, SimpleNamespace(**out), batch
 
 
 def _improved(value: float, best: float | None, job: Job, min_delta: float) -> bool:
