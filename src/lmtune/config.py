@@ -55,6 +55,8 @@ class DataConfig(Section):
     """Column holding the label (for multi-label: a list, or a string split on `label_separator`)."""
     labels: list[str] | None = None
     """Label names in index order; default: discovered from the training data (sorted)."""
+    label_map: dict[str | int | float | bool, str] | None = None
+    """Rename raw label values before anything else, e.g. {0: negative, 1: positive}; others stay as they are."""
     label_separator: str = ","
     """Separator of labels in a multi-label string column."""
     validation_size: float = 0.1

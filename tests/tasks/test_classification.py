@@ -155,3 +155,13 @@ def test_sentence_pairs_reach_the_model(tmp_path: Path, tiny_model_dir: Path) ->
     assert result.metrics["validation"]["accuracy"] == 1.0
     preds = lmtune.load(result.run_dir).predict([{"text": "bad film", "text_pair": "bad film"}])
     assert preds[0]["label"] in ("same", "different")
+
+
+def test_label_map_renames_raw_values(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.tsv", "sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
+    cfg = {"data": {"train": str(path), "text_column": "sentence", "label_map": {0: "negative", 1: "positive"},
+                    "validation_size": 0, "test_size": 0}}
+    task = task_for(cfg)
+    splits, _ = task.load_splits(seed=0)
+    assert task.labels == ["negative", "positive"]
+    assert splits["train"]["labels"][:] == [["positive"], ["negative"], ["positive"]]

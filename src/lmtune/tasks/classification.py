@@ -28,16 +28,13 @@ class ClassificationOptions(BaseModel):
     """Multi-label: a label is predicted when its probability reaches this value."""
 
 
-def _label_values(value: Any, multi: bool, sep: str) -> list[str] | None:
-    """A row's label(s) as strings; None when missing."""
+def _label_values(value: Any, multi: bool, sep: str, rename: dict[str, str]) -> list[str] | None:
+    """A row's label(s) as strings, renamed by data.label_map; None when missing."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
-    if multi:
-        items = value if isinstance(value, list) else str(value).split(sep)
-        items = [str(v).strip() for v in items if str(v).strip()]
-        return items or None
-    text = str(value).strip()
-    return [text] if text else None
+    items = (value if isinstance(value, list) else str(value).split(sep)) if multi else [value]
+    items = [str(v).strip() for v in items if str(v).strip()]
+    return [rename.get(v, v) for v in items] or None
 
 
 def _sort_labels(names: set[str]) -> list[str]:
@@ -74,6 +71,7 @@ class Classification:
         columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
         require_columns(ds, str(file), columns + ([cfg.label_column] if require_label else []))
         known = set(self.labels) if self.labels else None
+        rename = {str(k): v for k, v in (cfg.label_map or {}).items()}
 
         def check(row: dict) -> tuple[str, str] | None:
             for column in columns:
@@ -83,7 +81,7 @@ class Classification:
                         f"text must be a string, got {type(value).__name__}"
             if not require_label:
                 return None
-            values = _label_values(row[cfg.label_column], multi, cfg.label_separator)
+            values = _label_values(row[cfg.label_column], multi, cfg.label_separator, rename)
             if values is None:
                 return cfg.label_column, "missing label"
             unknown = [v for v in values if known is not None and v not in known]
@@ -100,7 +98,8 @@ class Classification:
             if cfg.text_pair_column:
                 out["text_pair"] = [self._clean(t) for t in batch[cfg.text_pair_column]]
             if require_label:
-                out["labels"] = [_label_values(v, multi, cfg.label_separator) for v in batch[cfg.label_column]]
+                out["labels"] = [_label_values(v, multi, cfg.label_separator, rename)
+                                 for v in batch[cfg.label_column]]
                 if not multi:  # a scalar copy of the label to stratify splits on
                     out["label_key"] = [v[0] for v in out["labels"]]
             return out
