@@ -41,6 +41,7 @@ def test_training_learns(trained) -> None:
     assert m["selection"]["metric"] == "accuracy" and m["selection"]["best"] >= 0.9
     assert set(m["test"]["per_class"]) == {"negative", "positive"}
     assert sum(map(sum, m["test"]["confusion_matrix"])) == 32
+    assert m["test"]["majority_baseline"]["accuracy"] == 0.5  # the synthetic test set is balanced
 
 
 def test_run_directory_contents(trained) -> None:

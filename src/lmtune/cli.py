@@ -85,6 +85,10 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
     for split in ("validation", "test"):
         if split in m:
             console.print(_metrics_table(f"{split} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
+            base = m[split].get("majority_baseline")
+            if base:
+                console.print(f"  majority-class baseline ({base['label']!r} always): accuracy "
+                              f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}", highlight=False)
     console.print(f"trained {m['params']['trainable']:,} of {m['params']['total']:,} parameters in "
                   f"{m['train_seconds']:.1f} s; run directory: [bold]{result.run_dir}[/]")
 

@@ -52,6 +52,7 @@ class Classification:
         self.options = options
         self.data = data
         self.labels = labels or data.labels
+        self.majority: str | None = None  # most frequent training label, for the baseline in reports
 
     # ---- metrics ---------------------------------------------------------------------------------
     @property
@@ -146,6 +147,8 @@ class Classification:
         report["rows"] = {k: len(v) for k, v in splits.items()}
         report["labels"] = self.labels
         report["label_counts"] = {k: self._counts(v) for k, v in splits.items()}
+        if not self.options.multi_label:
+            self.majority = max(report["label_counts"]["train"].items(), key=lambda kv: kv[1])[0]
         return splits, report
 
     def _stratum(self, ds: Any) -> str | None:
@@ -250,6 +253,12 @@ class Classification:
                        "macro_f1": f1_score(gold, pred, average="macro", labels=range(len(self.labels)),
                                             zero_division=0)}
             details = {"confusion_matrix": confusion_matrix(gold, pred, labels=range(len(self.labels))).tolist()}
+            if self.majority is not None:  # what always answering the most frequent training label scores
+                constant = np.full_like(gold, self.labels.index(self.majority))
+                details["majority_baseline"] = {
+                    "label": self.majority, "accuracy": float(accuracy_score(gold, constant)),
+                    "macro_f1": float(f1_score(gold, constant, average="macro", labels=range(len(self.labels)),
+                                               zero_division=0))}
         p, r, f, s = precision_recall_fscore_support(gold, pred, labels=None if self.options.multi_label
                                                      else range(len(self.labels)), zero_division=0)
         details["per_class"] = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
