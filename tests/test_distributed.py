@@ -16,7 +16,8 @@ def test_two_process_run_shards_training_and_gathers_evaluation(tiny_config: dic
     tiny_config["output"].pop("name")
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(tiny_config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # CPU processes (gloo) even where a GPU exists: two ranks cannot share one GPU under NCCL.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "-m", "lmtune.cli", "train", str(config)],
                           capture_output=True, text=True, env=env, timeout=240)
