@@ -1,4 +1,26 @@
-"""Tasks: each knows its data, its model head, its features and its metrics, nothing about methods."""
+"""Tasks: each knows its data, its model head, its features and its metrics, nothing about methods.
+
+A task is a class registered with `@register_task("name")`, constructed as
+`Task(options, data_cfg, labels=None)` (labels: the label names saved in a trained model's config, when
+loading a finished run). It provides, duck-typed (no base class):
+
+- `Options`: pydantic model of its `task:` config section (field `name: Literal["name"]`).
+- `load_splits(seed) -> (splits, report)`: read and check the configured files, split off what is
+  missing; `splits` maps "train"/"validation"/"test" to `datasets.Dataset`s of raw examples, `report`
+  is a JSON-able dict for metrics.json (rows, skipped rows, labels, ...). Bad input raises
+  `lmtune.data.DataError` naming file, row and field.
+- `load_eval_file(path) -> Dataset` (for `lmtune eval`) and `from_texts(records) -> Dataset` (predict).
+- `auto_class` (e.g. `AutoModelForSequenceClassification`) and `model_kwargs() -> dict` for loading.
+- `encode(ds, tokenizer, max_length) -> Dataset` of features; each row has an int `length` (tokens)
+  used for length-grouped batching; other columns are the task's business.
+- `collate(tokenizer, pad_to_multiple_of) -> fn(rows) -> dict of tensors` passed to `model(**batch)`
+  (with `labels` when training, so that the model returns `.loss`).
+- `evaluate(outputs, features) -> (scalars, details)`: `outputs` iterates `(row indices, model output,
+  batch)` over all feature rows; scalars (floats, logged at every evaluation, include "loss" when
+  available) and details (per-class tables, matrices; saved in metrics.json).
+- `postprocess(outputs, n) -> list[dict]`: predictions for `from_texts` inputs.
+- `default_metric` and `greater_is_better(metric) -> bool`.
+"""
 
 from lmtune.registry import TASKS, register_task
 from lmtune.tasks import classification  # noqa: F401  (registers the built-in task)
