@@ -91,3 +91,35 @@ def load_model_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(resolve_model(cfg.name), trust_remote_code=cfg.trust_remote_code)
+
+
+def find_layers(model: Any) -> tuple[str, Any]:
+    """The transformer block stack: the longest nn.ModuleList of same-type blocks, found by structure.
+
+    Returns its qualified name (e.g. "bert.encoder.layer", "model.layers") and the ModuleList.
+    """
+    import torch
+
+    best: tuple[str, Any] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 \
+                and len({type(block) for block in module}) == 1 \
+                and any(p.numel() for p in module.parameters()) \
+                and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise ModelError(f"{type(model).__name__}: no stack of transformer layers found")
+    return best
+
+
+def embedding_names(model: Any) -> list[str]:
+    """Parameters of the input embeddings (word, position, token type, and their norm where grouped)."""
+    embeddings = model.get_input_embeddings()
+    _, layers = find_layers(model)
+    owner = next((m for m in model.modules() if any(c is embeddings for c in m.children())), embeddings)
+    # BERT-like models group all embeddings (and their norm) in one module; decoders hang embed_tokens
+    # off the base model, whose other parameters (the layers) are not embeddings.
+    if any(m is layers for m in owner.modules()):
+        owner = embeddings
+    ids = {id(p) for p in owner.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in ids]

@@ -158,6 +158,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         "train_seconds": round(train_seconds, 2),
         "wall_seconds_after_resume": round(time.perf_counter() - started, 2),
         "stage_seconds": {k: round(v, 2) for k, v in state.stage_seconds.items()},
+        "stages": state.stages,
         "train_examples_per_second": round(state.examples / train_seconds, 2) if train_seconds else None,
         "train_tokens_per_second": round(state.tokens / train_seconds, 1) if train_seconds else None,
         "params": {"trainable": trainable, "total": total},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from lmtune.registry import METHODS, register_method
 
@@ -24,6 +25,10 @@ class Stage:
     groups: list[ParamGroup]
     epochs: int | None = None
     max_steps: int | None = None
+    cache_features: bool = False
+    """The loop may run the frozen transformer stack once and train on its stored outputs."""
+    penalty: Callable[[Any], Any] | None = None
+    """Extra loss term computed from the model (e.g. L2-SP), added at every step and logged."""
 
     @property
     def trainable(self) -> set[str]:

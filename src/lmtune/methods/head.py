@@ -16,6 +16,10 @@ class HeadOptions(BaseModel):
     """Train a new task head on a frozen backbone (fast; keeps the backbone's knowledge intact)."""
     lr: float | None = None
     """Learning rate of the head; default: train.lr. Heads on frozen features usually want 1e-3 or more."""
+    cache_features: bool = True
+    """Run the frozen transformer stack once and train the head on its stored outputs (many times faster).
+    The stored features come from the stack in eval mode (no dropout inside the backbone); set false to
+    run the backbone every step instead (its dropout then applies, as in plain frozen training)."""
 
 
 @register_method("head")
@@ -28,4 +32,4 @@ class Head:
         head = [n for n in info.head_names if n in names]
         if not head:
             raise ValueError("method 'head' found no task-head parameters to train in this model")
-        return [Stage("head", [ParamGroup(head, lr=options.lr)])]
+        return [Stage("head", [ParamGroup(head, lr=options.lr)], cache_features=options.cache_features)]

@@ -29,6 +29,7 @@ class LoopState:
     tokens: int = 0           # real (non-pad) training tokens seen
     scheduler: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: params, steps, time, memory
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

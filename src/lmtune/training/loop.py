@@ -19,6 +19,7 @@ from transformers import get_scheduler
 from lmtune.config import TrainConfig
 from lmtune.training.batching import eval_batches, steps_per_epoch, train_batches
 from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
+from lmtune.training import feature_cache
 from lmtune.training.logs import MetricsLog
 
 log = logging.getLogger("lmtune")
@@ -77,16 +78,24 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
     batches = eval_batches(dataset["length"][:], batch_size, rank=accelerator.process_index, world_size=world)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda")
+    cache = feature_cache.find(model)
+    if cache is not None:  # a stage with a frozen, cached trunk is evaluating: serve this set from memory too
+        ensure_cached(cache, model, dataset, collate, batch_size, accelerator)
     was_training = model.training
     model.eval()
     results = []
     with torch.inference_mode(), accelerator.autocast():
         for indices, batch in zip(batches, loader):
-            out = model(**to_device(batch, accelerator.device))
+            on_device = to_device(batch, accelerator.device)
+            if cache is not None:
+                cache.current = (dataset._fingerprint, indices, on_device["attention_mask"])
+            out = model(**on_device)
             if world == 1:
                 yield indices, out, batch
             else:
                 results.append((indices, {k: v.float().cpu() for k, v in out.items()}, batch))
+    if cache is not None:
+        cache.current = None
     model.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object
@@ -134,109 +143,178 @@ def _stage_length(stage: Any, cfg: TrainConfig, n_rows: int, world_size: int) ->
     return total, math.ceil(total / per_epoch)
 
 
-def _train_stage(job: Job, index: int, state: LoopState, cfg: TrainConfig, accelerator: Any,
+class _StageRun:
+    """One stage from set-up to restored best weights; the loop body is `run`, read it top to bottom."""
+
+    def __init__(self, job: Job, index: int, state: LoopState, cfg: TrainConfig, accelerator: Any,
                  logs: MetricsLog, resume_from: Path | None) -> None:
-    stage = job.stages[index]
-    model = job.model
-    trainable, total_params = set_trainable(model, stage.trainable)
-    fused = accelerator.device.type == "cuda"
-    optimizer = build_optimizer(model, stage, cfg, fused)
-    total_steps, epochs = _stage_length(stage, cfg, len(job.train_set), accelerator.num_processes)
-    scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
-                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    # The scheduler is not prepared: Accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from / "state"))
-        scheduler.load_state_dict(state.scheduler)
-    else:
-        state.epoch = state.batch = state.stage_step = state.bad_evals = 0
-        state.stage_done = False
-    log.info("stage %s: %s of %s parameters train, %d steps", stage.name, f"{trainable:,}",
-             f"{total_params:,}", total_steps)
-    logs.write(state.step, stage.name, {"stage/trainable_params": trainable, "stage/total_params": total_params,
-                                        "stage/steps": total_steps})
-    bar = tqdm(total=total_steps, initial=state.stage_step, desc=stage.name, dynamic_ncols=True,
-               disable=not accelerator.is_local_main_process)
-    started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
-    model.train()
-    running = torch.zeros((), device=accelerator.device)  # loss summed on device: no host sync per step
-    since_log = 0
-    stop = state.stage_done
-    postfix: dict[str, str] = {}
-    lengths = job.train_set["length"][:]
-    while not stop and state.epoch < epochs:
-        batches = train_batches(lengths, cfg.batch_size, seed=cfg.seed + 7919 * index,
-                                epoch=state.epoch, group_by_length=cfg.group_by_length,
-                                rank=accelerator.process_index, world_size=accelerator.num_processes)
-        if not batches:
-            raise ValueError(f"no training batches: {len(job.train_set)} rows over "
-                             f"{accelerator.num_processes} processes")
-        # A private generator keeps DataLoader from drawing on the global RNG (resume must replay it).
-        loader = DataLoader(job.train_set, batch_sampler=batches[state.batch:], collate_fn=job.collate,
-                            num_workers=cfg.num_workers, pin_memory=fused, generator=torch.Generator())
-        for batch in loader:
-            # Gradients of one optimizer step come from a window of grad_accum batches (shorter at the
-            # end of an epoch); dividing by the window size makes the step the mean over its batches.
-            window_start = (state.batch // cfg.grad_accum) * cfg.grad_accum
-            window_end = min(window_start + cfg.grad_accum, len(batches))
-            rows = batches[state.batch]
-            state.examples += len(rows)
-            state.tokens += sum(lengths[i] for i in rows)
-            state.batch += 1
-            last_micro = state.batch == window_end
-            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss = model(**to_device(batch, accelerator.device)).loss / (window_end - window_start)
-                accelerator.backward(loss)
-            running += loss.detach()
-            if not last_micro:
-                continue
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.stage_step += 1
-            since_log += 1
-            bar.update(1)
-            end_of_epoch = state.batch == len(batches)
-            end_of_stage = state.stage_step >= total_steps
-            if state.stage_step % cfg.log_every == 0 or end_of_stage:
-                loss_value = accelerator.reduce(running, "mean").item() / since_log
-                logs.write(state.step, stage.name, {"train/loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                                                    "epoch": state.epoch + state.batch / len(batches)})
-                postfix["loss"] = f"{loss_value:.4f}"
-                bar.set_postfix(postfix)
-                running.zero_()
-                since_log = 0
-            if end_of_epoch:
-                state.epoch, state.batch = state.epoch + 1, 0
-            if end_of_stage or (cfg.eval_every and state.stage_step % cfg.eval_every == 0) \
-                    or (cfg.eval_every is None and end_of_epoch):
-                stop = _evaluate(job, model, state, cfg, accelerator, logs, stage.name) or end_of_stage
-                if state.best_metric is not None:
-                    postfix[f"best {job.metric}"] = f"{state.best_metric:.4f}"
-                    bar.set_postfix(postfix)
-                state.stage_done = stop
-                state.scheduler = scheduler.state_dict()
-                state.stage_seconds[stage.name] = time.perf_counter() - started
-                if cfg.checkpoint:
-                    save_checkpoint(accelerator, job.run_dir / "checkpoints" / "last", state)
-            for callback in job.callbacks:
-                callback(state)
-            if stop or end_of_epoch:
-                break
-    bar.close()
-    state.stage_seconds[stage.name] = time.perf_counter() - started
-    job.model = accelerator.unwrap_model(model)
-    accelerator.free_memory()
-    best = job.run_dir / "checkpoints" / "best.safetensors"
-    accelerator.wait_for_everyone()
-    if cfg.load_best and best.exists():
-        # The next stage (and the final model) starts from the best weights seen so far.
-        load_weights(job.model, best)
+        self.job, self.index, self.state, self.cfg, self.acc, self.logs = job, index, state, cfg, accelerator, logs
+        self.stage = stage = job.stages[index]
+        trainable, total = set_trainable(job.model, stage.trainable)
+        optimizer = build_optimizer(job.model, stage, cfg, fused=accelerator.device.type == "cuda")
+        self.total_steps, self.epochs = _stage_length(stage, cfg, len(job.train_set), accelerator.num_processes)
+        self.scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+                                       optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        # The scheduler is not prepared: Accelerate would step it once per process.
+        self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
+        self.cache = self._feature_cache()  # after prepare: the model is on its device
+        if resume_from is not None:
+            accelerator.load_state(str(resume_from / "state"))
+            self.scheduler.load_state_dict(state.scheduler)
+        else:
+            state.epoch = state.batch = state.stage_step = state.bad_evals = 0
+            state.stage_done = False
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        log.info("stage %s: %s of %s parameters train, %d steps", stage.name, f"{trainable:,}", f"{total:,}",
+                 self.total_steps)
+        state.stages.setdefault(stage.name, {}).update(trainable_params=trainable, total_params=total,
+                                                       steps=self.total_steps, feature_cache=self.cache is not None)
+        logs.write(state.step, stage.name, {"stage/trainable_params": trainable, "stage/total_params": total,
+                                            "stage/steps": self.total_steps})
+        self.lengths = job.train_set["length"][:]
+        self.started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
+
+    def _feature_cache(self) -> Any:
+        """Run the frozen trunk once over the training set when the stage allows it (see feature_cache)."""
+        if not getattr(self.stage, "cache_features", False):
+            return None
+        from lmtune.models import find_layers
+
+        model = self.acc.unwrap_model(self.model)
+        cache = feature_cache.install(model, find_layers(model)[0], self.stage.trainable)
+        if isinstance(cache, str):
+            log.info("stage %s: features not cached: %s", self.stage.name, cache)
+            return None
+        ensure_cached(cache, model, self.job.train_set, self.job.collate, 2 * self.cfg.batch_size,
+                      self.acc)
+        return cache
+
+    def run(self) -> None:
+        state, cfg, stage = self.state, self.cfg, self.stage
+        bar = tqdm(total=self.total_steps, initial=state.stage_step, desc=stage.name, dynamic_ncols=True,
+                   disable=not self.acc.is_local_main_process)
+        self.model.train()
+        running = torch.zeros((), device=self.acc.device)  # loss summed on device: no host sync per step
+        since_log, stop, postfix = 0, state.stage_done, {}
+        while not stop and state.epoch < self.epochs:
+            batches = train_batches(self.lengths, cfg.batch_size, seed=cfg.seed + 7919 * self.index,
+                                    epoch=state.epoch, group_by_length=cfg.group_by_length,
+                                    rank=self.acc.process_index, world_size=self.acc.num_processes)
+            if not batches:
+                raise ValueError(f"no training batches: {len(self.job.train_set)} rows over "
+                                 f"{self.acc.num_processes} processes")
+            # A private generator keeps DataLoader from drawing on the global RNG (resume must replay it).
+            loader = DataLoader(self.job.train_set, batch_sampler=batches[state.batch:], collate_fn=self.job.collate,
+                                num_workers=cfg.num_workers, pin_memory=self.acc.device.type == "cuda",
+                                generator=torch.Generator())
+            for batch in loader:
+                rows = batches[state.batch]
+                # Gradients of one optimizer step come from a window of grad_accum batches (shorter at the
+                # end of an epoch); dividing by the window size makes the step the mean over its batches.
+                window_start = (state.batch // cfg.grad_accum) * cfg.grad_accum
+                window = min(window_start + cfg.grad_accum, len(batches)) - window_start
+                state.batch += 1
+                state.examples += len(rows)
+                state.tokens += sum(self.lengths[i] for i in rows)
+                last_micro = state.batch == window_start + window
+                running += self._backward(batch, rows, window, sync=last_micro)
+                if not last_micro:
+                    continue
+                self._optimizer_step()
+                since_log += 1
+                bar.update(1)
+                end_of_epoch = state.batch == len(batches)
+                end_of_stage = state.stage_step >= self.total_steps
+                if state.stage_step % cfg.log_every == 0 or end_of_stage:
+                    loss_value = self.acc.reduce(running, "mean").item() / since_log
+                    self.logs.write(state.step, stage.name, {
+                        "train/loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                        "epoch": state.epoch + state.batch / len(batches)})
+                    postfix["loss"] = f"{loss_value:.4f}"
+                    running.zero_()
+                    since_log = 0
+                if end_of_epoch:
+                    state.epoch, state.batch = state.epoch + 1, 0
+                if end_of_stage or (cfg.eval_every and state.stage_step % cfg.eval_every == 0) \
+                        or (cfg.eval_every is None and end_of_epoch):
+                    stop = self._evaluate_and_checkpoint() or end_of_stage
+                    if state.best_metric is not None:
+                        postfix[f"best {self.job.metric}"] = f"{state.best_metric:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                for callback in self.job.callbacks:
+                    callback(state)
+                if stop or end_of_epoch:
+                    break
+        bar.close()
+        self._finish()
+
+    def _backward(self, batch: dict, rows: list[int], window: int, sync: bool) -> torch.Tensor:
+        batch = to_device(batch, self.acc.device)
+        if self.cache is not None:
+            self.cache.current = (self.job.train_set._fingerprint, rows, batch["attention_mask"])
+        with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+            loss = self.model(**batch).loss
+            penalty = getattr(self.stage, "penalty", None)
+            if penalty is not None:  # e.g. L2-SP: added once per optimizer step, spread over its batches
+                loss = loss + penalty(self.acc.unwrap_model(self.model))
+            loss = loss / window
+            self.acc.backward(loss)
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.stage_step += 1
+
+    def _evaluate_and_checkpoint(self) -> bool:
+        state = self.state
+        if self.cache is not None:
+            self.cache.current = None
+        stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
+        state.stage_done = stop
+        state.scheduler = self.scheduler.state_dict()
+        state.stage_seconds[self.stage.name] = time.perf_counter() - self.started
+        if self.cfg.checkpoint:
+            save_checkpoint(self.acc, self.job.run_dir / "checkpoints" / "last", state)
+        return stop
+
+    def _finish(self) -> None:
+        job, state, name = self.job, self.state, self.stage.name
+        state.stage_seconds[name] = time.perf_counter() - self.started
+        info = state.stages[name]
+        info["seconds"] = round(state.stage_seconds[name], 2)
+        if self.acc.device.type == "cuda":
+            info["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if self.cache is not None:
+            self.cache.remove()
+        job.model = self.acc.unwrap_model(self.model)
+        self.acc.free_memory()
+        best = job.run_dir / "checkpoints" / "best.safetensors"
+        self.acc.wait_for_everyone()
+        if self.cfg.load_best and best.exists():
+            # The next stage (and the final model) starts from the best weights seen so far.
+            load_weights(job.model, best)
+
+
+def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any) -> None:
+    """Fill the feature cache for `dataset` (all rows, frozen trunk in eval mode) unless already there."""
+    key = dataset._fingerprint
+    if key in cache.tables:
+        return
+    batches = eval_batches(dataset["length"][:], batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+    was_training = model.training
+    model.eval()
+    cache.current = None
+    with accelerator.autocast():
+        cache.build(key, zip(batches, loader), lambda b: model(**to_device(b, accelerator.device)), len(dataset))
+    model.train(was_training)
 
 
 def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> LoopState:
@@ -249,7 +327,7 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
             resume_from = last if resume and index == state.stage else None
             if resume_from is None:
                 state.stage = index
-            _train_stage(job, index, state, cfg, accelerator, logs, resume_from)
+            _StageRun(job, index, state, cfg, accelerator, logs, resume_from).run()
             if index + 1 < len(job.stages):
                 state.stage, state.stage_done = index + 1, False
     finally:
