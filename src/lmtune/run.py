@@ -132,7 +132,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
         session = Session(cfg, task, tokenizer, model, accelerator)
         features = {name: session.encode(ds) for name, ds in splits.items()}
-    stages = METHODS[cfg.method.name].apply(model, TaskInfo(head_names=head_names(model, new_weights)), cfg.method)
+    stages = METHODS[cfg.method.name].apply(model, TaskInfo(head_names=head_names(model, new_weights),
+                                                             epochs=cfg.train.epochs), cfg.method)
     metric = cfg.eval.metric or task.default_metric
     has_validation = "validation" in features and len(features["validation"]) > 0
     job = Job(model=model, stages=stages, train_set=features["train"], collate=session.collate,

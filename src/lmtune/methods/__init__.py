@@ -15,6 +15,7 @@ class ParamGroup:
     names: list[str]
     lr: float | None = None
     weight_decay: float | None = None
+    lr_scale: float = 1.0  # multiplies the group's rate (layer-wise decay)
 
 
 @dataclass
@@ -37,11 +38,12 @@ class Stage:
 
 @dataclass
 class TaskInfo:
-    """What a method may know about the task's model: which parameters form the task head."""
+    """What a method may know about the run: which parameters form the task head, the planned epochs."""
 
     head_names: list[str] = field(default_factory=list)
+    epochs: int = 1
 
 
-from lmtune.methods import full, head  # noqa: E402,F401  (register the built-in methods)
+from lmtune.methods import full, head, lp_ft, partial  # noqa: E402,F401  (register the built-in methods)
 
 __all__ = ["METHODS", "ParamGroup", "Stage", "TaskInfo", "register_method"]

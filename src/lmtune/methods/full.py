@@ -1,21 +1,19 @@
-"""Full fine-tuning: every weight trains, in one stage."""
+"""Full fine-tuning: every weight trains (optionally with layer-wise rates, gradual unfreezing, L2-SP)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.methods import Stage, TaskInfo
+from lmtune.methods.common import FineTuneOptions, fine_tune_stages
 from lmtune.registry import register_method
 
 
-class FullOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+class FullOptions(FineTuneOptions):
     name: Literal["full"] = "full"
     """Fine-tune all weights of the backbone and the head."""
-    head_lr: float | None = None
-    """Learning rate of the new head; default: train.lr (the same as the backbone)."""
+    epochs: int | None = None
+    """Epochs; default: train.epochs (needed here only with gradual_unfreeze)."""
 
 
 @register_method("full")
@@ -24,8 +22,4 @@ class Full:
 
     @staticmethod
     def apply(model: Any, info: TaskInfo, options: FullOptions) -> list[Stage]:
-        head = set(info.head_names)
-        names = [n for n, _ in model.named_parameters()]
-        groups = [ParamGroup([n for n in names if n not in head]), ParamGroup([n for n in names if n in head],
-                                                                              lr=options.head_lr)]
-        return [Stage("full", [g for g in groups if g.names])]
+        return fine_tune_stages(model, info, options, "full", lr=None, epochs=options.epochs)

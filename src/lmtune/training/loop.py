@@ -44,7 +44,7 @@ def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool) -> to
     params = dict(model.named_parameters())
     groups = []
     for group in stage.groups:
-        lr = group.lr or cfg.lr
+        lr = (group.lr or cfg.lr) * group.lr_scale
         wd = cfg.weight_decay if group.weight_decay is None else group.weight_decay
         # Decay matrices only: decaying biases and norm gains hurts and is not what AdamW papers do.
         decay = [params[n] for n in group.names if params[n].ndim >= 2]
@@ -174,6 +174,7 @@ class _StageRun:
         logs.write(state.step, stage.name, {"stage/trainable_params": trainable, "stage/total_params": total,
                                             "stage/steps": self.total_steps})
         self.lengths = job.train_set["length"][:]
+        self.penalty_sum = torch.zeros((), device=accelerator.device)
         self.started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
 
     def _feature_cache(self) -> Any:
@@ -229,9 +230,12 @@ class _StageRun:
                 end_of_stage = state.stage_step >= self.total_steps
                 if state.stage_step % cfg.log_every == 0 or end_of_stage:
                     loss_value = self.acc.reduce(running, "mean").item() / since_log
-                    self.logs.write(state.step, stage.name, {
-                        "train/loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
-                        "epoch": state.epoch + state.batch / len(batches)})
+                    values = {"train/loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                              "epoch": state.epoch + state.batch / len(batches)}
+                    if getattr(stage, "penalty", None) is not None:  # its share of train/loss
+                        values["train/penalty"] = self.acc.reduce(self.penalty_sum, "mean").item() / since_log
+                        self.penalty_sum.zero_()
+                    self.logs.write(state.step, stage.name, values)
                     postfix["loss"] = f"{loss_value:.4f}"
                     running.zero_()
                     since_log = 0
@@ -258,7 +262,9 @@ class _StageRun:
             loss = self.model(**batch).loss
             penalty = getattr(self.stage, "penalty", None)
             if penalty is not None:  # e.g. L2-SP: added once per optimizer step, spread over its batches
-                loss = loss + penalty(self.acc.unwrap_model(self.model))
+                value = penalty(self.acc.unwrap_model(self.model))
+                self.penalty_sum += value.detach() / window
+                loss = loss + value
             loss = loss / window
             self.acc.backward(loss)
         return loss.detach()

@@ -1,0 +1,39 @@
+"""LP-FT: train the new head on the frozen backbone first (linear probe), then fine-tune everything."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.methods.common import FineTuneOptions, fine_tune_stages
+from lmtune.registry import register_method
+
+
+class LpFtOptions(FineTuneOptions):
+    name: Literal["lp_ft"] = "lp_ft"
+    """Two steps: the head alone on the frozen backbone, then all weights starting from that head."""
+    probe_epochs: int = 5
+    """Epochs of step 1 (head only; cheap with cached features)."""
+    probe_lr: float = 1e-3
+    """Learning rate of step 1."""
+    cache_features: bool = True
+    """Step 1 trains on stored outputs of the frozen stack (see method `head`)."""
+    epochs: int | None = None
+    """Epochs of step 2 (everything); default: train.epochs."""
+    lr: float | None = None
+    """Learning rate of step 2; default: train.lr."""
+
+
+@register_method("lp_ft")
+class LpFt:
+    Options = LpFtOptions
+
+    @staticmethod
+    def apply(model: Any, info: TaskInfo, options: LpFtOptions) -> list[Stage]:
+        names = {n for n, _ in model.named_parameters()}
+        head = [n for n in info.head_names if n in names]
+        if not head:
+            raise ValueError("method 'lp_ft' found no task-head parameters to probe")
+        probe = Stage("probe", [ParamGroup(head, lr=options.probe_lr)], epochs=options.probe_epochs,
+                      cache_features=options.cache_features)
+        return [probe] + fine_tune_stages(model, info, options, "fine-tune", lr=options.lr, epochs=options.epochs)

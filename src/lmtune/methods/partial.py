@@ -1,0 +1,55 @@
+"""Partial tuning: the head plus the top blocks, or all biases (BitFit), or all but the embeddings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.methods.common import parts
+from lmtune.registry import register_method
+
+
+class PartialOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: Literal["partial"] = "partial"
+    """Train part of the backbone (top blocks, biases, or all but embeddings) with the new head."""
+    train: Literal["top_layers", "bias", "no_embeddings"] = "top_layers"
+    """What trains besides the head: the top `layers` blocks (and the weights above them), every bias
+    (BitFit), or everything except the input embeddings."""
+    layers: int = 2
+    """With train=top_layers: how many blocks, counted from the top."""
+    head_lr: float | None = None
+    """Learning rate of the head; default: train.lr."""
+
+
+@register_method("partial")
+class Partial:
+    Options = PartialOptions
+
+    @staticmethod
+    def apply(model: Any, info: TaskInfo, options: PartialOptions) -> list[Stage]:
+        p = parts(model, info)
+        if options.train == "top_layers":
+            if not 1 <= options.layers <= len(p.layers):
+                raise ValueError(f"method.layers={options.layers}: this model has {len(p.layers)} blocks")
+            body = [n for layer in p.layers[-options.layers:] for n in layer] + p.rest
+        elif options.train == "bias":
+            body = [n for n in p.backbone if n.endswith("bias")]
+        else:
+            body = [n for layer in p.layers for n in layer] + p.rest
+        groups = [ParamGroup(body), ParamGroup(p.head, lr=options.head_lr)]
+        return [Stage(f"partial-{options.train}", [g for g in groups if g.names])]
+
+
+@register_method("bitfit")
+class BitFit:
+    """`bitfit` is `partial` with train=bias, under the name the literature uses."""
+
+    class Options(PartialOptions):
+        name: Literal["bitfit"] = "bitfit"  # type: ignore[assignment]
+        """BitFit: train only the biases of the backbone, and the new head."""
+        train: Literal["bias"] = "bias"
+
+    apply = Partial.apply
