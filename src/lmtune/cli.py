@@ -195,6 +195,22 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
         output.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 
 
+@app.command("export")
+def export_model(run: Path = typer.Argument(..., help="Run directory."),
+                 output: Path = typer.Option(..., "--output", "-o", help="Folder to write the model to."),
+                 merge: bool = typer.Option(True, "--merge/--no-merge",
+                                            help="Merge adapters (LoRA ...) into the weights.")) -> None:
+    """Write a run's model as a plain Hugging Face folder (adapters merged)."""
+    _setup_logging()
+    from lmtune.run import export
+
+    try:
+        folder = export(run, output, merge=merge)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"model written to {folder}")
+
+
 @app.command("ls")
 def list_things(fields: bool = typer.Option(False, "--fields", help="Also list every config field.")) -> None:
     """List tasks, methods, built-in models and example configs."""

@@ -132,8 +132,11 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
         session = Session(cfg, task, tokenizer, model, accelerator)
         features = {name: session.encode(ds) for name, ds in splits.items()}
-    stages = METHODS[cfg.method.name].apply(model, TaskInfo(head_names=head_names(model, new_weights),
-                                                             epochs=cfg.train.epochs), cfg.method)
+    method = METHODS[cfg.method.name]
+    info = TaskInfo(head_names=head_names(model, new_weights), epochs=cfg.train.epochs)
+    if hasattr(method, "prepare"):  # methods that wrap the model (peft adapters)
+        model = session.model = method.prepare(model, info, cfg.method)
+    stages = method.apply(model, info, cfg.method)
     metric = cfg.eval.metric or task.default_metric
     has_validation = "validation" in features and len(features["validation"]) > 0
     job = Job(model=model, stages=stages, train_set=features["train"], collate=session.collate,
@@ -179,7 +182,9 @@ def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics:
     tmp = run_dir / "model.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp)  # a peft model saves its adapter (and head) only
+    if is_adapter(model):
+        model.get_base_model().config.save_pretrained(tmp / "base_config")  # label names for reloading
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, run_dir / "model")
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
@@ -200,15 +205,23 @@ class Predictor:
 
         self.run_dir = Path(run_dir)
         folder = self.run_dir / "model"
-        if not (folder / "config.json").is_file():
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{self.run_dir} holds no finished model (expected {folder}/config.json)")
         cfg = load_config(self.run_dir / "config.yaml")
-        model_cfg = cfg.model.model_copy(update={"name": str(folder)})
+        adapter = (folder / "adapter_config.json").is_file()
+        model_cfg = cfg.model.model_copy(update={"name": str(folder / "base_config" if adapter else folder)})
         model_config = models.load_model_config(model_cfg)
         labels = [model_config.id2label[i] for i in range(len(model_config.id2label))] \
             if getattr(model_config, "id2label", None) else None
         task = TASKS[cfg.task.name](cfg.task, cfg.data, labels=labels)
-        model, _ = models.load_model(task.auto_class, model_cfg)
+        if adapter:
+            import peft
+
+            # The pretrained backbone as in training, then the saved adapter and head on top.
+            base, _ = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+            model = peft.PeftModel.from_pretrained(base, folder)
+        else:
+            model, _ = models.load_model(task.auto_class, model_cfg)
         accelerator = make_accelerator(cfg.train.precision)
         model.to(accelerator.device)
         self.session = Session(cfg, task, models.load_tokenizer(model_cfg), model, accelerator)
@@ -224,6 +237,31 @@ class Predictor:
         features = self.session.encode(self.session.task.load_eval_file(str(path)))
         scalars, details = self.session.evaluate(features)
         return {**scalars, **details, "rows": len(features)}
+
+
+def is_adapter(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def export(run_dir: str | Path, output: str | Path, merge: bool = True) -> Path:
+    """Write the run's model as a plain HF folder; adapters are merged into the weights (`merge`)."""
+    from lmtune.training.checkpoint import replace_dir
+
+    session = Predictor(run_dir).session
+    model = session.model
+    if is_adapter(model):
+        if not merge:
+            raise ValueError(f"{run_dir} holds an adapter: export it with --merge")
+        model = model.merge_and_unload()
+    output = Path(output)
+    tmp = output.with_name(output.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    session.tokenizer.save_pretrained(tmp)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    replace_dir(tmp, output)
+    return output
 
 
 def load(run_dir: str | Path) -> Predictor:

@@ -44,6 +44,6 @@ class TaskInfo:
     epochs: int = 1
 
 
-from lmtune.methods import full, head, lp_ft, partial  # noqa: E402,F401  (register the built-in methods)
+from lmtune.methods import full, head, lora, lp_ft, partial  # noqa: E402,F401  (register the built-in methods)
 
 __all__ = ["METHODS", "ParamGroup", "Stage", "TaskInfo", "register_method"]

@@ -1,0 +1,85 @@
+"""LoRA and its peft relatives (DoRA, IA3, prompt tuning): small adapters train, the new head with them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.registry import register_method
+
+# peft needs to know how the model's outputs are produced; read off the model class, not the task.
+_TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+               "ForQuestionAnswering": "QUESTION_ANS", "ForCausalLM": "CAUSAL_LM"}
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: Literal["lora"] = "lora"
+    """Low-rank adapters (peft) on a frozen backbone; the new head trains fully and is saved with them."""
+    variant: Literal["lora", "dora", "ia3", "prompt_tuning"] = "lora"
+    """lora; dora (weight-decomposed LoRA); ia3 (learned rescaling vectors); prompt_tuning (soft prompt)."""
+    r: int = 8
+    """LoRA/DoRA rank."""
+    alpha: int = 16
+    """LoRA/DoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA/DoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules that get adapters: all linear layers of the backbone, or a list of module names."""
+    num_virtual_tokens: int = 20
+    """prompt_tuning: length of the learned soft prompt."""
+    head_lr: float | None = None
+    """Learning rate of the head; default: train.lr."""
+
+
+def _task_type(model: Any) -> str:
+    name = type(model).__name__
+    for suffix, task_type in _TASK_TYPES.items():
+        if name.endswith(suffix):
+            return task_type
+    raise ValueError(f"method 'lora' does not know how to adapt a {name}")
+
+
+def _head_modules(model: Any, head_names: list[str]) -> list[str]:
+    """Modules owning the head's weights (and any weight the checkpoint lacked): trained and saved whole."""
+    modules = dict(model.named_modules())
+    owners = {name.rpartition(".")[0] for name in head_names}
+    return sorted(o for o in owners if o in modules)
+
+
+def peft_config(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
+    import peft
+
+    task_type = _task_type(model)
+    save = _head_modules(model, info.head_names)
+    if options.variant == "prompt_tuning":
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens,
+                                       modules_to_save=save or None)
+    if options.variant == "ia3":
+        return peft.IA3Config(task_type=task_type, modules_to_save=save or None)
+    return peft.LoraConfig(task_type=task_type, r=options.r, lora_alpha=options.alpha,
+                           lora_dropout=options.dropout, target_modules=options.target_modules,
+                           exclude_modules=save or None, modules_to_save=save or None,
+                           use_dora=options.variant == "dora")
+
+
+@register_method("lora")
+class Lora:
+    Options = LoraOptions
+
+    @staticmethod
+    def prepare(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
+        """Wrap the model with peft adapters (the returned model replaces the original)."""
+        import peft
+
+        return peft.get_peft_model(model, peft_config(model, info, options))
+
+    @staticmethod
+    def apply(model: Any, info: TaskInfo, options: LoraOptions) -> list[Stage]:
+        # peft has already marked what trains: the adapters and the copies of the head modules.
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        head = [n for n in trainable if ".modules_to_save." in n]
+        groups = [ParamGroup([n for n in trainable if n not in head]), ParamGroup(head, lr=options.head_lr)]
+        return [Stage(options.variant, [g for g in groups if g.names])]

@@ -1,0 +1,103 @@
+"""LoRA family through peft: adapters train, the head is saved with them, reload and merge agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmtune
+from lmtune.run import export
+
+TEXTS = ["great excellent film", "awful terrible film", "some time it was", "best drug, love it"]
+
+
+@pytest.fixture(scope="module")
+def no_pooler_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """Like MiniLM: the checkpoint has no pooler, so the pooler is a new weight that must be saved."""
+    import shutil
+
+    from transformers import BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-no-pooler")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    BertModel.from_pretrained(tiny_model_dir, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, no_pooler_model) -> lmtune.RunResult:
+    from helpers import make_sentiment_rows, write_csv
+
+    root = tmp_path_factory.mktemp("lora")
+    cfg = {"model": {"name": str(no_pooler_model)},
+           "data": {"train": str(write_csv(root / "train.csv", make_sentiment_rows(96, seed=1))),
+                    "test": str(write_csv(root / "test.csv", make_sentiment_rows(32, seed=2))),
+                    "validation_size": 0.25},
+           "method": {"name": "lora", "r": 8, "alpha": 32},
+           "train": {"epochs": 4, "batch_size": 8, "lr": 2e-2, "warmup_ratio": 0.0, "log_every": 3, "seed": 7},
+           "output": {"dir": str(root / "runs"), "name": "lora"}}
+    return lmtune.train(cfg)
+
+
+def test_only_the_adapter_and_head_are_saved(lora_run) -> None:
+    folder = lora_run.run_dir / "model"
+    assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in saved) and any("classifier" in k for k in saved)
+    assert any("pooler" in k for k in saved)  # new in this model: trained and saved whole, like the head
+    assert not any("word_embeddings" in k for k in saved)
+    m = lora_run.metrics
+    assert m["params"]["trainable"] < 0.5 * m["params"]["total"]
+    losses = [json.loads(line)["train/loss"] for line in (lora_run.run_dir / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert losses[-1] < losses[0]
+
+
+def test_backbone_weights_stay_frozen(lora_run, no_pooler_model) -> None:
+    model = lmtune.load(lora_run.run_dir).session.model
+    base = load_file(str(no_pooler_model / "model.safetensors"))
+    live = dict(model.get_base_model().named_parameters())
+    key = "encoder.layer.0.attention.self.query"
+    assert torch.equal(live[f"bert.{key}.base_layer.weight"], base[f"{key}.weight"])
+    assert not torch.equal(live[f"bert.{key}.lora_B.default.weight"], torch.zeros_like(live[f"bert.{key}.lora_B.default.weight"]))
+
+
+def test_reload_and_merged_export_give_identical_predictions(lora_run, tmp_path) -> None:
+    from transformers import pipeline
+
+    first = lmtune.load(lora_run.run_dir).predict(TEXTS)
+    again = lmtune.load(lora_run.run_dir).predict(TEXTS)  # nothing re-initialised at random on reload
+    assert first == again
+    merged = export(lora_run.run_dir, tmp_path / "merged")
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    out = pipeline("text-classification", model=str(merged), device="cpu", top_k=None)(TEXTS)
+    for pred, scores in zip(first, out):
+        by_label = {s["label"]: s["score"] for s in scores}
+        assert set(by_label) == set(pred["scores"])
+        for label, score in pred["scores"].items():
+            assert by_label[label] == pytest.approx(score, abs=1e-5)
+
+
+def test_cli_export(lora_run, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(tmp_path / "plain")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "plain" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("variant", ["dora", "ia3", "prompt_tuning"])
+def test_relatives_train_and_reload(variant, tiny_config) -> None:
+    tiny_config["method"] = {"name": "lora", "variant": variant}
+    tiny_config["train"]["max_steps"] = 3
+    tiny_config["output"]["name"] = variant
+    result = lmtune.train(tiny_config)
+    assert result.metrics["stages"][variant]["trainable_params"] < result.metrics["params"]["total"]
+    first = lmtune.load(result.run_dir).predict(TEXTS)
+    assert first == lmtune.load(result.run_dir).predict(TEXTS)
