@@ -195,6 +195,29 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
         output.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 
 
+@app.command()
+def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
+            overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every run."),
+            methods: str = typer.Option("head,lp_ft,full,lora,bitfit", "--methods", "-m",
+                                        help="Comma-separated method names."),
+            seeds: str = typer.Option("", "--seeds", help="Comma-separated seeds, or a count (e.g. 3); "
+                                      "default: the config's seed."),
+            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for runs and tables.")) -> None:
+    """Run one config under several methods (and seeds); write a table (Markdown, CSV) and a chart."""
+    _setup_logging()
+    from lmtune.compare import compare as run_compare
+
+    seed_list = ([int(s) for s in seeds.split(",")] if "," in seeds else list(range(1, int(seeds) + 1))
+                 if seeds else None)
+    try:
+        folder = run_compare(config, [m.strip() for m in methods.split(",") if m.strip()], seed_list,
+                             overrides, output)
+    except _user_errors() as err:
+        _fail(err)
+    console.print((folder / "compare.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"table, chart and runs in {folder}")
+
+
 @app.command("export")
 def export_model(run: Path = typer.Argument(..., help="Run directory."),
                  output: Path = typer.Option(..., "--output", "-o", help="Folder to write the model to."),

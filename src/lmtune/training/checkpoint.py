@@ -50,6 +50,14 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_file(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, then move the finished file into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(accelerator: Any, folder: Path, state: LoopState) -> None:
     """Save model, optimizer, RNG states (Accelerate) and the loop state into `folder`, atomically."""
     tmp = folder.with_name(folder.name + ".tmp")

@@ -1,0 +1,121 @@
+"""`lmtune compare`: one config under several methods (and seeds), summarised as a table and a chart."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lmtune.config import load_config
+
+log = logging.getLogger("lmtune")
+
+
+def _method_section(base: dict[str, Any], name: str) -> dict[str, Any]:
+    # The config's own method options apply only to that method; any other method runs on its defaults.
+    return base if base.get("name") == name else {"name": name}
+
+
+def _summary(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
+    split = "test" if "test" in metrics else "validation"
+    memory = [s.get("peak_memory_mb") for s in metrics.get("stages", {}).values() if s.get("peak_memory_mb")]
+    return {"split": split, "metric": metrics.get(split, {}).get(metric),
+            "trainable_params": metrics["params"]["trainable"], "total_params": metrics["params"]["total"],
+            "train_seconds": metrics["train_seconds"], "peak_memory_mb": max(memory) if memory else None}
+
+
+def compare(config: str | Path, methods: list[str], seeds: list[int] | None = None,
+            overrides: list[str] | None = None, output: str | Path | None = None) -> Path:
+    """Train `config` once per method and seed; write compare.md, compare.csv, compare.png and runs.json."""
+    from lmtune.run import train
+
+    base = load_config(config, overrides)
+    metric = base.eval.metric  # resolved per run below when left to the task
+    folder = Path(output or Path(base.output.dir) / f"compare-{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds = seeds or [base.train.seed]
+    rows: list[dict[str, Any]] = []
+    for method in methods:
+        for seed in seeds:
+            raw = base.model_dump(mode="json")
+            raw["method"] = _method_section(raw["method"], method)
+            raw["train"]["seed"] = seed
+            raw["output"].update(dir=str(folder), name=f"{method}-seed{seed}", overwrite=True)
+            log.info("compare: method %s, seed %d", method, seed)
+            result = train(raw)
+            metric = result.metrics["selection"]["metric"]
+            rows.append({"method": method, "seed": seed, "run": str(result.run_dir),
+                         **_summary(result.metrics, metric)})
+    (folder / "runs.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    table = aggregate(rows)
+    write_table(table, folder, metric)
+    plot_comparison(table, folder / "compare.png", metric)
+    return folder
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per method: mean and std (over seeds) of the metric and time; params and memory."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        values = [r["metric"] for r in mine if r["metric"] is not None]
+        times = [r["train_seconds"] for r in mine]
+        memory = [r["peak_memory_mb"] for r in mine if r["peak_memory_mb"] is not None]
+        out.append({"method": method, "seeds": len(mine), "split": mine[0]["split"],
+                    "metric_mean": statistics.fmean(values) if values else None,
+                    "metric_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "trainable_params": mine[0]["trainable_params"], "total_params": mine[0]["total_params"],
+                    "train_seconds_mean": statistics.fmean(times),
+                    "peak_memory_mb": max(memory) if memory else None})
+    return out
+
+
+def write_table(table: list[dict[str, Any]], folder: Path, metric: str) -> None:
+    with (folder / "compare.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    lines = [f"| method | {table[0]['split']} {metric} | trainable params | train time (s) | peak GPU memory (MB) |",
+             "|---|---|---|---|---|"]
+    for r in table:
+        value = "n/a" if r["metric_mean"] is None else f"{r['metric_mean']:.4f}"
+        if r["seeds"] > 1 and r["metric_mean"] is not None:
+            value += f" ± {r['metric_std']:.4f} ({r['seeds']} seeds)"
+        share = r["trainable_params"] / r["total_params"]
+        memory = "—" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {r['method']} | {value} | {r['trainable_params']:,} ({share:.1%}) | "
+                     f"{r['train_seconds_mean']:.1f} | {memory} |")
+    (folder / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def plot_comparison(table: list[dict[str, Any]], path: Path, metric: str) -> Path:
+    """Three panels per method: metric (± std), trainable parameters (log scale), training time."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lmtune.training.checkpoint import replace_file
+
+    names = [r["method"] for r in table]
+    fig = Figure(figsize=(4 + 1.2 * len(names), 3.6))
+    FigureCanvasAgg(fig)
+    panels = fig.subplots(1, 3)
+    values = [r["metric_mean"] or 0.0 for r in table]
+    panels[0].bar(names, values, yerr=[r["metric_std"] for r in table], capsize=4, color="tab:blue")
+    panels[0].set_title(f"{table[0]['split']} {metric}")
+    low = min(values)
+    panels[0].set_ylim(max(0.0, low - 0.1 * (max(values) - low + 1e-9) - 0.05), None)
+    panels[1].bar(names, [r["trainable_params"] for r in table], color="tab:orange")
+    panels[1].set_yscale("log")
+    panels[1].set_title("trainable parameters")
+    panels[2].bar(names, [r["train_seconds_mean"] for r in table], color="tab:green")
+    panels[2].set_title("training time (s)")
+    for ax in panels:
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    return path

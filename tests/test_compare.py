@@ -1,0 +1,34 @@
+"""`lmtune compare`: several methods and seeds on one config -> table, CSV, chart, runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from lmtune.cli import app
+
+
+def test_compare_methods_and_seeds(tiny_config, tmp_path) -> None:
+    tiny_config["train"]["epochs"] = 1
+    tiny_config["method"] = {"name": "full", "head_lr": 1e-2}  # kept for full, dropped for the others
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(config), "--methods", "head,full,bitfit", "--seeds", "2",
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["method"] for r in rows] == ["head", "full", "bitfit"]
+    assert all(r["seeds"] == "2" for r in rows)
+    params = {r["method"]: int(r["trainable_params"]) for r in rows}
+    assert params["head"] < params["bitfit"] < params["full"]
+    runs = json.loads((out / "runs.json").read_text())
+    assert len(runs) == 6 and len({r["run"] for r in runs}) == 6
+    full_cfg = yaml.safe_load((out / "full-seed1" / "config.yaml").read_text())
+    assert full_cfg["method"]["head_lr"] == 1e-2 and full_cfg["train"]["seed"] == 1
+    table = (out / "compare.md").read_text()
+    assert "| head |" in table and "± " in table and "(2 seeds)" in table
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,45 @@
+"""Every task x every method trains two steps on CPU, saves, and loads back for prediction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+import lmtune
+from helpers import make_sentiment_rows, write_csv
+from lmtune.registry import METHODS, TASKS, load_builtins
+
+load_builtins()
+
+
+def classification_data(tmp_path: Path) -> tuple[dict, list]:
+    train = write_csv(tmp_path / "train.csv", make_sentiment_rows(24, seed=1))
+    return {"train": str(train), "validation_size": 0.25, "test_size": 0.25}, ["great film", {"text": "awful"}]
+
+
+# task name -> builder of (data section, inputs for predict); a new task adds its builder here.
+SMOKE_DATA: dict[str, Callable[[Path], tuple[dict, list]]] = {
+    "classification": classification_data,
+}
+METHOD_OPTIONS = {"lora": {"r": 2}, "partial": {"layers": 1}, "lp_ft": {"probe_epochs": 1, "epochs": 1}}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_task_method_pair(task: str, method: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    if task not in SMOKE_DATA:
+        pytest.fail(f"task {task!r} has no smoke data builder in tests/test_smoke.py")
+    data, inputs = SMOKE_DATA[task](tmp_path)
+    cfg = {"model": {"name": str(tiny_model_dir)}, "data": data, "task": {"name": task},
+           "method": {"name": method, **METHOD_OPTIONS.get(method, {})},
+           "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 1},
+           "output": {"dir": str(tmp_path / "runs"), "name": f"{task}-{method}"}}
+    result = lmtune.train(cfg)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in records) and any(k.startswith("eval/") for r in records for k in r)
+    assert 0 < result.metrics["params"]["trainable"] <= result.metrics["params"]["total"]
+    preds = lmtune.load(result.run_dir).predict(inputs)
+    assert len(preds) == len(inputs)
