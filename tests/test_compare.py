@@ -32,3 +32,14 @@ def test_compare_methods_and_seeds(tiny_config, tmp_path) -> None:
     table = (out / "compare.md").read_text()
     assert "| head |" in table and "± " in table and "(2 seeds)" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_method_specs_with_options() -> None:
+    import pytest
+
+    from lmtune.compare import parse_methods
+
+    assert parse_methods("full, lora(lr=5e-4 r=16),bitfit(lr=1e-3)") == [
+        ("full", {}), ("lora", {"lr": 5e-4, "r": 16}), ("bitfit", {"lr": 1e-3})]
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_methods("lora(r16)")

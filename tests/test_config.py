@@ -30,7 +30,9 @@ def test_unknown_key_suggests_nearest() -> None:
 
 def test_unknown_section_and_registered_names() -> None:
     assert "trian: unknown section; did you mean 'train'?" in error_of({**BASE, "trian": {}})
-    assert "method.name: unknown method 'lora2'; known methods: full, head" in error_of(BASE, ["method.name=lora2"])
+    assert "method.name: unknown method 'lora2'; did you mean 'lora'?" in error_of(BASE, ["method.name=lora2"])
+    assert "unknown method 'xyz'; known methods: bitfit, full, head, lora, lp_ft, partial" in error_of(
+        BASE, ["method.name=xyz"])
     assert "did you mean 'full'" in error_of(BASE, ["method.name=ful"])
     assert "method.head_lrr: unknown key; did you mean 'head_lr'?" in error_of(BASE, ["method.head_lrr=1"])
 

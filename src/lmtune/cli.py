@@ -199,19 +199,20 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
 def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
             overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every run."),
             methods: str = typer.Option("head,lp_ft,full,lora,bitfit", "--methods", "-m",
-                                        help="Comma-separated method names."),
+                                        help="Comma-separated method names, each optionally with options: "
+                                        "'full,lora(lr=5e-4 r=16),bitfit(lr=1e-3)'."),
             seeds: str = typer.Option("", "--seeds", help="Comma-separated seeds, or a count (e.g. 3); "
                                       "default: the config's seed."),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for runs and tables.")) -> None:
     """Run one config under several methods (and seeds); write a table (Markdown, CSV) and a chart."""
     _setup_logging()
     from lmtune.compare import compare as run_compare
+    from lmtune.compare import parse_methods
 
     seed_list = ([int(s) for s in seeds.split(",")] if "," in seeds else list(range(1, int(seeds) + 1))
                  if seeds else None)
     try:
-        folder = run_compare(config, [m.strip() for m in methods.split(",") if m.strip()], seed_list,
-                             overrides, output)
+        folder = run_compare(config, parse_methods(methods), seed_list, overrides, output)
     except _user_errors() as err:
         _fail(err)
     console.print((folder / "compare.md").read_text(encoding="utf-8"), markup=False, highlight=False)

@@ -15,9 +15,35 @@ from lmtune.config import load_config
 log = logging.getLogger("lmtune")
 
 
-def _method_section(base: dict[str, Any], name: str) -> dict[str, Any]:
+def parse_methods(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """"full,lora(lr=5e-4 r=16),bitfit" -> [("full", {}), ("lora", {"lr": 5e-4, "r": 16}), ("bitfit", {})]."""
+    import re
+
+    from lmtune.config import parse_value
+
+    out = []
+    for match in re.finditer(r"\s*([\w-]+)\s*(?:\(([^)]*)\))?\s*(?:,|$)", spec):
+        if not match.group(1):
+            continue
+        options = {}
+        for item in (match.group(2) or "").split():
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--methods: {item!r} in {match.group(0).strip()!r} is not key=value")
+            options[key] = parse_value(value)
+        out.append((match.group(1), options))
+    if not out:
+        raise ValueError(f"--methods {spec!r}: no method names")
+    return out
+
+
+def _label(name: str, options: dict[str, Any]) -> str:
+    return name + (f"({' '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
+
+
+def _method_section(base: dict[str, Any], name: str, options: dict[str, Any]) -> dict[str, Any]:
     # The config's own method options apply only to that method; any other method runs on its defaults.
-    return base if base.get("name") == name else {"name": name}
+    return {**(base if base.get("name") == name else {"name": name}), **options}
 
 
 def _summary(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -28,7 +54,7 @@ def _summary(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
             "train_seconds": metrics["train_seconds"], "peak_memory_mb": max(memory) if memory else None}
 
 
-def compare(config: str | Path, methods: list[str], seeds: list[int] | None = None,
+def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds: list[int] | None = None,
             overrides: list[str] | None = None, output: str | Path | None = None) -> Path:
     """Train `config` once per method and seed; write compare.md, compare.csv, compare.png and runs.json."""
     from lmtune.run import train
@@ -39,16 +65,18 @@ def compare(config: str | Path, methods: list[str], seeds: list[int] | None = No
     folder.mkdir(parents=True, exist_ok=True)
     seeds = seeds or [base.train.seed]
     rows: list[dict[str, Any]] = []
-    for method in methods:
+    for method, options in methods:
+        label = _label(method, options)
         for seed in seeds:
             raw = base.model_dump(mode="json")
-            raw["method"] = _method_section(raw["method"], method)
+            raw["method"] = _method_section(raw["method"], method, options)
             raw["train"]["seed"] = seed
-            raw["output"].update(dir=str(folder), name=f"{method}-seed{seed}", overwrite=True)
-            log.info("compare: method %s, seed %d", method, seed)
+            run_name = f"{method}-{len(rows)}-seed{seed}" if options else f"{method}-seed{seed}"
+            raw["output"].update(dir=str(folder), name=run_name, overwrite=True)
+            log.info("compare: %s, seed %d", label, seed)
             result = train(raw)
             metric = result.metrics["selection"]["metric"]
-            rows.append({"method": method, "seed": seed, "run": str(result.run_dir),
+            rows.append({"method": label, "seed": seed, "run": str(result.run_dir),
                          **_summary(result.metrics, metric)})
     (folder / "runs.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     table = aggregate(rows)

@@ -63,6 +63,8 @@ class DataConfig(Section):
     """Fraction (0-1) or row count of train split off as validation when no validation file is given."""
     test_size: float = 0.1
     """Fraction (0-1) or row count of train split off as test when no test file is given; 0 = no test."""
+    split_by: str | None = None
+    """Split validation/test off by whole groups of this column (e.g. article title), not by row; sizes count groups."""
     max_train_samples: int | None = None
     """Train on a stratified, seeded subset of this many rows (a manageable part of a big dataset)."""
     max_eval_samples: int | None = None
@@ -191,6 +193,16 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eva
 DEFAULT_TASK, DEFAULT_METHOD = "classification", "full"
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value: numbers as numbers (also `5e-4`, which YAML 1.1 reads as a string), else YAML."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text) if text.strip() else None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -204,7 +216,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = parse_value(value)
     return raw
 
 

@@ -30,8 +30,10 @@ class LoraOptions(BaseModel):
     """Modules that get adapters: all linear layers of the backbone, or a list of module names."""
     num_virtual_tokens: int = 20
     """prompt_tuning: length of the learned soft prompt."""
+    lr: float | None = None
+    """Learning rate of the adapters; default: train.lr (adapters usually want about 10x full fine-tuning's)."""
     head_lr: float | None = None
-    """Learning rate of the head; default: train.lr."""
+    """Learning rate of the head; default: the adapters'."""
 
 
 def _task_type(model: Any) -> str:
@@ -81,5 +83,6 @@ class Lora:
         # peft has already marked what trains: the adapters and the copies of the head modules.
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         head = [n for n in trainable if ".modules_to_save." in n]
-        groups = [ParamGroup([n for n in trainable if n not in head]), ParamGroup(head, lr=options.head_lr)]
+        groups = [ParamGroup([n for n in trainable if n not in head], lr=options.lr),
+                  ParamGroup(head, lr=options.head_lr or options.lr)]
         return [Stage(options.variant, [g for g in groups if g.names])]

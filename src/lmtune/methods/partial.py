@@ -20,8 +20,10 @@ class PartialOptions(BaseModel):
     (BitFit), or everything except the input embeddings."""
     layers: int = 2
     """With train=top_layers: how many blocks, counted from the top."""
+    lr: float | None = None
+    """Learning rate of the trained part of the backbone; default: train.lr (BitFit likes ~1e-3)."""
     head_lr: float | None = None
-    """Learning rate of the head; default: train.lr."""
+    """Learning rate of the head; default: the backbone part's."""
 
 
 @register_method("partial")
@@ -39,7 +41,7 @@ class Partial:
             body = [n for n in p.backbone if n.endswith("bias")]
         else:
             body = [n for layer in p.layers for n in layer] + p.rest
-        groups = [ParamGroup(body), ParamGroup(p.head, lr=options.head_lr)]
+        groups = [ParamGroup(body, lr=options.lr), ParamGroup(p.head, lr=options.head_lr or options.lr)]
         return [Stage(f"partial-{options.train}", [g for g in groups if g.names])]
 
 
