@@ -1,4 +1,4 @@
-"""Tests for lmtune.data.splits: stratified splits, subsets, overlap counts."""
+"""Tests for lmtune.data.splits: stratified splits, group splits, subsets, overlap counts."""
 
 import logging
 from collections import Counter
@@ -6,7 +6,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from lmtune.data import count_overlap, split_off, stratified_subset
+from lmtune.data import count_overlap, group_values, split_off, split_off_groups, stratified_subset
 
 
 def _table(counts: dict[str, int]) -> datasets.Dataset:
@@ -126,3 +126,36 @@ def test_count_overlap():
     assert count_overlap(train, other) == 4
     assert count_overlap([], other) == 0
     assert count_overlap(train, []) == 0
+
+
+def _grouped(n_groups: int, per_group: int) -> datasets.Dataset:
+    groups = [f"g{g:02d}" for _ in range(per_group) for g in range(n_groups)]   # groups interleaved
+    return datasets.Dataset.from_dict({"title": groups, "_row": list(range(1, len(groups) + 1))})
+
+
+def test_group_split_keeps_groups_whole_and_counts_groups():
+    ds = _grouped(10, 3)
+    rest, split = split_off_groups(ds, 3, seed=0, column="title")
+    assert len(group_values(split, "title")) == 3 and len(split) == 9 and len(rest) == 21
+    assert not set(group_values(split, "title")) & set(group_values(rest, "title"))
+    assert split["_row"][:] == sorted(split["_row"][:])  # original order kept
+    rest, split = split_off_groups(ds, 0.2, seed=0, column="title")
+    assert len(group_values(split, "title")) == 2
+
+
+def test_group_split_depends_on_seed_and_groups_not_row_order():
+    ds = _grouped(10, 3)
+    chosen = group_values(split_off_groups(ds, 4, seed=5, column="title")[1], "title")
+    shuffled = ds.shuffle(seed=1)
+    assert group_values(split_off_groups(shuffled, 4, seed=5, column="title")[1], "title") == chosen
+    assert group_values(split_off_groups(ds, 4, seed=6, column="title")[1], "title") != chosen
+
+
+def test_group_split_errors():
+    ds = _grouped(3, 2)
+    with pytest.raises(ValueError, match="no such column"):
+        split_off_groups(ds, 1, seed=0, column="article")
+    with pytest.raises(ValueError, match="no groups on one side"):
+        split_off_groups(ds, 3, seed=0, column="title")
+    with pytest.raises(ValueError, match="1 row"):
+        split_off_groups(datasets.Dataset.from_dict({"title": ["a", None]}), 1, seed=0, column="title")

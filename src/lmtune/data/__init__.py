@@ -2,15 +2,17 @@
 
 from lmtune.data.checks import apply_row_checks
 from lmtune.data.readers import DataError, read_table, require_columns, resolve_path
-from lmtune.data.splits import count_overlap, split_off, stratified_subset
+from lmtune.data.splits import count_overlap, group_values, split_off, split_off_groups, stratified_subset
 
 __all__ = [
     "DataError",
     "apply_row_checks",
     "count_overlap",
+    "group_values",
     "read_table",
     "require_columns",
     "resolve_path",
     "split_off",
+    "split_off_groups",
     "stratified_subset",
 ]

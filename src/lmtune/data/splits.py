@@ -1,4 +1,4 @@
-"""Seeded splits and subsets of a dataset (stratified by a label column where possible) and overlap counts."""
+"""Seeded splits (by row, stratified where possible, or by whole groups), subsets and overlap counts."""
 
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ def split_off(
     return ds.select(np.sort(rest_idx)), ds.select(np.sort(split_idx))
 
 
-def _split_count(size: float | int, n: int) -> int:
+def _split_count(size: float | int, n: int, unit: str = "row") -> int:
     if isinstance(size, bool) or not isinstance(size, numbers.Real):
-        raise ValueError(f"split size must be a fraction in (0, 1) or a row count, got {size!r}")
+        raise ValueError(f"split size must be a fraction in (0, 1) or a {unit} count, got {size!r}")
     if n < 2:
-        raise ValueError(f"cannot split a dataset of {n} row(s)")
+        raise ValueError(f"cannot split a dataset of {n} {unit}(s)")
     if not isinstance(size, numbers.Integral):  # numpy scalars count too
         if not 0.0 < size < 1.0:
             raise ValueError(f"split fraction must be in (0, 1), got {size}")
@@ -55,8 +55,39 @@ def _split_count(size: float | int, n: int) -> int:
     else:
         count = int(size)
     if not 1 <= count <= n - 1:
-        raise ValueError(f"split size {size!r} leaves no rows on one side of a dataset of {n} rows")
+        raise ValueError(f"split size {size!r} leaves no {unit}s on one side of a dataset of {n} {unit}s")
     return count
+
+
+def split_off_groups(
+    ds: datasets.Dataset,
+    size: float | int,
+    seed: int,
+    column: str,
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split ``ds`` into ``(rest, split)`` by whole groups: rows sharing a ``column`` value stay together.
+
+    ``size`` counts groups (a fraction of them in (0, 1), or a number of groups), not rows. The groups
+    are sorted by value, then ``size`` of them are drawn with ``numpy.random.default_rng(seed)``: the
+    same seed and the same set of groups give the same split, whatever the row order. Both parts keep
+    the original row order.
+    """
+    if column not in ds.column_names:
+        raise ValueError(f"cannot split by {column!r}: no such column; columns are {ds.column_names}")
+    values = ds.select_columns([column]).to_dict()[column]
+    missing = sum(v is None for v in values)
+    if missing:
+        raise ValueError(f"cannot split by {column!r}: {missing} row(s) have no value")
+    groups = sorted(set(values), key=lambda v: (str(type(v)), v))
+    n_split = _split_count(size, len(groups), unit="group")
+    chosen = {groups[i] for i in np.random.default_rng(seed).permutation(len(groups))[:n_split]}
+    in_split = np.array([v in chosen for v in values])
+    return ds.select(np.flatnonzero(~in_split)), ds.select(np.flatnonzero(in_split))
+
+
+def group_values(ds: datasets.Dataset, column: str) -> list:
+    """The distinct values of ``column`` in ``ds``, sorted (e.g. the article titles a split holds)."""
+    return sorted(set(ds.select_columns([column]).to_dict()[column]), key=lambda v: (str(type(v)), v))
 
 
 def stratified_subset(
