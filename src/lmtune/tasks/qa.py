@@ -1,0 +1,359 @@
+"""Extractive question answering: SQuAD-style data, overlapping windows over long contexts, spans, EM/F1."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from lmtune.config import DataConfig
+from lmtune.data import (DataError, count_overlap, group_values, split_off, split_off_groups,
+                         stratified_subset)
+from lmtune.data.squad import COLUMNS, read_squad
+from lmtune.evaluation.squad import best_no_answer_threshold, score, squad_metrics
+from lmtune.registry import register_task
+
+log = logging.getLogger("lmtune")
+_MAX_LISTED_GROUPS = 200  # metrics.json lists the groups of each split up to this many
+
+
+class QAOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: Literal["qa"] = "qa"
+    """Extractive question answering: answer a question with a span of its context (SQuAD)."""
+    doc_stride: int = 128
+    """Tokens shared by consecutive windows when a context does not fit in one window of model.max_length."""
+    max_question_length: int = 64
+    """Questions longer than this many tokens are cut (with a warning) so that a window holds some context."""
+    max_answer_length: int = 30
+    """Longest answer considered, in tokens."""
+    n_best: int = 20
+    """Start and end candidates per window considered when choosing the answer span."""
+    version_2: bool = False
+    """Questions may have no answer in their context (SQuAD v2.0); the model may then answer "no answer"."""
+    no_answer_threshold: float = 0.0
+    """Version 2: answer "no answer" when its score beats the best span's by more than this (see best_f1_threshold)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "QAOptions":
+        for name in ("max_question_length", "max_answer_length", "n_best"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"task.{name}={getattr(self, name)}: must be at least 1")
+        if self.doc_stride < 0:
+            raise ValueError(f"task.doc_stride={self.doc_stride}: must be 0 or more")
+        return self
+
+
+@register_task("qa")
+class QuestionAnswering:
+    Options = QAOptions
+    default_metric = "f1"
+
+    def __init__(self, options: QAOptions, data: DataConfig, labels: list[str] | None = None):
+        self.options = options
+        self.data = data  # labels (a saved model's id2label) mean nothing for span prediction
+        self._encoded: Any = None  # the last unlabelled features, which postprocess turns into answers
+
+    @staticmethod
+    def greater_is_better(metric: str) -> bool:
+        return "loss" not in metric
+
+    # ---- data ------------------------------------------------------------------------------------
+    def _read(self, path: str) -> tuple[Any, list[str]]:
+        split_by = self.data.split_by
+        keep = (split_by,) if split_by and split_by not in COLUMNS else ()
+        return read_squad(path, self.data.format, on_bad_rows=self.data.on_bad_rows,
+                          allow_impossible=self.options.version_2, keep=keep)
+
+    def load_splits(self, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Read, check and split the configured files; returns the splits and a report for metrics.json."""
+        cfg = self.data
+        if not cfg.train:
+            raise DataError("data.train", "no training file given (set data.train)")
+        report: dict[str, Any] = {"skipped_rows": {}, "skipped_examples": []}
+
+        def read(name: str, path: str) -> Any:
+            ds, skipped = self._read(path)
+            report["skipped_rows"][name] = len(skipped)
+            report["skipped_examples"] += skipped[:20]
+            return ds
+
+        train = read("train", cfg.train)
+        splits: dict[str, Any] = {}
+        for name, path, size in (("test", cfg.test, cfg.test_size),
+                                 ("validation", cfg.validation, cfg.validation_size)):
+            if path:
+                splits[name] = read(name, path)
+            elif size:
+                count = int(size) if size >= 1 else size
+                train, splits[name] = (split_off_groups(train, count, seed, cfg.split_by) if cfg.split_by
+                                       else split_off(train, count, seed))
+                report.setdefault("split_off", {})[name] = len(splits[name])
+        if cfg.max_train_samples:
+            train = stratified_subset(train, cfg.max_train_samples, seed)
+        for name in list(splits):
+            if cfg.max_eval_samples:
+                splits[name] = stratified_subset(splits[name], cfg.max_eval_samples, seed)
+            # Questions about a context seen in training are easier: count them, as classification
+            # counts repeated texts.
+            overlap = count_overlap(train["context"][:], splits[name]["context"][:])
+            report.setdefault("overlap_with_train", {})[name] = overlap
+            if overlap:
+                log.warning("%d of %d %s questions ask about a context that is also in the training data; "
+                            "set data.split_by (e.g. title) to keep contexts apart", overlap, len(splits[name]), name)
+        splits["train"] = train
+        report["rows"] = {k: len(v) for k, v in splits.items()}
+        report["unanswerable"] = {k: int(sum(v["is_impossible"][:])) for k, v in splits.items()}
+        if cfg.split_by:
+            groups = {k: group_values(v, cfg.split_by) for k, v in splits.items()}
+            report["groups"] = {k: g if len(g) <= _MAX_LISTED_GROUPS else len(g) for k, g in groups.items()}
+        return splits, report
+
+    def load_eval_file(self, path: str) -> Any:
+        return self._read(path)[0]
+
+    def from_texts(self, records: list[Any]) -> Any:
+        """Inputs for prediction: dicts with `question` and `context`, or (question, context) pairs."""
+        import datasets
+
+        questions, contexts = [], []
+        for i, record in enumerate(records, 1):
+            if isinstance(record, dict):
+                pair = record.get("question"), record.get("context")
+            elif isinstance(record, (list, tuple)) and len(record) == 2:
+                pair = tuple(record)
+            else:
+                raise DataError("input", "expected {question, context} or a (question, context) pair", row=i)
+            for field, value in zip(("question", "context"), pair):
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError("input", f"empty or missing {field}", row=i, field=field)
+            questions.append(pair[0])
+            contexts.append(pair[1])
+        return datasets.Dataset.from_dict({"id": [str(i) for i in range(1, len(records) + 1)],
+                                           "question": questions, "context": contexts})
+
+    # ---- model -----------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def auto_class(self) -> Any:
+        from transformers import AutoModelForQuestionAnswering
+
+        return AutoModelForQuestionAnswering
+
+    # ---- features --------------------------------------------------------------------------------
+    def encode(self, ds: Any, tokenizer: Any, max_length: int) -> Any:
+        """One row per window: a context longer than a window is cut into windows of `max_length` tokens
+        overlapping by `doc_stride`. Every window is kept, for training (those that do not hold the
+        answer point at the CLS token, as for unanswerable questions) and for evaluation."""
+        opts = self.options
+        room = max_length - opts.max_question_length - tokenizer.num_special_tokens_to_add(pair=True)
+        if opts.doc_stride >= room:
+            raise ValueError(f"task.doc_stride={opts.doc_stride} must be smaller than the context part of a window, "
+                             f"{room} tokens (model.max_length {max_length} - task.max_question_length "
+                             f"{opts.max_question_length} - special tokens)")
+        labelled = "answer_texts" in ds.column_names
+        cut = [0]
+        features = ds.map(lambda batch, idx: self._windows(batch, idx, tokenizer, max_length, cut), batched=True,
+                          with_indices=True, remove_columns=ds.column_names)
+        if cut[0]:
+            log.warning("%d question(s) longer than task.max_question_length=%d tokens were cut", cut[0],
+                        opts.max_question_length)
+        if not labelled:
+            self._encoded = features
+        return features
+
+    def _cap_questions(self, questions: list[str], tokenizer: Any, cut: list[int]) -> list[str]:
+        limit = self.options.max_question_length
+        enc = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+        capped = []
+        for question, offsets in zip(questions, enc["offset_mapping"]):
+            if len(offsets) > limit:
+                question = question[:offsets[limit - 1][1]]
+                cut[0] += 1
+            capped.append(question)
+        return capped
+
+    def _windows(self, batch: dict, indices: list[int], tokenizer: Any, max_length: int, cut: list[int]) -> dict:
+        # Tokenizers that pad on the left (XLNet-style) take the context first, so it is always the
+        # context that gets truncated, as in Hugging Face's run_qa example.
+        context_first = tokenizer.padding_side == "left"
+        questions = self._cap_questions([q.lstrip() for q in batch["question"]], tokenizer, cut)
+        pair = (batch["context"], questions) if context_first else (questions, batch["context"])
+        enc = tokenizer(*pair, truncation="only_first" if context_first else "only_second", max_length=max_length,
+                        stride=self.options.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+        context_id = 0 if context_first else 1
+        sample = enc.pop("overflow_to_sample_mapping")
+        offsets = enc.pop("offset_mapping")
+        out: dict[str, list] = {k: [] for k in ("example", "id", "context", "cls", "char_starts", "char_ends")}
+        labelled = "answer_texts" in batch
+        if labelled:
+            out.update(golds=[], start_positions=[], end_positions=[])
+        for w, ex in enumerate(sample):
+            ids = enc["input_ids"][w]
+            in_context = [s == context_id for s in enc.sequence_ids(w)]
+            cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+            out["example"].append(indices[ex])
+            out["id"].append(batch["id"][ex])
+            out["context"].append(batch["context"][ex])
+            out["cls"].append(cls)
+            out["char_starts"].append([o[0] if c else -1 for o, c in zip(offsets[w], in_context)])
+            out["char_ends"].append([o[1] if c else -1 for o, c in zip(offsets[w], in_context)])
+            if labelled:
+                texts, starts = batch["answer_texts"][ex], batch["answer_starts"][ex]
+                out["golds"].append(texts)
+                span = (starts[0], starts[0] + len(texts[0])) if texts else None
+                start, end = _token_span(offsets[w], in_context, span, cls)
+                out["start_positions"].append(start)
+                out["end_positions"].append(end)
+        out.update(enc)
+        out["length"] = [len(ids) for ids in enc["input_ids"]]
+        return out
+
+    def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
+        pads = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
+                "token_type_ids": tokenizer.pad_token_type_id}
+
+        def collate(rows: list[dict]) -> dict:
+            longest = max(len(r["input_ids"]) for r in rows)
+            width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+            # Always padded on the right, so that token positions (labels, character offsets) are the
+            # ones of the unpadded window whichever side the tokenizer pads.
+            batch = {key: torch.tensor([r[key] + [pad] * (width - len(r[key])) for r in rows])
+                     for key, pad in pads.items() if key in rows[0]}
+            if "start_positions" in rows[0]:
+                batch["start_positions"] = torch.tensor([r["start_positions"] for r in rows])
+                batch["end_positions"] = torch.tensor([r["end_positions"] for r in rows])
+            return batch
+
+        return collate
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    def _answers(self, outputs: Iterable, features: Any) -> tuple[list[dict[str, Any]], float | None]:
+        """The best answer of every example across all its windows, and the mean loss (when labelled)."""
+        starts: list[Any] = [None] * len(features)
+        ends: list[Any] = [None] * len(features)
+        loss_sum, count = 0.0, 0
+        lengths = features["length"][:]
+        for indices, out, _ in outputs:
+            start_logits, end_logits = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+            for j, i in enumerate(indices):
+                starts[i], ends[i] = start_logits[j, :lengths[i]], end_logits[j, :lengths[i]]
+            if getattr(out, "loss", None) is not None:
+                loss_sum += float(out.loss) * len(indices)
+                count += len(indices)
+        columns = ["example", "context", "cls", "char_starts", "char_ends"]
+        table = features.select_columns(columns).with_format("arrow")[:]
+        char_starts, char_ends = _ragged(table.column("char_starts")), _ragged(table.column("char_ends"))
+        examples, contexts, cls = (table.column(c).to_pylist() for c in ("example", "context", "cls"))
+        windows: dict[int, list[int]] = {}
+        for w, ex in enumerate(examples):
+            windows.setdefault(ex, []).append(w)
+        answers = []
+        for ex in sorted(windows):
+            ws = windows[ex]
+            null = min(starts[w][cls[w]] + ends[w][cls[w]] for w in ws)
+            spans = _candidate_spans([(starts[w], ends[w], char_starts[w], char_ends[w]) for w in ws],
+                                     self.options.n_best, self.options.max_answer_length)
+            answers.append(self._choose(spans, float(null), contexts[ws[0]], first_window=ws[0]))
+        return answers, (loss_sum / count if count else None)
+
+    def _choose(self, spans: dict[tuple[int, int], float], null: float, context: str, first_window: int) -> dict:
+        opts = self.options
+        ranked = sorted(spans.items(), key=lambda kv: -kv[1])[:opts.n_best]
+        scores = np.array([s for _, s in ranked] + ([null] if opts.version_2 else []), dtype=np.float64)
+        probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum() if len(scores) else scores
+        best = {"answer": "", "start": None, "end": None, "score": 0.0, "no_answer": True, "window": first_window}
+        if ranked:
+            (start, end), score = ranked[0]
+            best.update(answer=context[start:end], start=start, end=end, score=float(probs[0]), no_answer=False)
+        # null minus best span: above the threshold means "no answer" (the official SQuAD v2 recipe).
+        best["score_diff"] = null - ranked[0][1] if ranked else float("inf")
+        best["span"] = best["answer"]
+        if opts.version_2 and best["score_diff"] > opts.no_answer_threshold:
+            best.update(answer="", start=None, end=None, score=float(probs[-1]), no_answer=True)
+        return best
+
+    def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        """SQuAD exact match and F1 (percent) over examples, the v2 breakdown and best no-answer threshold."""
+        answers, loss = self._answers(outputs, features)
+        golds = features["golds"][:]
+        refs = [golds[a["window"]] for a in answers]
+        metrics = squad_metrics([a["answer"] for a in answers], refs)
+        names = {"exact_match": "exact_match", "f1": "f1", "HasAns_exact": "has_answer_exact",
+                 "HasAns_f1": "has_answer_f1", "NoAns_exact": "no_answer_exact", "NoAns_f1": "no_answer_f1"}
+        scalars = {new: float(metrics[old]) for old, new in names.items() if old in metrics}
+        details: dict[str, Any] = {"examples": len(answers), "windows": len(features)}
+        if self.options.version_2:
+            spans, diffs = [a["span"] for a in answers], [a["score_diff"] for a in answers]
+            for metric in ("f1", "exact_match"):
+                threshold, value = best_no_answer_threshold(spans, refs, diffs, metric)
+                key = "exact" if metric == "exact_match" else metric
+                scalars[f"best_{key}"], scalars[f"best_{key}_threshold"] = value, threshold
+            details["no_answer_threshold"] = self.options.no_answer_threshold
+        ids = features["id"][:]
+        wrong = [(a, r) for a, r in zip(answers, refs) if score(a["answer"], r)[1] < 1][:10]
+        details["wrong_examples"] = [{"id": ids[a["window"]], "prediction": a["answer"], "answers": r}
+                                     for a, r in wrong]
+        if loss is not None:
+            scalars["loss"] = loss
+        return scalars, details
+
+    def postprocess(self, outputs: Iterable, n: int, features: Any = None) -> list[dict[str, Any]]:
+        """Answers for `from_texts` inputs: text, character span [start, end) in the context, probability
+        among the candidate spans, or no_answer (version 2)."""
+        features = features if features is not None else self._encoded
+        if features is None or len(features) != n:
+            raise RuntimeError("qa postprocess needs the features encode() made for these inputs (encode first)")
+        answers, _ = self._answers(outputs, features)
+        return [{k: a[k] for k in ("answer", "start", "end", "score", "no_answer")} for a in answers]
+
+
+def _token_span(offsets: list, in_context: list[bool], span: tuple[int, int] | None, cls: int) -> tuple[int, int]:
+    """Token positions of a character span inside one window, or (cls, cls) when the window lacks it."""
+    if span is None:
+        return cls, cls
+    context = [k for k, c in enumerate(in_context) if c]
+    first, last = context[0], context[-1]
+    start_char, end_char = span
+    if not (offsets[first][0] <= start_char and offsets[last][1] >= end_char):
+        return cls, cls
+    start = first
+    while start <= last and offsets[start][0] <= start_char:
+        start += 1
+    end = last
+    while end >= first and offsets[end][1] >= end_char:
+        end -= 1
+    return start - 1, end + 1
+
+
+def _ragged(column: Any) -> list[np.ndarray]:
+    """A column of int lists as numpy arrays, without building a Python list per element."""
+    array = column.combine_chunks()
+    values, offsets = array.flatten().to_numpy(), array.offsets.to_numpy()
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(array))]
+
+
+def _candidate_spans(windows: list[tuple[Any, Any, Any, Any]], n_best: int,
+                     max_answer_length: int) -> dict[tuple[int, int], float]:
+    """Character spans -> best start+end logit over the windows: the n_best starts and ends among each
+    window's context tokens, paired when the end does not precede the start and the span is short enough."""
+    spans: dict[tuple[int, int], float] = {}
+    for start_logits, end_logits, char_starts, char_ends in windows:
+        context = np.flatnonzero(char_starts >= 0)
+        if not len(context):
+            continue
+        top_starts = context[np.argsort(-start_logits[context], kind="stable")[:n_best]]
+        top_ends = context[np.argsort(-end_logits[context], kind="stable")[:n_best]]
+        length = top_ends[None, :] - top_starts[:, None]
+        scores = start_logits[top_starts][:, None] + end_logits[top_ends][None, :]
+        for i, j in zip(*np.nonzero((length >= 0) & (length < max_answer_length))):
+            key = (int(char_starts[top_starts[i]]), int(char_ends[top_ends[j]]))
+            score = float(scores[i, j])
+            if score > spans.get(key, -np.inf):
+                spans[key] = score
+    return spans
