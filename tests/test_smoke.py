@@ -20,10 +20,22 @@ def classification_data(tmp_path: Path) -> tuple[dict, list]:
     return {"train": str(train), "validation_size": 0.25, "test_size": 0.25}, ["great film", {"text": "awful"}]
 
 
+def qa_data(tmp_path: Path) -> tuple[dict, list]:
+    context = "the film was good and the drug was bad but the pill worked very well for one week"
+    rows = [{"id": str(i), "title": f"t{i % 4}", "question": "what was good ?", "context": context,
+             "answers": {"text": ["film"], "answer_start": [4]}} for i in range(24)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return ({"train": str(train), "validation_size": 1, "test_size": 1, "split_by": "title"},
+            [{"question": "what was bad ?", "context": context}])
+
+
 # task name -> builder of (data section, inputs for predict); a new task adds its builder here.
 SMOKE_DATA: dict[str, Callable[[Path], tuple[dict, list]]] = {
     "classification": classification_data,
+    "qa": qa_data,
 }
+TASK_OPTIONS = {"qa": {"doc_stride": 8, "max_question_length": 8}}  # windows fit the tiny model's 64 tokens
 METHOD_OPTIONS = {"lora": {"r": 2}, "partial": {"layers": 1}, "lp_ft": {"probe_epochs": 1, "epochs": 1}}
 
 
@@ -33,7 +45,7 @@ def test_task_method_pair(task: str, method: str, tiny_model_dir: Path, tmp_path
     if task not in SMOKE_DATA:
         pytest.fail(f"task {task!r} has no smoke data builder in tests/test_smoke.py")
     data, inputs = SMOKE_DATA[task](tmp_path)
-    cfg = {"model": {"name": str(tiny_model_dir)}, "data": data, "task": {"name": task},
+    cfg = {"model": {"name": str(tiny_model_dir)}, "data": data, "task": {"name": task, **TASK_OPTIONS.get(task, {})},
            "method": {"name": method, **METHOD_OPTIONS.get(method, {})},
            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 1},
            "output": {"dir": str(tmp_path / "runs"), "name": f"{task}-{method}"}}
