@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from lmtune.config import DataConfig
 from lmtune.data import (DataError, apply_row_checks, count_overlap, read_table, require_columns, resolve_path,
-                         split_off, stratified_subset)
+                         split_off, split_off_groups, stratified_subset)
 from lmtune.registry import register_task
 
 log = logging.getLogger("lmtune")
@@ -98,6 +98,8 @@ class Classification:
             out["text"] = [self._clean(t) for t in batch[cfg.text_column]]
             if cfg.text_pair_column:
                 out["text_pair"] = [self._clean(t) for t in batch[cfg.text_pair_column]]
+            if cfg.split_by in batch:  # kept for splitting off validation/test by group
+                out.setdefault(cfg.split_by, batch[cfg.split_by])
             if require_label:
                 out["labels"] = [_label_values(v, multi, cfg.label_separator, rename)
                                  for v in batch[cfg.label_column]]
@@ -130,7 +132,9 @@ class Classification:
                 report["skipped_rows"][name] = n_skipped
                 report["skipped_examples"] += messages[:20]
             elif size:
-                train, splits[name] = split_off(train, int(size) if size >= 1 else size, seed, self._stratum(train))
+                count = int(size) if size >= 1 else size
+                train, splits[name] = (split_off_groups(train, count, seed, cfg.split_by) if cfg.split_by
+                                       else split_off(train, count, seed, self._stratum(train)))
                 report.setdefault("split_off", {})[name] = len(splits[name])
         if cfg.max_train_samples:
             train = stratified_subset(train, cfg.max_train_samples, seed, self._stratum(train))
