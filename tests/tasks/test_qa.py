@@ -378,3 +378,38 @@ def test_every_method_trains_qa(tmp_path: Path, tiny_model_dir: Path, method: st
     result = lmtune.train(cfg)
     assert result.metrics["steps"] >= 2 and "f1" in result.metrics["test"]   # max_steps is per stage
     assert lmtune.load(result.run_dir).predict([(QUESTION, "the film 2 was good")])[0]["answer"]
+
+
+# ---- the benchmark split (examples/squad.yaml) --------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_written_down_squad_split_follows_from_the_rule() -> None:
+    import datasets
+
+    from lmtune.data import group_values, split_off_groups
+
+    written = json.loads((EXAMPLES / "squad_split.json").read_text(encoding="utf-8"))
+    titles = written["train"] + written["validation"] + written["test"]
+    assert len(set(titles)) == 48 and len(written["test"]) == 10
+    cfg = load_config(EXAMPLES / "squad.yaml")
+    assert cfg.task.name == "qa" and cfg.data.split_by == "title" and cfg.train.seed == 42
+    ds = datasets.Dataset.from_dict({"title": sorted(titles, reverse=True)})
+    rest, test = split_off_groups(ds, int(cfg.data.test_size), cfg.train.seed, "title")
+    train, validation = split_off_groups(rest, int(cfg.data.validation_size), cfg.train.seed, "title")
+    assert group_values(test, "title") == written["test"]
+    assert group_values(validation, "title") == written["validation"]
+    assert group_values(train, "title") == written["train"]
+
+
+def test_squad_example_reads_the_shared_data() -> None:
+    from helpers import SHARED_DATA
+
+    if not (SHARED_DATA / "squad_v1.1" / "dev-v1.1.json.gz").is_file():
+        pytest.skip("../shared/data/squad_v1.1 is not here")
+    cfg = load_config(EXAMPLES / "squad.yaml", [f"data.train={SHARED_DATA / 'squad_v1.1' / 'dev-v1.1.json.gz'}"])
+    splits, report = TASKS["qa"](cfg.task, cfg.data).load_splits(cfg.train.seed)
+    written = json.loads((EXAMPLES / "squad_split.json").read_text(encoding="utf-8"))
+    assert report["rows"] == written["questions"] and report["skipped_rows"] == {"train": 0}
+    assert report["groups"]["test"] == written["test"] and report["overlap_with_train"] == {"test": 0, "validation": 0}
