@@ -30,10 +30,19 @@ def qa_data(tmp_path: Path) -> tuple[dict, list]:
             [{"question": "what was bad ?", "context": context}])
 
 
+def ner_data(tmp_path: Path) -> tuple[dict, list]:
+    sentence = "the O\ndoctor B-PER\npeople I-PER\nwas O\nin O\nthe O\nnight B-LOC\n\n"
+    train = tmp_path / "train.conll"
+    train.write_text("-DOCSTART- O\n\n" + sentence * 24, encoding="utf-8")
+    return ({"train": str(train), "validation_size": 0.25, "test_size": 0.25},
+            ["the doctor was here.", {"tokens": ["a", "night"]}])
+
+
 # task name -> builder of (data section, inputs for predict); a new task adds its builder here.
 SMOKE_DATA: dict[str, Callable[[Path], tuple[dict, list]]] = {
     "classification": classification_data,
     "qa": qa_data,
+    "ner": ner_data,
 }
 TASK_OPTIONS = {"qa": {"doc_stride": 8, "max_question_length": 8}}  # windows fit the tiny model's 64 tokens
 METHOD_OPTIONS = {"lora": {"r": 2}, "partial": {"layers": 1}, "lp_ft": {"probe_epochs": 1, "epochs": 1}}

@@ -24,6 +24,7 @@ loading a finished run). It provides, duck-typed (no base class):
 
 from lmtune.registry import TASKS, register_task
 from lmtune.tasks import classification  # noqa: F401  (registers the built-in task)
+from lmtune.tasks import ner  # noqa: F401
 from lmtune.tasks import qa  # noqa: F401
 
 __all__ = ["TASKS", "register_task"]

@@ -1,0 +1,402 @@
+"""Named entity recognition: word tags aligned to sub-tokens, long sentences in windows, seqeval scores, spans."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from lmtune.config import DataConfig
+from lmtune.data import DataError, count_overlap, split_off, split_off_groups, stratified_subset
+from lmtune.data.conll import NerReadOptions, read_ner, tag_types
+from lmtune.registry import register_task
+
+log = logging.getLogger("lmtune")
+
+# Raw text -> words, cut the way CoNLL-style corpora are: abbreviations (U.S.) and inner - . / & @ (1996-08-22,
+# 3.5) stay in the word, clitics ('s, 're) split off, any other punctuation mark is a word of its own.
+WORD = re.compile(r"(?:[^\W\d_]\.){2,}|['’](?:s|re|ve|ll|d|m|t)\b|\w+(?:[-.&/@]\w+)*|[^\w\s]", re.IGNORECASE)
+_TAG_NAME = re.compile(r"^(?:O|[BI]-.+)$")
+
+
+class NerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: Literal["ner"] = "ner"
+    """Tag every word of a sentence with its entity type (named entity recognition, token classification)."""
+    tag_scheme: Literal["bio", "iob1", "bioes"] = "bio"
+    """Tags in the files: bio (IOB2: B- starts every entity), iob1 (the original CoNLL-2003) or bioes."""
+    token_column: int = 0
+    """CoNLL column files: index of the column holding the token (0 = first; negative counts from the end)."""
+    tag_column: int = -1
+    """CoNLL column files: index of the column holding the entity tag (-1 = last)."""
+    tokens_field: str = "tokens"
+    """JSONL/JSON/Parquet records: the field holding the list of tokens."""
+    tags_field: str = "tags"
+    """JSONL/JSON/Parquet records: the field holding the list of tags."""
+    label_all_subtokens: bool = False
+    """Train on every sub-token of a word (B- turns I- after the first), not the first only; scoring stays per word."""
+    stride: int | None = None
+    """Sentences longer than model.max_length are cut into windows sharing up to this many sub-tokens of context;
+    default: a quarter of a window."""
+    strict: bool = False
+    """Score and read entities in seqeval's strict mode (IOB2): an entity must start with B- to count."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "NerOptions":
+        if self.stride is not None and self.stride < 0:
+            raise ValueError(f"task.stride={self.stride}: must be 0 or more")
+        return self
+
+
+def tag_names(types: Iterable[str]) -> list[str]:
+    """The model's labels: O, then B- and I- of every entity type."""
+    return ["O"] + [f"{prefix}-{kind}" for kind in types for prefix in "BI"]
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Words of raw text and their character spans (start, end) in it."""
+    matches = list(WORD.finditer(text))
+    return [m.group() for m in matches], [m.span() for m in matches]
+
+
+def plan_windows(sizes: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
+    """Word ranges [start, end) covering every word, each within `budget` sub-tokens (a lone longer word is
+    cut by the tokenizer), consecutive ranges sharing whole words worth at most `stride` sub-tokens."""
+    windows, start = [], 0
+    while True:
+        end, used = start, 0
+        while end < len(sizes) and (end == start or used + sizes[end] <= budget):
+            used += sizes[end]
+            end += 1
+        windows.append((start, end))
+        if end >= len(sizes):
+            return windows
+        # Step back over whole words for shared context, leaving room for the next new word.
+        nxt, shared, room = end, 0, min(stride, budget - sizes[end])
+        while nxt - 1 > start and shared + sizes[nxt - 1] <= room:
+            nxt -= 1
+            shared += sizes[nxt]
+        start = nxt
+
+
+def owned_ranges(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Which words each window answers for: a word in an overlap goes to the window where it is further from
+    the edge (more context), so every word is predicted exactly once."""
+    cuts = [(b[0] + a[1] + 1) // 2 for a, b in zip(windows, windows[1:])]
+    bounds = [windows[0][0]] + cuts + [windows[-1][1]]
+    return list(zip(bounds, bounds[1:]))
+
+
+def split_long(words: list[str], word_ids: list[int | None], tokenizer: Any, max_length: int, budget: int,
+               stride: int) -> list[tuple[tuple[int, int], dict, list[int | None]]]:
+    """Windows of whole words for a sentence longer than max_length, each tokenized on its own."""
+    sizes = np.bincount([w for w in word_ids if w is not None], minlength=len(words)).tolist()
+    ranges = plan_windows(sizes, budget, stride)
+    enc = tokenizer([words[a:b] for a, b in ranges], is_split_into_words=True, truncation=True,
+                    max_length=max_length)
+    return [((a, b), {k: enc[k][i] for k in enc.keys()},
+             [None if w is None else w + a for w in enc.word_ids(i)]) for i, (a, b) in enumerate(ranges)]
+
+
+def align_labels(word_ids: list[int | None], tag_ids: list[int], inside: list[int], all_subtokens: bool) -> list[int]:
+    """Token labels: the word's tag on its first sub-token, -100 (ignored by the loss) on the others, or the
+    inside tag there with all_subtokens."""
+    labels, previous = [], None
+    for w in word_ids:
+        if w is None:
+            labels.append(-100)
+        elif w != previous:
+            labels.append(tag_ids[w])
+        else:
+            labels.append(inside[tag_ids[w]] if all_subtokens else -100)
+        previous = w
+    return labels
+
+
+def _predict_input(record: Any, row: int) -> dict[str, Any]:
+    """A predict input (raw text, or {"tokens": [...]} with an optional "text") as words with char spans."""
+    if isinstance(record, dict) and "tokens" in record:
+        tokens = record["tokens"]
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
+            raise DataError("input", "tokens must be a non-empty list of non-empty strings", row=row, field="tokens")
+        text = record.get("text") if isinstance(record.get("text"), str) else " ".join(tokens)
+        spans, at = [], 0
+        for i, token in enumerate(tokens):
+            start = text.find(token, at)
+            if start < 0:
+                raise DataError("input", f"token {i} {token!r} is not in the text after character {at}", row=row,
+                                field="tokens")
+            spans.append((start, start + len(token)))
+            at = start + len(token)
+        return {"text": text, "tokens": tokens, "spans": spans}
+    text = record.get("text") if isinstance(record, dict) else record
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("input", "empty or missing text", row=row, field="text")
+    tokens, spans = split_words(text)
+    return {"text": text, "tokens": tokens, "spans": spans}
+
+
+@register_task("ner")
+class Ner:
+    Options = NerOptions
+    default_metric = "f1"
+
+    def __init__(self, options: NerOptions, data: DataConfig, labels: list[str] | None = None):
+        self.options = options
+        self.data = data
+        given = data.labels
+        if not labels and given:  # data.labels: the tags in index order, or just the entity types
+            labels = list(given) if "O" in given and all(_TAG_NAME.match(g) for g in given) else tag_names(given)
+        self.labels = labels
+        # postprocess sees only model outputs: the words and windows of the current predict call are kept here
+        self._predict: tuple[Any, list[dict]] | None = None
+        self._encoded: tuple[Any, Any] | None = None
+        self._pad_left = False
+
+    @property
+    def types(self) -> list[str]:
+        return [name[2:] for name in self.labels or [] if name.startswith("B-")]
+
+    @staticmethod
+    def greater_is_better(metric: str) -> bool:
+        return "loss" not in metric
+
+    # ---- data ------------------------------------------------------------------------------------
+    def _read(self, path: str, report: dict[str, Any] | None = None, split: str = "") -> Any:
+        o = self.options
+        opts = NerReadOptions(scheme=o.tag_scheme, token_column=o.token_column, tag_column=o.tag_column,
+                              tokens_field=o.tokens_field, tags_field=o.tags_field, format=self.data.format,
+                              on_bad_rows=self.data.on_bad_rows, types=set(self.types) if self.labels else None,
+                              group_field=self.data.split_by if split == "train" else None)
+        ds, skipped, messages = read_ner(path, opts)
+        if report is not None:
+            report["skipped_rows"][split] = skipped
+            report["skipped_examples"] += messages[:20]
+        return ds
+
+    def load_splits(self, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Read, check and split the configured files; returns the splits and a report for metrics.json."""
+        cfg = self.data
+        if not cfg.train:
+            raise DataError("data.train", "no training file given (set data.train)")
+        report: dict[str, Any] = {"skipped_rows": {}, "skipped_examples": [], "tag_scheme": self.options.tag_scheme}
+        train = self._read(cfg.train, report, "train")
+        if not self.labels:
+            types = sorted(set().union(*map(tag_types, train["tags"][:])))
+            if not types:
+                raise DataError(cfg.train, "no entity tags: every tag is O (is task.tag_column the tag column?)")
+            self.labels = tag_names(types)
+        splits: dict[str, Any] = {}
+        for name, path, size in (("test", cfg.test, cfg.test_size),
+                                 ("validation", cfg.validation, cfg.validation_size)):
+            if path:
+                splits[name] = self._read(path, report, name)
+            elif size:  # by whole groups with data.split_by (CoNLL: "document"), else by sentence
+                count = int(size) if size >= 1 else size
+                train, splits[name] = (split_off_groups(train, count, seed, cfg.split_by) if cfg.split_by
+                                       else split_off(train, count, seed))
+                report.setdefault("split_off", {})[name] = len(splits[name])
+        # A sentence has no single label to stratify on: subsets are seeded random samples.
+        if cfg.max_train_samples:
+            train = stratified_subset(train, cfg.max_train_samples, seed)
+        texts = [" ".join(tokens) for tokens in train["tokens"][:]]
+        for name in list(splits):
+            if cfg.max_eval_samples:
+                splits[name] = stratified_subset(splits[name], cfg.max_eval_samples, seed)
+            overlap = count_overlap(texts, [" ".join(t) for t in splits[name]["tokens"][:]])
+            report.setdefault("overlap_with_train", {})[name] = overlap
+            if overlap:
+                log.warning("%d of %d %s sentences also occur in the training data: %s scores may be optimistic",
+                            overlap, len(splits[name]), name, name)
+        splits["train"] = train
+        report["rows"] = {k: len(v) for k, v in splits.items()}
+        report["tokens"] = {k: sum(map(len, v["tokens"][:])) for k, v in splits.items()}
+        report["labels"] = self.labels
+        report["entities"] = {k: self._count(v) for k, v in splits.items()}
+        return splits, report
+
+    def _count(self, ds: Any) -> dict[str, int]:
+        counts = {kind: 0 for kind in self.types}
+        for tags in ds["tags"][:]:
+            for tag in tags:
+                if tag.startswith("B-"):
+                    counts[tag[2:]] = counts.get(tag[2:], 0) + 1
+        return counts
+
+    def load_eval_file(self, path: str) -> Any:
+        return self._read(path)
+
+    def from_texts(self, records: list[Any]) -> Any:
+        """Inputs for prediction: raw texts (split into words here) or dicts with `tokens` (and `text`)."""
+        import datasets
+
+        inputs = [_predict_input(record, i) for i, record in enumerate(records, 1)]
+        strings = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string"))})  # typed even when empty
+        ds = datasets.Dataset.from_dict({"tokens": [x["tokens"] for x in inputs]}, features=strings)
+        self._predict = (ds, inputs)
+        return ds
+
+    # ---- model -----------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                "label2id": {name: i for i, name in enumerate(self.labels)}}
+
+    @property
+    def auto_class(self) -> Any:
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification
+
+    # ---- features --------------------------------------------------------------------------------
+    def encode(self, ds: Any, tokenizer: Any, max_length: int) -> Any:
+        """One feature row per window (one window unless a sentence is longer than max_length)."""
+        budget = max_length - tokenizer.num_special_tokens_to_add()
+        stride = budget // 4 if self.options.stride is None else self.options.stride
+        if 2 * stride >= budget:
+            raise ValueError(f"task.stride={stride} must be under half of a window: {budget} sub-tokens "
+                             f"(model.max_length={max_length} less special tokens)")
+        index = {name: i for i, name in enumerate(self.labels)}
+        # B-X on a word's later sub-tokens would claim a second entity: they learn I-X (as run_ner.py does).
+        inside = [index.get("I-" + name[2:], i) if name.startswith("B-") else i for name, i in index.items()]
+        labelled = "tags" in ds.column_names
+        all_subtokens = self.options.label_all_subtokens
+
+        def tokenize(batch: dict, indices: list[int]) -> dict:
+            full = tokenizer(batch["tokens"], is_split_into_words=True, truncation=False)
+            out: dict[str, list] = {}
+            for j, (words, sentence) in enumerate(zip(batch["tokens"], indices)):
+                word_ids = full.word_ids(j)
+                if len(word_ids) <= max_length:
+                    windows = [((0, len(words)), {k: full[k][j] for k in full.keys()}, word_ids)]
+                else:
+                    windows = split_long(words, word_ids, tokenizer, max_length, budget, stride)
+                tag_ids = [index[t] for t in batch["tags"][j]] if labelled else None
+                owned = owned_ranges([w for w, _, _ in windows])
+                for (_, enc, ids), (lo, hi) in zip(windows, owned):
+                    row = {**enc, "length": len(ids), "sentence": sentence, "own_start": lo, "own_end": hi,
+                           "word_ids": [-1 if w is None else w for w in ids]}
+                    if labelled:
+                        row["labels"] = align_labels(ids, tag_ids, inside, all_subtokens)
+                        row["word_tags"] = tag_ids[lo:hi]
+                    for key, value in row.items():
+                        out.setdefault(key, []).append(value)
+            return out
+
+        features = ds.map(tokenize, batched=True, with_indices=True, remove_columns=ds.column_names)
+        if len(features) > len(ds):
+            long = int((np.bincount(features["sentence"][:]) > 1).sum())
+            log.info("%d sentences are longer than %d sub-tokens: cut into overlapping windows (%d rows for %d "
+                     "sentences)", long, max_length, len(features), len(ds))
+        if self._predict is not None and ds is self._predict[0]:
+            self._encoded = (ds, features)
+        return features
+
+    def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
+        self._pad_left = tokenizer.padding_side == "left"
+        inputs = ("input_ids", "attention_mask", "token_type_ids")
+
+        def collate(rows: list[dict]) -> dict:
+            batch = tokenizer.pad([{k: r[k] for k in inputs if k in r} for r in rows], padding=True,
+                                  pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+            if "labels" in rows[0]:
+                width = batch["input_ids"].shape[1]
+                labels = torch.full((len(rows), width), -100, dtype=torch.long)
+                for i, r in enumerate(rows):
+                    at = width - len(r["labels"]) if self._pad_left else 0
+                    labels[i, at:at + len(r["labels"])] = torch.tensor(r["labels"])
+                batch["labels"] = labels
+            return dict(batch)
+
+        return collate
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    def _word_predictions(self, outputs: Iterable, features: Any) -> tuple[list, list, float | None]:
+        """Per sentence: the predicted tag id and its probability for every word (from the first sub-token,
+        in the window that owns the word), and the mean loss when the model returned one."""
+        meta = features.select_columns(["sentence", "own_start", "own_end", "word_ids"]).to_dict()
+        n_words = np.zeros(max(meta["sentence"], default=-1) + 1, dtype=np.int64)
+        np.maximum.at(n_words, meta["sentence"], meta["own_end"])
+        # Words without sub-tokens (characters the tokenizer drops) keep O: they are still scored.
+        pred = [np.full(n, self.labels.index("O"), dtype=np.int64) for n in n_words]
+        score = [np.ones(n, dtype=np.float32) for n in n_words]
+        loss_sum, count = 0.0, 0
+        for indices, out, _ in outputs:
+            best, arg = torch.softmax(out.logits.float(), dim=-1).max(dim=-1)
+            best, arg = best.cpu().numpy(), arg.cpu().numpy()
+            for b, r in enumerate(indices):
+                wid = np.asarray(meta["word_ids"][r])
+                at = arg.shape[1] - len(wid) if self._pad_left else 0
+                first = wid != np.concatenate(([-2], wid[:-1]))
+                keep = first & (wid >= meta["own_start"][r]) & (wid < meta["own_end"][r])
+                positions = np.flatnonzero(keep) + at
+                sentence = meta["sentence"][r]
+                pred[sentence][wid[keep]] = arg[b, positions]
+                score[sentence][wid[keep]] = best[b, positions]
+            if getattr(out, "loss", None) is not None:
+                loss_sum += float(out.loss) * len(indices)
+                count += len(indices)
+        return pred, score, (loss_sum / count if count else None)
+
+    def _gold(self, features: Any, n: int) -> list[list[int]]:
+        meta = features.select_columns(["sentence", "own_start", "own_end", "word_tags"]).to_dict()
+        gold: list[list[int]] = [[] for _ in range(n)]
+        for sentence, tags in zip(meta["sentence"], meta["word_tags"]):
+            gold[sentence].extend(tags)  # a sentence's windows are consecutive rows, in word order
+        return gold
+
+    def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        """Entity-level micro precision/recall/F1 (seqeval) and token accuracy, all per word; per-type table."""
+        from seqeval.metrics import accuracy_score, classification_report
+        from seqeval.scheme import IOB2
+
+        pred, _, loss = self._word_predictions(outputs, features)
+        gold = self._gold(features, len(pred))
+        y_true = [[self.labels[i] for i in g] for g in gold]
+        y_pred = [[self.labels[i] for i in p] for p in pred]
+        mode = {"mode": "strict", "scheme": IOB2} if self.options.strict else {}
+        # One pass: the report's micro average is seqeval's precision_score/recall_score/f1_score.
+        table = classification_report(y_true, y_pred, output_dict=True, zero_division=0, **mode)
+        micro = table["micro avg"]
+        scalars = {"f1": micro["f1-score"], "precision": micro["precision"], "recall": micro["recall"],
+                   "token_accuracy": accuracy_score(y_true, y_pred)}
+        empty = {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0}
+        per_type = {kind: {"precision": float(row["precision"]), "recall": float(row["recall"]),
+                           "f1": float(row["f1-score"]), "support": int(row["support"])}
+                    for kind, row in ((k, table.get(k, empty)) for k in self.types)}
+        if loss is not None:
+            scalars["loss"] = loss
+        details = {"per_type": per_type, "labels": self.labels, "mode": "strict" if self.options.strict else "default",
+                   "sentences": len(gold), "words": int(sum(map(len, gold)))}
+        return {k: float(v) for k, v in scalars.items()}, details
+
+    def _entities(self, tags: list[str]) -> list[tuple[str, int, int]]:
+        """(type, first word, end word exclusive) of each entity, read as the metrics read them."""
+        if self.options.strict:
+            from seqeval.scheme import IOB2, Entities
+
+            return [(e.tag, e.start, e.end) for e in Entities([tags], IOB2).entities[0]]
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        return [(kind, start, end + 1) for kind, start, end in get_entities(tags)]
+
+    def postprocess(self, outputs: Iterable, n: int) -> list[dict[str, Any]]:
+        """Entity spans per input: type, character offsets into its text, text and mean word probability."""
+        if self._predict is None or self._encoded is None or self._encoded[0] is not self._predict[0]:
+            raise RuntimeError("NER postprocess needs the features of encode(from_texts(...)) of the same call")
+        inputs, features = self._predict[1], self._encoded[1]
+        pred, score, _ = self._word_predictions(outputs, features)
+        results = []
+        for x, ids, probs in zip(inputs, pred, score):
+            tags = [self.labels[i] for i in ids]
+            entities = []
+            for kind, first, end in self._entities(tags):
+                start, stop = x["spans"][first][0], x["spans"][end - 1][1]
+                entities.append({"type": kind, "start": start, "end": stop, "text": x["text"][start:stop],
+                                 "score": round(float(probs[first:end].mean()), 6),
+                                 "token_start": first, "token_end": end})
+            results.append({"entities": entities, "tokens": x["tokens"], "tags": tags})
+        return results
