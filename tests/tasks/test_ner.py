@@ -375,3 +375,17 @@ def test_reads_conll2003_with_published_counts() -> None:
     assert skipped == 0 and len(ds) == 14041 and len(tags) == 203621
     counts = {kind: tags.count(f"B-{kind}") for kind in ("PER", "LOC", "ORG", "MISC")}
     assert counts == {"PER": 6600, "LOC": 7140, "ORG": 6321, "MISC": 3438}
+
+
+def test_cli_predict_mixes_raw_and_pretokenized_rows(trained, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    inputs = write(tmp_path / "in.jsonl", '{"id": 1, "tokens": ["the", "doctor", "people"]}\n'
+                                          '{"id": 2, "text": "In the  night, week!"}\n')
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(inputs), "-o", "-"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(e["type"], e["text"]) for e in rows[0]["entities"]] == [("PER", "doctor people")]
+    assert [(e["type"], e["start"], e["end"]) for e in rows[1]["entities"]] == [("LOC", 8, 13), ("LOC", 15, 19)]
