@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -79,6 +80,9 @@ def test_conll_reader_docstart_blank_lines_any_whitespace(tmp_path: Path) -> Non
                                                    ["BRUSSELS", "German"]]
     assert ds["tags"][:] == [["B-ORG", "O", "B-MISC"], ["B-PER", "I-PER"], ["B-LOC", "B-LOC"]]
     assert ds["_row"][:] == [3, 8, 12]  # the line that starts each sentence
+    packed = tmp_path / "eng.train.gz"
+    packed.write_bytes(gzip.compress(text.encode()))
+    assert read(packed, scheme="iob1")[0]["tags"][:] == ds["tags"][:]
 
 
 def test_configurable_columns(tmp_path: Path) -> None:
@@ -234,8 +238,9 @@ def test_plan_windows_cover_every_word_once() -> None:
     assert all(a <= lo < hi <= b for (a, b), (lo, hi) in zip(windows, owned))
 
 
-def fake_outputs(features, tags_per_sentence, labels, batch_size: int = 3):
-    """Model outputs whose first-sub-token logits spell the given word tags (in the windows' own order)."""
+def fake_outputs(features, tags_per_sentence, labels, batch_size: int = 3, wrong_outside: bool = False):
+    """Model outputs whose logits spell the given word tags; with wrong_outside, a window says O for the words
+    it does not own (so only the owners' answers can score)."""
     rows = list(range(len(features)))
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -243,9 +248,11 @@ def fake_outputs(features, tags_per_sentence, labels, batch_size: int = 3):
         logits = torch.zeros(len(batch), width, len(labels))
         for b, r in enumerate(batch):
             tags = tags_per_sentence[features[r]["sentence"]]
-            for pos, w in enumerate(features[r]["word_ids"]):
+            row = features[r]
+            for pos, w in enumerate(row["word_ids"]):
                 if w >= 0:
-                    logits[b, pos, labels.index(tags[w])] = 5.0  # any window may say it: owners must decide
+                    owned = row["own_start"] <= w < row["own_end"]
+                    logits[b, pos, labels.index(tags[w] if owned or not wrong_outside else "O")] = 5.0
         yield batch, SimpleNamespace(logits=logits, loss=None), {}
 
 
@@ -256,7 +263,8 @@ def test_long_sentence_windows_merge_back_without_dropping_words(tokenizer) -> N
     ner, features = encode(tokenizer, [short, (words, tags), short], max_length=16, stride=4)
     assert len(features) > 20 and max(features["length"][:]) <= 16
     assert features["sentence"][:].count(1) == len(features) - 2
-    scalars, details = ner.evaluate(fake_outputs(features, [short[1], tags, short[1]], ner.labels), features)
+    outputs = fake_outputs(features, [short[1], tags, short[1]], ner.labels, wrong_outside=True)
+    scalars, details = ner.evaluate(outputs, features)
     assert details["words"] == 154 and details["sentences"] == 3
     assert scalars["f1"] == 1.0 and scalars["token_accuracy"] == 1.0
     shifted = tags[1:] + ["O"]  # a prediction one word off is caught at word level

@@ -143,7 +143,7 @@ def _table_kind(real: Path, fmt: str | None) -> str | None:
     if fmt is not None:
         if fmt in TABLE_FORMATS:
             return fmt
-        if fmt in ("csv", "tsv"):
+        if fmt == "tsv":
             return None  # one token per line: the CoNLL column reader takes any whitespace
         raise DataError(str(real), f"NER cannot read format {fmt!r}: give CoNLL column files or "
                                    f"{', '.join(TABLE_FORMATS)} records with token and tag lists")

@@ -342,7 +342,7 @@ class Ner:
         return pred, score, (loss_sum / count if count else None)
 
     def _gold(self, features: Any, n: int) -> list[list[int]]:
-        meta = features.select_columns(["sentence", "own_start", "own_end", "word_tags"]).to_dict()
+        meta = features.select_columns(["sentence", "word_tags"]).to_dict()
         gold: list[list[int]] = [[] for _ in range(n)]
         for sentence, tags in zip(meta["sentence"], meta["word_tags"]):
             gold[sentence].extend(tags)  # a sentence's windows are consecutive rows, in word order
