@@ -143,7 +143,7 @@ def postprocess_qa_predictions(examples, features, start_logits_all, end_logits_
     return predictions
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local model folder")
     parser.add_argument("--data", required=True, help="SQuAD v1.1 JSON (optionally .gz)")
@@ -161,8 +161,11 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1, help="smoke tests only")
     parser.add_argument("--max-train-samples", type=int, default=None, help="smoke tests only")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="smoke tests only")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     import datasets
     from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments,
                               default_data_collator, set_seed)

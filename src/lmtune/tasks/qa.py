@@ -263,6 +263,7 @@ class QuestionAnswering:
         return answers, (loss_sum / count if count else None)
 
     def _choose(self, spans: dict[tuple[int, int], float], null: float, context: str, first_window: int) -> dict:
+        """The answer from the ranked spans: text, character span, probability among the candidates."""
         opts = self.options
         ranked = sorted(spans.items(), key=lambda kv: -kv[1])[:opts.n_best]
         scores = np.array([s for _, s in ranked] + ([null] if opts.version_2 else []), dtype=np.float64)
@@ -272,7 +273,7 @@ class QuestionAnswering:
             (start, end), score = ranked[0]
             best.update(answer=context[start:end], start=start, end=end, score=float(probs[0]), no_answer=False)
         # null minus best span: above the threshold means "no answer" (the official SQuAD v2 recipe).
-        best["score_diff"] = null - ranked[0][1] if ranked else float("inf")
+        best["score_diff"] = null - ranked[0][1] if ranked else 0.0  # no span at all: nothing to decide
         best["span"] = best["answer"]
         if opts.version_2 and best["score_diff"] > opts.no_answer_threshold:
             best.update(answer="", start=None, end=None, score=float(probs[-1]), no_answer=True)
