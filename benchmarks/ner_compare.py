@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="smoke tests only")
     parser.add_argument("--max-train-samples", type=int, default=None, help="smoke tests only")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="smoke tests only")
+    parser.add_argument("--seed", type=int, default=42, help="train.seed of lmtune and --seed of the Trainer script")
     parser.add_argument("--work-dir", default="runs/ner-compare", help="run directory and Trainer outputs")
     parser.add_argument("--out", default=None, help="write both results as JSON here")
     args = parser.parse_args()
@@ -47,9 +48,10 @@ def main() -> None:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
 
     overrides = [f"model.name={model}", f"data.train={data / 'eng.train'}", f"data.validation={data / 'eng.testa'}",
-                 f"data.test={data / 'eng.testb'}", f"output.dir={work}", "output.name=lmtune", "output.overwrite=true"]
+                 f"data.test={data / 'eng.testb'}", f"output.dir={work}", "output.name=lmtune", "output.overwrite=true",
+                 f"train.seed={args.seed}"]
     baseline = ["--model", model, "--data-dir", str(data), "--output-dir", str(work / "trainer"),
-                "--out", str(work / "trainer.json")]
+                "--out", str(work / "trainer.json"), "--seed", str(args.seed)]
     for key, lmtune_key, flag in (("max_steps", "train.max_steps", "--max-steps"),
                                   ("max_train_samples", "data.max_train_samples", "--max-train-samples"),
                                   ("max_eval_samples", "data.max_eval_samples", "--max-eval-samples")):
@@ -71,7 +73,7 @@ def main() -> None:
                        "train_seconds": theirs["train_seconds"], "wall_seconds": trainer_wall, "steps": theirs["steps"],
                        "test_words_not_scored": theirs["words_not_scored_after_truncation"]["testb"]},
     }
-    result = {"date": time.strftime("%Y-%m-%d"), "device": _device(), "model": model, "rows": rows,
+    result = {"date": time.strftime("%Y-%m-%d"), "device": _device(), "model": model, "seed": args.seed, "rows": rows,
               "f1_difference": round(rows["lmtune"]["test_f1"] - rows["hf_trainer"]["test_f1"], 4),
               "train_time_ratio": round(rows["lmtune"]["train_seconds"] / rows["hf_trainer"]["train_seconds"], 3)}
     print("\n| system | test F1 | test P | test R | validation F1 | train s | wall s | steps |")

@@ -77,3 +77,10 @@ def test_missing_config_file_and_bad_yaml(tmp_path) -> None:
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_switching_method_by_override_drops_the_other_methods_options() -> None:
+    raw = {**BASE, "method": {"name": "full", "head_lr": 1e-3}}
+    cfg = load_config(raw, ["method.name=head", "method.lr=0.01"])
+    assert cfg.method.name == "head" and cfg.method.lr == 0.01
+    assert load_config(raw, ["method.name=full"]).method.head_lr == 1e-3  # same method: options kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -297,5 +298,20 @@ def load_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(_switch_sections(raw, overrides or []), overrides or [])
     return build_config(raw)
+
+
+def _switch_sections(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """An override naming another method (or task) starts that section afresh: the file's options were
+    written for the method it named and mostly do not exist on another one."""
+    for section in ("method", "task"):
+        for item in overrides:
+            key, _, value = item.partition("=")
+            current = raw.get(section)
+            name = current.get("name") if isinstance(current, dict) else current
+            if key.strip() == f"{section}.name" and name is not None and str(parse_value(value)) != str(name):
+                logging.getLogger("lmtune").info("%s.name=%s replaces the config's %s section (%s)", section,
+                                                 value, section, name)
+                raw[section] = {}
+    return raw
