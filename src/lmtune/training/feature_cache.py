@@ -1,49 +1,86 @@
-"""Frozen-trunk feature cache: run the frozen transformer stack once, then serve its outputs from memory."""
+"""Frozen-trunk feature cache: run the frozen part of the network once, then serve its outputs from memory."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 log = logging.getLogger("lmtune")
 
+# Share of the GPU's free memory a table may take; larger tables stay in (pinned) host memory.
+GPU_SHARE = 0.5
+
+
+@dataclass
+class _Table:
+    """One dataset's stored outputs, rows in the order they were computed (not dataset order)."""
+
+    tokens: dict[str, torch.Tensor]  # field -> [real tokens of all rows, ...]
+    rows: dict[str, torch.Tensor]    # field -> [rows, ...]
+    starts: np.ndarray               # row r's tokens are tokens[starts[r]:starts[r] + counts[r]]
+    counts: np.ndarray
+    position: np.ndarray             # row r's per-row fields are rows[position[r]]
+
 
 class FeatureCache:
-    """Serves a frozen module's outputs (the block stack and its container) from memory.
+    """Serves a frozen module's outputs (the block stack and whatever frozen modules hold it) from memory.
 
-    Outputs are stored per dataset row as the hidden states of the real (attention-mask) tokens only,
-    flattened into one tensor, and scattered back into the current batch's padded shape, so any
-    padding side and any batch composition is served exactly. The module's `forward` is replaced on
-    the instance (parameter names, state dicts and hooks stay as they are) and restored by `remove`.
+    Per-token outputs (e.g. `last_hidden_state`) are stored for the real (attention-mask) tokens only and
+    scattered back into the current batch's padded shape, so any padding side and any batch composition is
+    served exactly; per-row outputs (e.g. BERT's `pooler_output`) are stored per row. The module's `forward`
+    is replaced on the instance (parameter names, state dicts and hooks stay as they are) and restored by
+    `remove`. Serving a batch is a few indexing kernels and no Python loop over rows: a head trained on
+    the cache costs little more than the head itself.
     """
 
-    def __init__(self, trunk: torch.nn.Module) -> None:
-        self.trunk = trunk
-        self.tables: dict[str, tuple[torch.Tensor, list[int]]] = {}
+    def __init__(self, trunk: torch.nn.Module, name: str) -> None:
+        self.trunk, self.name = trunk, name
+        self.tables: dict[str, _Table] = {}
         self.output_type: Any = None
         self.current: tuple[str, list[int], torch.Tensor] | None = None  # (table, rows, attention mask)
         trunk.forward = self._forward  # type: ignore[method-assign]
 
     def remove(self) -> None:
         del self.trunk.forward  # back to the class's forward
+        self.tables.clear()
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.current is None:
             return type(self.trunk).forward(self.trunk, *args, **kwargs)
         key, rows, mask = self.current
-        flat, offsets = self.tables[key]
-        pieces = torch.cat([flat[offsets[r]:offsets[r + 1]] for r in rows]).to(mask.device, non_blocking=True)
-        hidden = pieces.new_zeros((*mask.shape, flat.shape[-1]))
-        hidden[mask.bool()] = pieces
-        return self.output_type(last_hidden_state=hidden)
+        table = self.tables[key]
+        real = mask.bool()
+        starts, counts = table.starts[rows], table.counts[rows]
+        # Indices of the rows' tokens in the flat table, row after row (the order of hidden[real] below).
+        index = torch.from_numpy(np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()))
+        fields: dict[str, Any] = {}
+        for field, flat in table.tokens.items():
+            pieces = flat[index.to(flat.device)].to(mask.device, non_blocking=True)
+            fields[field] = pieces.new_zeros((*mask.shape, *flat.shape[1:]))
+            fields[field][real] = pieces
+        positions = torch.from_numpy(table.position[rows])
+        for field, stacked in table.rows.items():
+            fields[field] = stacked[positions.to(stacked.device)].to(mask.device, non_blocking=True)
+        return self.output_type(**fields)
 
-    def build(self, key: str, batches: Any, run: Callable[[dict], Any], n_rows: int) -> None:
-        """Store the trunk's output for every row; `batches` yields (row indices, batch with attention_mask)."""
+    def build(self, key: str, batches: Any, run: Callable[[dict], Any], n_rows: int, n_tokens: int,
+              device: torch.device) -> None:
+        """Store the trunk's output for every row; `batches` yields (row indices, batch with attention_mask).
+
+        `n_tokens` (the real tokens of all rows) sizes the table after the first batch, to decide whether
+        it stays on the GPU or goes to host memory batch by batch.
+        """
         captured: list[Any] = []
         handle = self.trunk.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        per_row: list[Any] = [None] * n_rows
+        tokens: dict[str, list[torch.Tensor]] = {}
+        per_row: dict[str, list[torch.Tensor]] = {}
+        starts, counts, position = (np.zeros(n_rows, dtype=np.int64) for _ in range(3))
+        done_tokens = done_rows = 0
+        keep: torch.device | None = None
         try:
             with torch.inference_mode():
                 for rows, batch in batches:
@@ -51,25 +88,54 @@ class FeatureCache:
                     run(batch)
                     out = captured[-1]
                     self.output_type = type(out)
-                    mask = batch["attention_mask"].to(out.last_hidden_state.device).bool()
-                    for i, row in enumerate(rows):
-                        per_row[row] = out.last_hidden_state[i][mask[i]].to("cpu")
+                    mask = batch["attention_mask"].to(device).bool()
+                    sizes = batch["attention_mask"].sum(1).numpy()
+                    if keep is None:
+                        keep = self._where(out, mask, sizes, n_rows, n_tokens, device)
+                    for field, value in out.items():
+                        if not torch.is_tensor(value):  # e.g. a decoder's key/value cache
+                            continue
+                        if value.shape[:2] == mask.shape:
+                            tokens.setdefault(field, []).append(value[mask].to(keep))
+                        elif value.shape[0] == mask.shape[0]:
+                            per_row.setdefault(field, []).append(value.to(keep))
+                    starts[rows] = done_tokens + np.cumsum(sizes) - sizes
+                    counts[rows] = sizes
+                    position[rows] = done_rows + np.arange(len(rows))
+                    done_tokens, done_rows = done_tokens + int(sizes.sum()), done_rows + len(rows)
         finally:
             handle.remove()
-        offsets = [0]
-        for piece in per_row:
-            offsets.append(offsets[-1] + piece.shape[0])
-        flat = torch.cat(per_row)
-        if torch.cuda.is_available():
-            flat = flat.pin_memory()  # fast copies of each batch's slice to the GPU
-        self.tables[key] = (flat, offsets)
-        log.info("cached frozen features of %d rows (%d tokens, %.0f MB)", n_rows, flat.shape[0],
-                 flat.numel() * flat.element_size() / 2**20)
+        table = _Table({f: torch.cat(v) for f, v in tokens.items()}, {f: torch.cat(v) for f, v in per_row.items()},
+                       starts, counts, position)
+        if keep is not None and keep.type == "cpu" and device.type == "cuda":
+            for store in (table.tokens, table.rows):
+                for field, tensor in store.items():
+                    store[field] = tensor.pin_memory()  # fast copies of each batch's share to the GPU
+        self.tables[key] = table
+        size = sum(t.numel() * t.element_size() for t in (*table.tokens.values(), *table.rows.values()))
+        log.info("cached frozen features of %d rows (%d tokens, %.0f MB, %s) from %s", n_rows, done_tokens,
+                 size / 2**20, "on the GPU" if keep is not None and keep.type == "cuda" else "in host memory",
+                 self.name)
+
+    @staticmethod
+    def _where(out: Any, mask: torch.Tensor, sizes: np.ndarray, n_rows: int, n_tokens: int,
+               device: torch.device) -> torch.device:
+        """The GPU when the whole table (estimated from the first batch) fits comfortably, else the host."""
+        if device.type != "cuda":
+            return torch.device("cpu")
+        per_token = sum(v[0, 0].numel() * v.element_size() for v in out.values()
+                        if torch.is_tensor(v) and v.shape[:2] == mask.shape)
+        per_row = sum(v[0].numel() * v.element_size() for v in out.values()
+                      if torch.is_tensor(v) and v.shape[:2] != mask.shape and v.shape[0] == mask.shape[0])
+        size = per_token * n_tokens + per_row * n_rows
+        return device if size < GPU_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
 
 
 def install(model: Any, layers_name: str, trainable: set[str]) -> FeatureCache | str:
-    """Cache the module that holds the block stack (e.g. bert.encoder, model.model) if all of it is frozen.
+    """Cache the outermost frozen module around the block stack (e.g. `bert`, `model`) if the stack is frozen.
 
+    The stack's own container (e.g. `bert.encoder`) must be frozen; going further out (embeddings, pooler,
+    final norm) saves their work too, as long as nothing inside trains. The model itself is never cached.
     Returns the cache, or the reason caching cannot apply.
     """
     container = layers_name.rpartition(".")[0]
@@ -78,7 +144,12 @@ def install(model: Any, layers_name: str, trainable: set[str]) -> FeatureCache |
     training = [n for n in trainable if n.startswith(container + ".")]
     if training:
         return f"{len(training)} parameters inside {container} train (e.g. {training[0]})"
-    return FeatureCache(model.get_submodule(container))
+    parts = container.split(".")
+    for depth in range(1, len(parts) + 1):  # outermost first
+        name = ".".join(parts[:depth])
+        if not any(n.startswith(name + ".") for n in trainable):
+            return FeatureCache(model.get_submodule(name), name)
+    raise AssertionError("unreachable: the container itself is frozen")
 
 
 def find(model: Any) -> FeatureCache | None:

@@ -313,13 +313,15 @@ def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch
     key = dataset._fingerprint
     if key in cache.tables:
         return
-    batches = eval_batches(dataset["length"][:], batch_size)
+    lengths = dataset["length"][:]
+    batches = eval_batches(lengths, batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     was_training = model.training
     model.eval()
     cache.current = None
     with accelerator.autocast():
-        cache.build(key, zip(batches, loader), lambda b: model(**to_device(b, accelerator.device)), len(dataset))
+        cache.build(key, zip(batches, loader), lambda b: model(**to_device(b, accelerator.device)), len(dataset),
+                    sum(lengths), accelerator.device)
     model.train(was_training)
 
 
