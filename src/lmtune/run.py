@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from lmtune.config import RunConfig, load_config
+from lmtune.config import ConfigError, RunConfig, load_config
 from lmtune.registry import METHODS, TASKS
 
 log = logging.getLogger("lmtune")
@@ -142,7 +142,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     job = Job(model=model, stages=stages, train_set=features["train"], collate=session.collate,
               evaluate=(lambda m: session.evaluate(features["validation"], m)[0]) if has_validation else None,
               metric=metric, greater_is_better=task.greater_is_better(metric), run_dir=run_dir,
-              callbacks=list(callbacks or []))
+              callbacks=list(callbacks or []), loss=_training_loss(cfg, task))
     started = time.perf_counter()
     state = fit(job, cfg.train, accelerator, resume=resume)
     train_seconds = sum(state.stage_seconds.values())
@@ -172,6 +172,20 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         _save_outputs(run_dir, model, tokenizer, task, metrics, metric)
     accelerator.wait_for_everyone()
     return RunResult(run_dir, metrics)
+
+
+def _training_loss(cfg: RunConfig, task: Any) -> Callable | None:
+    """The model's own loss, or label-smoothed cross-entropy over the task's targets."""
+    if not cfg.train.label_smoothing:
+        return None
+    from lmtune.training.loop import cross_entropy_loss
+
+    targets = getattr(task, "cross_entropy_targets", [])
+    if not targets:
+        raise ConfigError(f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
+                          f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
+                          "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
+    return cross_entropy_loss(targets, cfg.train.label_smoothing)
 
 
 def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, metric: str) -> None:
