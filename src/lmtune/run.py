@@ -148,6 +148,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     train_seconds = sum(state.stage_seconds.values())
     model = session.model = job.model
 
+    overfitting = _diagnose(run_dir, cfg, metric, task) if has_validation else None
     results: dict[str, Any] = {}
     for name in ("validation", "test"):
         if name in features and len(features[name]) and (name != "test" or cfg.eval.test):
@@ -167,11 +168,22 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         "train_tokens_per_second": round(state.tokens / train_seconds, 1) if train_seconds else None,
         "params": {"trainable": trainable, "total": total},
         "data": data_report,
+        **({"overfitting": overfitting} if overfitting else {}),
     }
     if accelerator.is_main_process:
         _save_outputs(run_dir, model, tokenizer, task, metrics, metric)
     accelerator.wait_for_everyone()
     return RunResult(run_dir, metrics)
+
+
+def _diagnose(run_dir: Path, cfg: RunConfig, metric: str, task: Any) -> dict[str, Any]:
+    from lmtune.evaluation.overfitting import diagnose
+    from lmtune.training.logs import read_records
+
+    diagnosis = diagnose(read_records(run_dir), metric, task.greater_is_better(metric), best_kept=cfg.train.load_best,
+                         min_delta=cfg.train.early_stopping_min_delta)
+    log.info("overfitting: %s", diagnosis["message"])
+    return diagnosis
 
 
 def _training_loss(cfg: RunConfig, task: Any) -> Callable | None:
@@ -189,7 +201,7 @@ def _training_loss(cfg: RunConfig, task: Any) -> Callable | None:
 
 
 def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, metric: str) -> None:
-    from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves
+    from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting
     from lmtune.training.checkpoint import replace_dir, write_text
     from lmtune.training.logs import read_records
 
@@ -203,6 +215,8 @@ def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics:
     replace_dir(tmp, run_dir / "model")
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
+    if "overfitting" in metrics:
+        plot_overfitting(metrics["overfitting"], run_dir / "plots" / "overfitting.png")
     for split in ("test", "validation"):
         matrix = metrics.get(split, {}).get("confusion_matrix")
         if matrix:
