@@ -221,6 +221,50 @@ def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
     console.print(f"table, chart and runs in {folder}")
 
 
+@app.command()
+def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `search:` section."),
+           overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every trial."),
+           space: Optional[Path] = typer.Option(None, "--space", help="YAML file holding the `search:` section."),
+           trials: Optional[int] = typer.Option(None, "--trials", help="Finished trials to end with (overrides "
+                                                "search.trials)."),
+           timeout_minutes: Optional[float] = typer.Option(None, "--timeout-minutes", help="Time budget of this "
+                                                           "invocation."),
+           storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL shared by several machines "
+                                                 "(default: sqlite search.db in the output folder)."),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Search folder (default: "
+                                                 "<output.dir>/<config name>-search)."),
+           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Search hyperparameters with Optuna; re-running the same command resumes the search."""
+    _setup_logging(verbose)
+    from lmtune.search import search as run_search
+
+    try:
+        result = run_search(config, overrides, space=space, trials=trials, timeout_minutes=timeout_minutes,
+                            storage=storage, output=output)
+    except (*_user_errors(), KeyError) as err:
+        _fail(err)
+    params = [k for k in result.rows[0] if "." in k] if result.rows else []
+    table = Table(title=f"trials (validation {result.metric}, {result.direction})")
+    for column in ("trial", "state", *params, result.metric, "seconds"):
+        table.add_column(column, justify="left" if column == "state" else "right")
+    for r in result.rows:
+        value = r["value"] if r["state"] == "complete" else r["last_reported"]
+        table.add_row(str(r["number"]), r["state"], *(_short(r.get(p)) for p in params), _short(value),
+                      _short(r["seconds"]))
+    console.print(table)
+    if result.best is None:
+        console.print("no trial completed yet")
+    else:
+        chosen = ", ".join(f"{p}={_short(result.best[p])}" for p in params)
+        console.print(f"best: trial {result.best['number']}, {result.metric} {result.best['value']:.4f} ({chosen}); "
+                      f"config: [bold]{result.folder / 'best.yaml'}[/]")
+    console.print(f"trials table, plots and runs in {result.folder}")
+
+
+def _short(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 @app.command("export")
 def export_model(run: Path = typer.Argument(..., help="Run directory."),
                  output: Path = typer.Option(..., "--output", "-o", help="Folder to write the model to."),
