@@ -68,13 +68,18 @@ def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
 def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
           overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-5"),
           resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run of this config."),
+          seeds: str = typer.Option("", "--seeds", help="Train once per seed: a count (3 = seeds 1,2,3) or "
+                                    "comma-separated seeds; reports mean, std, min and max (sets train.seeds)."),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Fine-tune a model as the config says; writes a run directory."""
     _setup_logging(verbose)
     from lmtune.config import load_config
     from lmtune.run import train as run_train
+    from lmtune.seeds import parse_seeds
 
     try:
+        if seeds:
+            overrides = [*(overrides or []), f"train.seeds={json.dumps(parse_seeds(seeds))}"]
         cfg = load_config(config, overrides)
         console.rule("resolved config")
         console.print(cfg.to_yaml(), highlight=False, markup=False)
@@ -82,6 +87,10 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
     except _user_errors() as err:
         _fail(err)
     m = result.metrics
+    if "runs" in m:  # several seeds
+        console.print((result.run_dir / "seeds.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+        console.print(f"{len(m['runs'])} seeds; runs, seeds.json and seeds.md in [bold]{result.run_dir}[/]")
+        return
     for split in ("validation", "test"):
         if split in m:
             console.print(_metrics_table(f"{split} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
@@ -211,10 +220,11 @@ def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
     from lmtune.compare import compare as run_compare
     from lmtune.compare import parse_methods
 
-    seed_list = ([int(s) for s in seeds.split(",")] if "," in seeds else list(range(1, int(seeds) + 1))
-                 if seeds else None)
+    from lmtune.seeds import parse_seeds
+
     try:
-        folder = run_compare(config, parse_methods(methods), seed_list, overrides, output)
+        folder = run_compare(config, parse_methods(methods), parse_seeds(seeds) if seeds else None, overrides,
+                             output)
     except _user_errors() as err:
         _fail(err)
     console.print((folder / "compare.md").read_text(encoding="utf-8"), markup=False, highlight=False)

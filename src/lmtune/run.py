@@ -102,7 +102,9 @@ class Session:
 
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False,
           callbacks: list[Callable] | None = None) -> RunResult:
-    """Fine-tune as configured and write a run directory; returns its path and final metrics."""
+    """Fine-tune as configured and write a run directory; returns its path and final metrics.
+
+    With `train.seeds`, one run per seed goes under one folder: see `lmtune.seeds.train_seeds` for the result."""
     import transformers
 
     from lmtune import models
@@ -112,6 +114,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
 
     cfg = load_config(config, overrides)
     stem = Path(config).stem if isinstance(config, (str, Path)) else "run"
+    if cfg.train.seeds:
+        from lmtune.seeds import train_seeds
+
+        return train_seeds(cfg, stem, resume=resume, callbacks=callbacks)
     accelerator = make_accelerator(cfg.train.precision)
     # One process picks (and creates) the run directory; the others are told its name.
     picked = [str(_run_dir(cfg, stem, resume)) if accelerator.is_main_process else None]
