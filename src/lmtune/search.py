@@ -27,12 +27,15 @@ class ParamSpace(BaseModel):
     type: Literal["float", "int", "categorical"]
     """float and int sample from [low, high]; categorical picks one of `choices`."""
     low: float | None = None
+    """Smallest value (float, int)."""
     high: float | None = None
+    """Largest value (float, int), included."""
     log: bool = False
     """Sample on a log scale (learning rates, weight decay)."""
     step: float | None = None
     """Sample on a grid of this spacing (int: default 1)."""
     choices: list[Any] | None = None
+    """The values a categorical field takes (numbers, strings, e.g. method names)."""
 
     @model_validator(mode="after")
     def _check(self) -> "ParamSpace":
@@ -268,6 +271,8 @@ def search(config: str | Path, overrides: list[str] | None = None, *, space: str
                                    if v is not None})
     base = load_config(raw, overrides)
     check_space(raw, overrides, spec)
+    if base.train.seeds:
+        raise ConfigError("train.seeds: a search trains one seed per trial; run the seeds on best.yaml afterwards")
     if base.data.validation is None and base.data.validation_size == 0:
         raise ConfigError("a search scores trials on validation data: give data.validation or data.validation_size > 0")
     task = TASKS[base.task.name](base.task, base.data)
