@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,7 @@ def _evaluate(job: Job, model: Any, state: LoopState, cfg: TrainConfig, accelera
         raise KeyError(f"eval.metric {job.metric!r} is not among the evaluated metrics {sorted(metrics)}")
     value = float(metrics[job.metric])
     state.evals += 1
-    state.last_eval = dict(metrics)
+    state.last_eval = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}  # JSON-safe
     if _improved(value, state.best_metric, job, cfg.early_stopping_min_delta):
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         if cfg.load_best and accelerator.is_main_process:
