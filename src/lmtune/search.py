@@ -250,7 +250,7 @@ def _open_study(name: str, url: str, local: bool, direction: str, spec: SearchCo
             log.info("search: trial %d was interrupted; it is marked failed and its parameters run again",
                      frozen.number)
             storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
-            retry(study, study._storage.get_trial(frozen._trial_id))
+            retry(study, storage.get_trial(frozen._trial_id))
     # Seeded by how far the search got, so a resumed search does not replay the first trials' samples.
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     return study
