@@ -84,3 +84,20 @@ def test_switching_method_by_override_drops_the_other_methods_options() -> None:
     cfg = load_config(raw, ["method.name=head", "method.lr=0.01"])
     assert cfg.method.name == "head" and cfg.method.lr == 0.01
     assert load_config(raw, ["method.name=full"]).method.head_lr == 1e-3  # same method: options kept
+
+
+def test_overfitting_and_seed_options_are_checked() -> None:
+    cfg = load_config(BASE, ["train.label_smoothing=0.1", "model.dropout=0.2", "train.seeds=[1, 2, 3]"])
+    assert (cfg.train.label_smoothing, cfg.model.dropout, cfg.train.seeds) == (0.1, 0.2, [1, 2, 3])
+    assert "train.label_smoothing=1.5: must be in [0, 1)" in error_of(BASE, ["train.label_smoothing=1.5"])
+    assert "model.dropout=-0.1: must be in [0, 1)" in error_of(BASE, ["model.dropout=-0.1"])
+    assert "give distinct seeds" in error_of(BASE, ["train.seeds=[1, 1]"])
+    assert "give distinct seeds" in error_of(BASE, ["train.seeds=[]"])
+
+
+def test_a_search_section_is_left_to_lmtune_search(tmp_path) -> None:
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "search": {"space": {"train.lr": {"type": "float"}}}}))
+    assert load_config(path).train.lr == 5e-5

@@ -60,3 +60,16 @@ def test_max_length_is_the_smallest_limit(tiny_model_dir: Path) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert max_length(ModelConfig(name=str(tiny_model_dir)), tokenizer, config) == 64
     assert max_length(ModelConfig(name=str(tiny_model_dir), max_length=32), tokenizer, config) == 32
+
+
+def test_dropout_override_reaches_every_dropout_module(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model, _ = load_model(AutoModelForSequenceClassification, ModelConfig(name=str(tiny_model_dir), dropout=0.37),
+                          num_labels=3)
+    probabilities = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert probabilities == {0.37}
+    assert model.config.attention_probs_dropout_prob == 0.37  # SDPA attention reads it from the config
+    default, _ = load_model(AutoModelForSequenceClassification, ModelConfig(name=str(tiny_model_dir)), num_labels=3)
+    assert {m.p for m in default.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,50 @@ def test_existing_run_directory_is_not_overwritten(tiny_config) -> None:
     lmtune.train(tiny_config)
     with pytest.raises(FileExistsError, match="output.overwrite=true"):
         lmtune.train(tiny_config)
+
+
+def test_several_seeds_write_a_run_each_and_their_spread(tiny_config, tmp_path) -> None:
+    import statistics
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    tiny_config["train"].update(epochs=1, checkpoint=False)
+    tiny_config["output"]["name"] = "two-seeds"
+    config = tmp_path / "seeded.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["train", str(config), "--seeds", "3,8"])
+    assert result.exit_code == 0, result.output
+    parent = tmp_path / "runs" / "two-seeds"
+    per_seed = {s: json.loads((parent / f"seed-{s}" / "metrics.json").read_text()) for s in (3, 8)}
+    assert {s: load_config(parent / f"seed-{s}" / "config.yaml").train.seed for s in (3, 8)} == {3: 3, 8: 8}
+    summary = json.loads((parent / "seeds.json").read_text())
+    assert summary["seeds"] == [3, 8]
+    for split in ("validation", "test"):
+        for metric in ("accuracy", "macro_f1", "loss"):
+            values = [per_seed[s][split][metric] for s in (3, 8)]
+            assert summary[split][metric] == pytest.approx({"mean": statistics.fmean(values), "n": 2,
+                                                            "std": statistics.stdev(values), "min": min(values),
+                                                            "max": max(values)})
+    assert "| test | accuracy |" in (parent / "seeds.md").read_text()
+    # The Python API: the same through train.seeds, resumed: finished seeds are read back, not retrained.
+    finished = (parent / "seed-3" / "metrics.json").stat().st_mtime_ns
+    again = lmtune.train(config, ["train.seeds=[3, 8]"], resume=True)
+    assert again.run_dir == parent and again.metrics["test"] == summary["test"]
+    assert (parent / "seed-3" / "metrics.json").stat().st_mtime_ns == finished
+
+
+def test_label_smoothing_raises_the_training_loss_of_a_fitted_model(tiny_config) -> None:
+    tiny_config["train"].update(epochs=4, checkpoint=False)
+    plain = lmtune.train(tiny_config)
+    tiny_config["train"]["label_smoothing"] = 0.2
+    tiny_config["output"]["name"] = "smoothed"
+    smoothed = lmtune.train(tiny_config)
+    losses = {name: [r["train/loss"] for r in train_records(run.run_dir) if "train/loss" in r]
+              for name, run in (("plain", plain), ("smoothed", smoothed))}
+    # Smoothed targets over 2 classes are (0.9, 0.1): no prediction gets the loss below their entropy.
+    floor = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))  # 0.325
+    assert losses["plain"][-1] < floor <= min(losses["smoothed"]) + 1e-4, losses
+    assert smoothed.metrics["test"]["accuracy"] >= 0.9  # the model still learns the task

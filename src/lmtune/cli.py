@@ -68,13 +68,18 @@ def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
 def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
           overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-5"),
           resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run of this config."),
+          seeds: str = typer.Option("", "--seeds", help="Train once per seed: a count (3 = seeds 1,2,3) or "
+                                    "comma-separated seeds; reports mean, std, min and max (sets train.seeds)."),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Fine-tune a model as the config says; writes a run directory."""
     _setup_logging(verbose)
     from lmtune.config import load_config
     from lmtune.run import train as run_train
+    from lmtune.seeds import parse_seeds
 
     try:
+        if seeds:
+            overrides = [*(overrides or []), f"train.seeds={json.dumps(parse_seeds(seeds))}"]
         cfg = load_config(config, overrides)
         console.rule("resolved config")
         console.print(cfg.to_yaml(), highlight=False, markup=False)
@@ -82,6 +87,10 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
     except _user_errors() as err:
         _fail(err)
     m = result.metrics
+    if "runs" in m:  # several seeds
+        console.print((result.run_dir / "seeds.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+        console.print(f"{len(m['runs'])} seeds; runs, seeds.json and seeds.md in [bold]{result.run_dir}[/]")
+        return
     for split in ("validation", "test"):
         if split in m:
             console.print(_metrics_table(f"{split} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
@@ -211,14 +220,59 @@ def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
     from lmtune.compare import compare as run_compare
     from lmtune.compare import parse_methods
 
-    seed_list = ([int(s) for s in seeds.split(",")] if "," in seeds else list(range(1, int(seeds) + 1))
-                 if seeds else None)
+    from lmtune.seeds import parse_seeds
+
     try:
-        folder = run_compare(config, parse_methods(methods), seed_list, overrides, output)
+        folder = run_compare(config, parse_methods(methods), parse_seeds(seeds) if seeds else None, overrides,
+                             output)
     except _user_errors() as err:
         _fail(err)
     console.print((folder / "compare.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     console.print(f"table, chart and runs in {folder}")
+
+
+@app.command()
+def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `search:` section."),
+           overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every trial."),
+           space: Optional[Path] = typer.Option(None, "--space", help="YAML file holding the `search:` section."),
+           trials: Optional[int] = typer.Option(None, "--trials", help="Finished trials to end with (overrides "
+                                                "search.trials)."),
+           timeout_minutes: Optional[float] = typer.Option(None, "--timeout-minutes", help="Time budget of this "
+                                                           "invocation."),
+           storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL shared by several machines "
+                                                 "(default: sqlite search.db in the output folder)."),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Search folder (default: "
+                                                 "<output.dir>/<config name>-search)."),
+           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Search hyperparameters with Optuna; re-running the same command resumes the search."""
+    _setup_logging(verbose)
+    from lmtune.search import search as run_search
+
+    try:
+        result = run_search(config, overrides, space=space, trials=trials, timeout_minutes=timeout_minutes,
+                            storage=storage, output=output)
+    except (*_user_errors(), KeyError) as err:
+        _fail(err)
+    params = [k for k in result.rows[0] if "." in k] if result.rows else []
+    table = Table(title=f"trials (validation {result.metric}, {result.direction})")
+    for column in ("trial", "state", *params, result.metric, "seconds"):
+        table.add_column(column, justify="left" if column == "state" else "right")
+    for r in result.rows:
+        value = r["value"] if r["state"] == "complete" else r["last_reported"]
+        table.add_row(str(r["number"]), r["state"], *(_short(r.get(p)) for p in params), _short(value),
+                      _short(r["seconds"]))
+    console.print(table)
+    if result.best is None:
+        console.print("no trial completed yet")
+    else:
+        chosen = ", ".join(f"{p}={_short(result.best[p])}" for p in params)
+        console.print(f"best: trial {result.best['number']}, {result.metric} {result.best['value']:.4f} ({chosen}); "
+                      f"config: [bold]{result.folder / 'best.yaml'}[/]")
+    console.print(f"trials table, plots and runs in {result.folder}")
+
+
+def _short(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command("export")
@@ -258,14 +312,17 @@ def list_things(fields: bool = typer.Option(False, "--fields", help="Also list e
         table.add_row("example", str(path.relative_to(EXAMPLES.parent)), _first_comment(path))
     console.print(table)
     if fields:
+        from lmtune.search import ParamSpace, SearchConfig
+
         sections = {**SECTIONS, **{f"task ({n})": o.Options for n, o in TASKS.items()},
-                    **{f"method ({n})": o.Options for n, o in METHODS.items()}}
+                    **{f"method ({n})": o.Options for n, o in METHODS.items()},
+                    "search (lmtune search)": SearchConfig, "search.space.<field>": ParamSpace}
         for section, model in sections.items():
             t = Table(title=section)
             for column in ("field", "default", "description"):
                 t.add_column(column)
             for name, field in model.model_fields.items():
-                t.add_row(name, repr(field.default), field.description or "")
+                t.add_row(name, "(required)" if field.is_required() else repr(field.default), field.description or "")
             console.print(t)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import statistics
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from lmtune.config import load_config
+from lmtune.seeds import describe
 
 log = logging.getLogger("lmtune")
 
@@ -91,13 +91,13 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         values = [r["metric"] for r in mine if r["metric"] is not None]
-        times = [r["train_seconds"] for r in mine]
+        spread = describe(values) if values else None
         memory = [r["peak_memory_mb"] for r in mine if r["peak_memory_mb"] is not None]
         out.append({"method": method, "seeds": len(mine), "split": mine[0]["split"],
-                    "metric_mean": statistics.fmean(values) if values else None,
-                    "metric_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "metric_mean": spread["mean"] if spread else None,
+                    "metric_std": spread["std"] if spread else 0.0,
                     "trainable_params": mine[0]["trainable_params"], "total_params": mine[0]["total_params"],
-                    "train_seconds_mean": statistics.fmean(times),
+                    "train_seconds_mean": describe([r["train_seconds"] for r in mine])["mean"],
                     "peak_memory_mb": max(memory) if memory else None})
     return out
 

@@ -31,11 +31,15 @@ class ModelConfig(Section):
     """Allow loading pickled `.bin` weights (can run arbitrary code); safetensors only otherwise."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model folder to run."""
+    dropout: float | None = None
+    """Override the model's dropout probabilities (hidden, attention, classifier); null = the model's own."""
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"model.max_length={self.max_length} is too small (at least 8 tokens)")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout={self.dropout}: must be in [0, 1)")
         return self
 
 
@@ -111,6 +115,10 @@ class TrainConfig(Section):
     """Autocast precision: auto = bf16 on a GPU that supports it, else fp32."""
     seed: int = 42
     """Seed for splits, sampling, initialisation and dropout."""
+    seeds: list[int] | None = None
+    """Train once per seed (each run sets `seed`) and report mean, std, min and max of every metric."""
+    label_smoothing: float = 0.0
+    """Share of the target probability spread over all classes in the training loss (cross-entropy tasks)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster), order still shuffled."""
     pad_to_multiple_of: int = 8
@@ -143,6 +151,10 @@ class TrainConfig(Section):
             raise ValueError(f"train.lr={self.lr}: must be positive")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"train.label_smoothing={self.label_smoothing}: must be in [0, 1)")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"train.seeds={self.seeds}: give distinct seeds (or null for the one train.seed)")
         for name in ("max_steps", "eval_every", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -298,8 +310,16 @@ def load_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    raw = apply_overrides(_switch_sections(raw, overrides or []), overrides or [])
-    return build_config(raw)
+    if isinstance(raw, dict) and raw.get("search") is not None:
+        # One file may hold a run and its search space; `lmtune search` reads the space, training ignores it.
+        logging.getLogger("lmtune").info("config: the search section is read by `lmtune search` only")
+    raw = {k: v for k, v in raw.items() if k != "search"} if isinstance(raw, dict) else raw
+    return build_config(override(raw, overrides or []))
+
+
+def override(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw config dict (in place), as `load_config` does."""
+    return apply_overrides(_switch_sections(raw, overrides), overrides)
 
 
 def _switch_sections(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

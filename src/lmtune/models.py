@@ -77,6 +77,8 @@ def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, l
     # Master weights in fp32 whatever the checkpoint holds (fp16/bf16 copies too): mixed precision
     # comes from autocast, and AdamW on half-precision weights loses small updates.
     kwargs.setdefault("dtype", torch.float32)
+    if cfg.dropout is not None:
+        kwargs = {**dropout_overrides(load_model_config(cfg), cfg.dropout), **kwargs}
     model, info = auto_class.from_pretrained(
         folder,
         use_safetensors=None if cfg.allow_pickle else True,
@@ -85,6 +87,23 @@ def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, l
         **kwargs,
     )
     return model, sorted(info.get("missing_keys", []))
+
+
+# Config attributes that hold a dropout probability, across architectures (BERT, RoBERTa, DistilBERT,
+# GPT-2, Llama, T5 ...). Only those the model's config has are set: others would reach the model's __init__.
+DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                      "attention_dropout", "hidden_dropout", "activation_dropout", "seq_classif_dropout",
+                      "qa_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
+                      "dropout_rate", "classifier_dropout_prob")
+
+
+def dropout_overrides(model_config: Any, p: float) -> dict[str, float]:
+    """Config keyword arguments that set every dropout probability the architecture has to `p`."""
+    overrides = {name: p for name in DROPOUT_ATTRIBUTES if hasattr(model_config, name)}
+    if not overrides:
+        raise ModelError(f"model.dropout: {type(model_config).__name__} has none of the known dropout settings "
+                         f"({', '.join(DROPOUT_ATTRIBUTES)})")
+    return overrides
 
 
 def load_model_config(cfg: ModelConfig) -> Any:

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from lmtune.config import RunConfig, load_config
+from lmtune.config import ConfigError, RunConfig, load_config
 from lmtune.registry import METHODS, TASKS
 
 log = logging.getLogger("lmtune")
@@ -102,7 +102,9 @@ class Session:
 
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False,
           callbacks: list[Callable] | None = None) -> RunResult:
-    """Fine-tune as configured and write a run directory; returns its path and final metrics."""
+    """Fine-tune as configured and write a run directory; returns its path and final metrics.
+
+    With `train.seeds`, one run per seed goes under one folder: see `lmtune.seeds.train_seeds` for the result."""
     import transformers
 
     from lmtune import models
@@ -112,6 +114,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
 
     cfg = load_config(config, overrides)
     stem = Path(config).stem if isinstance(config, (str, Path)) else "run"
+    if cfg.train.seeds:
+        from lmtune.seeds import train_seeds
+
+        return train_seeds(cfg, stem, resume=resume, callbacks=callbacks)
     accelerator = make_accelerator(cfg.train.precision)
     # One process picks (and creates) the run directory; the others are told its name.
     picked = [str(_run_dir(cfg, stem, resume)) if accelerator.is_main_process else None]
@@ -142,12 +148,13 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     job = Job(model=model, stages=stages, train_set=features["train"], collate=session.collate,
               evaluate=(lambda m: session.evaluate(features["validation"], m)[0]) if has_validation else None,
               metric=metric, greater_is_better=task.greater_is_better(metric), run_dir=run_dir,
-              callbacks=list(callbacks or []))
+              callbacks=list(callbacks or []), loss=_training_loss(cfg, task))
     started = time.perf_counter()
     state = fit(job, cfg.train, accelerator, resume=resume)
     train_seconds = sum(state.stage_seconds.values())
     model = session.model = job.model
 
+    overfitting = _diagnose(run_dir, cfg, metric, task) if has_validation else None
     results: dict[str, Any] = {}
     for name in ("validation", "test"):
         if name in features and len(features[name]) and (name != "test" or cfg.eval.test):
@@ -167,6 +174,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         "train_tokens_per_second": round(state.tokens / train_seconds, 1) if train_seconds else None,
         "params": {"trainable": trainable, "total": total},
         "data": data_report,
+        **({"overfitting": overfitting} if overfitting else {}),
     }
     if accelerator.is_main_process:
         _save_outputs(run_dir, model, tokenizer, task, metrics, metric)
@@ -174,8 +182,32 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     return RunResult(run_dir, metrics)
 
 
+def _diagnose(run_dir: Path, cfg: RunConfig, metric: str, task: Any) -> dict[str, Any]:
+    from lmtune.evaluation.overfitting import diagnose
+    from lmtune.training.logs import read_records
+
+    diagnosis = diagnose(read_records(run_dir), metric, task.greater_is_better(metric), best_kept=cfg.train.load_best,
+                         min_delta=cfg.train.early_stopping_min_delta)
+    log.info("overfitting: %s", diagnosis["message"])
+    return diagnosis
+
+
+def _training_loss(cfg: RunConfig, task: Any) -> Callable | None:
+    """The model's own loss, or label-smoothed cross-entropy over the task's targets."""
+    if not cfg.train.label_smoothing:
+        return None
+    from lmtune.training.loop import cross_entropy_loss
+
+    targets = getattr(task, "cross_entropy_targets", [])
+    if not targets:
+        raise ConfigError(f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
+                          f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
+                          "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
+    return cross_entropy_loss(targets, cfg.train.label_smoothing)
+
+
 def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, metric: str) -> None:
-    from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves
+    from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting
     from lmtune.training.checkpoint import replace_dir, write_text
     from lmtune.training.logs import read_records
 
@@ -189,6 +221,8 @@ def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics:
     replace_dir(tmp, run_dir / "model")
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
+    if "overfitting" in metrics:
+        plot_overfitting(metrics["overfitting"], run_dir / "plots" / "overfitting.png")
     for split in ("test", "validation"):
         matrix = metrics.get(split, {}).get("confusion_matrix")
         if matrix:

@@ -104,3 +104,27 @@ def test_stages_train_only_their_parameters(tmp_path) -> None:
 def test_metric_missing_from_evaluation_is_an_error(tmp_path) -> None:
     with pytest.raises(KeyError, match="eval.metric 'score'"):
         fit(job(tmp_path, Toy(), evaluate=lambda m: {"accuracy": 1.0}), train_cfg(), Accelerator(cpu=True))
+
+
+def test_label_smoothing_loss_matches_the_model_and_penalises_certainty(tiny_model_dir) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from lmtune.training.loop import cross_entropy_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]]), "attention_mask": torch.tensor(
+        [[1, 1, 1, 1], [1, 1, 1, 0]]), "labels": torch.tensor([0, 2])}
+    out = model(**batch)
+    assert cross_entropy_loss([("logits", "labels")], 0.0)(out, batch).item() == pytest.approx(out.loss.item())
+    assert abs(cross_entropy_loss([("logits", "labels")], 0.1)(out, batch).item() - out.loss.item()) > 1e-4
+    # A perfectly fitted batch: no loss left without smoothing, a floor with it; -100 targets are ignored.
+    certain = SimpleNamespace(logits=torch.tensor([[[50.0, 0.0], [0.0, 50.0]]]))
+    targets = {"labels": torch.tensor([[0, -100]])}
+    assert cross_entropy_loss([("logits", "labels")], 0.0)(certain, targets).item() < 1e-6
+    smoothed = cross_entropy_loss([("logits", "labels")], 0.2)(certain, targets).item()
+    assert smoothed == pytest.approx(0.1 * 50, rel=1e-3)  # 0.2 spread over 2 classes: 0.1 on the wrong one
+    qa = SimpleNamespace(start_logits=torch.tensor([[9.0, 0.0]]), end_logits=torch.tensor([[0.0, 9.0]]))
+    both = cross_entropy_loss([("start_logits", "s"), ("end_logits", "e")], 0.0)(
+        qa, {"s": torch.tensor([0]), "e": torch.tensor([0])})
+    assert both.item() == pytest.approx(9.0 / 2, rel=1e-3)  # start right (~0), end wrong (~9): mean of the two

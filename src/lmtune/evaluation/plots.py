@@ -1,4 +1,4 @@
-"""PNG plots of a run: learning curves from metrics.jsonl and confusion matrices."""
+"""PNG plots of a run: learning curves from metrics.jsonl, the overfitting picture and confusion matrices."""
 
 from __future__ import annotations
 
@@ -67,6 +67,37 @@ def plot_learning_curves(
         ax.grid(True, alpha=0.3)
         _draw_stages(ax, boundaries)
         ax.legend(loc="best", fontsize=8, framealpha=0.85)
+    return _save(fig, path)
+
+
+def plot_overfitting(diagnosis: dict, path: str | os.PathLike) -> Path | None:
+    """Train vs validation loss at each evaluation (from `evaluation.overfitting.diagnose`), the validation
+    metric on a second axis, and the step where it peaked; None when there are too few evaluations."""
+    rows = diagnosis.get("history", [])
+    if len(rows) < 2 or "peak_step" not in diagnosis:
+        return None
+    fig = Figure(figsize=(7.0, 4.5), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for key, color, label in (("train_loss", "tab:blue", "train loss (mean since last eval)"),
+                              ("validation_loss", "tab:orange", "validation loss")):
+        points = [(r["step"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), color=color, marker="o", markersize=4, linewidth=1.4, label=label)
+    metric_ax = ax.twinx()
+    metric_ax.plot([r["step"] for r in rows], [r["validation_metric"] for r in rows], color="tab:green",
+                   linestyle="--", marker=".", label=f"validation {diagnosis['metric']}")
+    metric_ax.set_ylabel(diagnosis["metric"])
+    ax.axvline(diagnosis["peak_step"], color="grey", linestyle=":", linewidth=1.2)
+    metric_ax.plot([diagnosis["peak_step"]], [diagnosis["peak_value"]], marker="*", markersize=15, color="gold",
+                   markeredgecolor="black", linestyle="none", label=f"peak @ step {diagnosis['peak_step']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("overfit" if diagnosis["overfit"] else "no overfitting detected")
+    ax.grid(True, alpha=0.3)
+    handles = ax.get_legend_handles_labels()
+    extra = metric_ax.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="best", fontsize=8, framealpha=0.85)
     return _save(fig, path)
 
 

@@ -20,6 +20,9 @@ loading a finished run). It provides, duck-typed (no base class):
   available) and details (per-class tables, matrices; saved in metrics.json).
 - `postprocess(outputs, n) -> list[dict]`: predictions for `from_texts` inputs.
 - `default_metric` and `greater_is_better(metric) -> bool`.
+- `cross_entropy_targets`: (model output, batch key) pairs whose training loss is cross-entropy over the
+  last axis of the output (targets -100 ignored); `train.label_smoothing` recomputes the loss from them.
+  Empty when the loss is something else (multi-label: sigmoid per label).
 """
 
 from lmtune.registry import TASKS, register_task

@@ -63,6 +63,10 @@ class Classification:
     def greater_is_better(metric: str) -> bool:
         return "loss" not in metric
 
+    @property
+    def cross_entropy_targets(self) -> list[tuple[str, str]]:
+        return [] if self.options.multi_label else [("logits", "labels")]
+
     # ---- data ------------------------------------------------------------------------------------
     def _read(self, path: str, require_label: bool = True) -> tuple[Any, int, list[str]]:
         """Read one file into columns text[, text_pair], labels (list of names), _row; check every row."""

@@ -144,6 +144,7 @@ def _predict_input(record: Any, row: int) -> dict[str, Any]:
 class Ner:
     Options = NerOptions
     default_metric = "f1"
+    cross_entropy_targets = [("logits", "labels")]
 
     def __init__(self, options: NerOptions, data: DataConfig, labels: list[str] | None = None):
         self.options = options

@@ -51,6 +51,8 @@ class QAOptions(BaseModel):
 class QuestionAnswering:
     Options = QAOptions
     default_metric = "f1"
+    # The models' own loss is the mean of start and end cross-entropy; positions always lie in the window.
+    cross_entropy_targets = [("start_logits", "start_positions"), ("end_logits", "end_positions")]
 
     def __init__(self, options: QAOptions, data: DataConfig, labels: list[str] | None = None):
         self.options = options

@@ -25,6 +25,8 @@ class LoopState:
     best_step: int | None = None
     bad_evals: int = 0        # evaluations since the last improvement (early stopping)
     stage_done: bool = False
+    evals: int = 0            # evaluations so far, all stages together
+    last_eval: dict[str, Any] = field(default_factory=dict)  # the latest evaluation's metrics (for callbacks)
     examples: int = 0         # training examples seen (for throughput)
     tokens: int = 0           # real (non-pad) training tokens seen
     scheduler: dict[str, Any] = field(default_factory=dict)

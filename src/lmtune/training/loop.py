@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,22 @@ class Job:
     metric: str                                          # selection metric, a key of evaluate()
     greater_is_better: bool
     run_dir: Path
+    # Called with the loop state after every optimizer step; `state.evals`/`state.last_eval` tell a callback
+    # that an evaluation just happened (a pruner reads them). An exception raised here stops the run.
     callbacks: list[Callable[[LoopState], None]] = field(default_factory=list)
+    loss: Callable[[Any, dict], torch.Tensor] | None = None  # (outputs, batch) -> training loss; None: outputs.loss
+
+
+def cross_entropy_loss(targets: list[tuple[str, str]], label_smoothing: float) -> Callable[[Any, dict], torch.Tensor]:
+    """The training loss recomputed as label-smoothed cross-entropy over each (output logits, batch targets) pair,
+    averaged over pairs (QA: start and end, as the models do); targets of -100 are ignored."""
+    def loss(outputs: Any, batch: dict) -> torch.Tensor:
+        terms = [torch.nn.functional.cross_entropy(getattr(outputs, logits).flatten(0, -2).float(),
+                                                   batch[labels].flatten(), ignore_index=-100,
+                                                   label_smoothing=label_smoothing)
+                 for logits, labels in targets]
+        return sum(terms) / len(terms)
+    return loss
 
 
 def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
@@ -120,6 +136,8 @@ def _evaluate(job: Job, model: Any, state: LoopState, cfg: TrainConfig, accelera
     if job.metric not in metrics:
         raise KeyError(f"eval.metric {job.metric!r} is not among the evaluated metrics {sorted(metrics)}")
     value = float(metrics[job.metric])
+    state.evals += 1
+    state.last_eval = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}  # JSON-safe
     if _improved(value, state.best_metric, job, cfg.early_stopping_min_delta):
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         if cfg.load_best and accelerator.is_main_process:
@@ -193,9 +211,16 @@ class _StageRun:
         return cache
 
     def run(self) -> None:
-        state, cfg, stage = self.state, self.cfg, self.stage
-        bar = tqdm(total=self.total_steps, initial=state.stage_step, desc=stage.name, dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=self.state.stage_step, desc=self.stage.name, dynamic_ncols=True,
                    disable=not self.acc.is_local_main_process)
+        try:  # a callback may stop the run by raising (a pruned search trial): the bar still closes
+            self._train(bar)
+        finally:
+            bar.close()
+        self._finish()
+
+    def _train(self, bar: Any) -> None:
+        state, cfg, stage = self.state, self.cfg, self.stage
         self.model.train()
         running = torch.zeros((), device=self.acc.device)  # loss summed on device: no host sync per step
         since_log, stop, postfix = 0, state.stage_done, {}
@@ -251,15 +276,14 @@ class _StageRun:
                     callback(state)
                 if stop or end_of_epoch:
                     break
-        bar.close()
-        self._finish()
 
     def _backward(self, batch: dict, rows: list[int], window: int, sync: bool) -> torch.Tensor:
         batch = to_device(batch, self.acc.device)
         if self.cache is not None:
             self.cache.current = (self.job.train_set._fingerprint, rows, batch["attention_mask"])
         with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
-            loss = self.model(**batch).loss
+            outputs = self.model(**batch)
+            loss = outputs.loss if self.job.loss is None else self.job.loss(outputs, batch)
             penalty = getattr(self.stage, "penalty", None)
             if penalty is not None:  # e.g. L2-SP: added once per optimizer step, spread over its batches
                 value = penalty(self.acc.unwrap_model(self.model))

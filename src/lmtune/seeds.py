@@ -1,0 +1,111 @@
+"""Several seeds of one config: a run per seed under one folder, and mean, std, min, max of every metric."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from lmtune.config import RunConfig
+
+log = logging.getLogger("lmtune")
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """`--seeds 3` -> [1, 2, 3]; `--seeds 1,5,9` -> [1, 5, 9]."""
+    try:
+        seeds = [int(s) for s in spec.split(",") if s.strip()] if "," in spec else list(range(1, int(spec) + 1))
+    except ValueError:
+        raise ValueError(f"--seeds {spec!r}: give a count (3) or comma-separated seeds (1,5,9)") from None
+    if not seeds:
+        raise ValueError(f"--seeds {spec!r}: no seeds")
+    return seeds
+
+
+def describe(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Every scalar metric of validation and test (and the training time) described over the seeds."""
+    out: dict[str, Any] = {"seeds": list(per_seed)}
+    for split in ("validation", "test"):
+        tables = [_scalars(m.get(split, {})) for m in per_seed.values()]
+        shared = [k for k in tables[0] if all(k in t for t in tables)] if tables else []
+        if shared:
+            out[split] = {k: describe([t[k] for t in tables]) for k in shared}
+    out["train_seconds"] = describe([m["train_seconds"] for m in per_seed.values()])
+    return out
+
+
+def _markdown(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
+    seeds = list(per_seed)
+    lines = [f"| split | metric | mean | std | min | max | {' | '.join(f'seed {s}' for s in seeds)} |",
+             "|---|---|---|---|---|---|" + "---|" * len(seeds)]
+    for split in ("validation", "test"):
+        for key, d in summary.get(split, {}).items():
+            values = " | ".join(f"{_scalars(per_seed[s][split])[key]:.4f}" for s in seeds)
+            lines.append(f"| {split} | {key} | {d['mean']:.4f} | {d['std']:.4f} | {d['min']:.4f} | "
+                         f"{d['max']:.4f} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+def _parent_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
+    root = Path(cfg.output.dir)
+    if cfg.output.name:
+        parent = root / cfg.output.name
+    elif resume:
+        candidates = sorted(p for p in root.glob(f"{stem}-*") if any(p.glob("seed-*")))
+        if not candidates:
+            raise FileNotFoundError(f"--resume: no several-seed run of {stem!r} under {root}/")
+        parent = candidates[-1]
+    else:
+        parent = root / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    if parent.exists() and not resume:
+        if not cfg.output.overwrite:
+            raise FileExistsError(f"run directory {parent} exists; choose another output.name, set "
+                                  "output.overwrite=true, or pass --resume")
+        shutil.rmtree(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+def train_seeds(cfg: RunConfig, stem: str, resume: bool = False, callbacks: list[Callable] | None = None) -> Any:
+    """Train `cfg` once per seed of `train.seeds` into `<output.dir>/<name>/seed-<s>/`; write seeds.json and
+    seeds.md there. Returns a RunResult whose run_dir is that parent folder and whose metrics are the summary
+    (`validation`/`test`: metric -> {mean, std, min, max, n}) plus `runs` (seed -> run directory).
+    With `resume`, seeds that finished are read back and an unfinished one continues from its checkpoint."""
+    from lmtune.run import RunResult, train
+    from lmtune.training.checkpoint import write_text
+
+    parent = _parent_dir(cfg, stem, resume)
+    write_text(parent / "config.yaml", cfg.to_yaml())
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in cfg.train.seeds or []:
+        child = parent / f"seed-{seed}"
+        raw = cfg.model_dump(mode="json")
+        raw["train"].update(seed=seed, seeds=None)
+        raw["output"].update(dir=str(parent), name=child.name, overwrite=True)  # the parent was checked above
+        if resume and (child / "metrics.json").is_file():
+            log.info("seed %d: finished before, read back from %s", seed, child)
+            per_seed[seed] = json.loads((child / "metrics.json").read_text(encoding="utf-8"))
+            continue
+        log.info("seed %d of %s", seed, cfg.train.seeds)
+        per_seed[seed] = train(raw, resume=resume and (child / "checkpoints" / "last").is_dir(),
+                               callbacks=callbacks).metrics
+    summary = {**summarise(per_seed), "runs": {str(s): str(parent / f"seed-{s}") for s in per_seed}}
+    write_text(parent / "seeds.json", json.dumps(summary, indent=2))
+    table = _markdown(summary, per_seed)
+    write_text(parent / "seeds.md", table)
+    log.info("%d seeds summarised in %s", len(per_seed), parent / "seeds.md")
+    return RunResult(parent, summary)
