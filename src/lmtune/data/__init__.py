@@ -1,6 +1,7 @@
 """Generic, task-independent data reading: files to datasets, row checks, splits and subsets."""
 
 from lmtune.data.checks import apply_row_checks
+from lmtune.data.padding import pad_inputs
 from lmtune.data.readers import DataError, read_table, require_columns, resolve_path
 from lmtune.data.splits import count_overlap, group_values, split_off, split_off_groups, stratified_subset
 
@@ -9,6 +10,7 @@ __all__ = [
     "apply_row_checks",
     "count_overlap",
     "group_values",
+    "pad_inputs",
     "read_table",
     "require_columns",
     "resolve_path",

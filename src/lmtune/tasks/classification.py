@@ -11,8 +11,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lmtune.config import DataConfig
-from lmtune.data import (DataError, apply_row_checks, count_overlap, read_table, require_columns, resolve_path,
-                         split_off, split_off_groups, stratified_subset)
+from lmtune.data import (DataError, apply_row_checks, count_overlap, pad_inputs, read_table, require_columns,
+                         resolve_path, split_off, split_off_groups, stratified_subset)
 from lmtune.registry import register_task
 
 log = logging.getLogger("lmtune")
@@ -222,12 +222,11 @@ class Classification:
         multi = self.options.multi_label
 
         def collate(rows: list[dict]) -> dict:
-            features = [{k: v for k, v in r.items() if k not in ("labels", "length")} for r in rows]
-            batch = tokenizer.pad(features, padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of)
             if "labels" in rows[0]:
                 batch["labels"] = torch.tensor([r["labels"] for r in rows],
                                                dtype=torch.float32 if multi else torch.long)
-            return dict(batch)
+            return batch
 
         return collate
 

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.config import DataConfig
-from lmtune.data import DataError, count_overlap, split_off, split_off_groups, stratified_subset
+from lmtune.data import DataError, count_overlap, pad_inputs, split_off, split_off_groups, stratified_subset
 from lmtune.data.conll import NerReadOptions, read_ner, tag_types
 from lmtune.registry import register_task
 
@@ -298,11 +298,9 @@ class Ner:
 
     def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
         self._pad_left = tokenizer.padding_side == "left"
-        inputs = ("input_ids", "attention_mask", "token_type_ids")
 
         def collate(rows: list[dict]) -> dict:
-            batch = tokenizer.pad([{k: r[k] for k in inputs if k in r} for r in rows], padding=True,
-                                  pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of)
             if "labels" in rows[0]:
                 width = batch["input_ids"].shape[1]
                 labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -310,7 +308,7 @@ class Ner:
                     at = width - len(r["labels"]) if self._pad_left else 0
                     labels[i, at:at + len(r["labels"])] = torch.tensor(r["labels"])
                 batch["labels"] = labels
-            return dict(batch)
+            return batch
 
         return collate
 

@@ -41,7 +41,7 @@ class FeatureCache:
         self.trunk, self.name = trunk, name
         self.tables: dict[str, _Table] = {}
         self.output_type: Any = None
-        self.current: tuple[str, list[int], torch.Tensor] | None = None  # (table, rows, attention mask)
+        self.current: tuple[str, list[int], torch.Tensor] | None = None  # (table, rows, host attention mask)
         trunk.forward = self._forward  # type: ignore[method-assign]
 
     def remove(self) -> None:
@@ -51,20 +51,22 @@ class FeatureCache:
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.current is None:
             return type(self.trunk).forward(self.trunk, *args, **kwargs)
-        key, rows, mask = self.current
+        key, rows, mask = self.current  # the batch's attention mask, on the host
         table = self.tables[key]
-        real = mask.bool()
+        device = next(self.trunk.parameters()).device
         starts, counts = table.starts[rows], table.counts[rows]
-        # Indices of the rows' tokens in the flat table, row after row (the order of hidden[real] below).
-        index = torch.from_numpy(np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()))
+        # Where the rows' tokens sit in the flat table, row after row, and where they go in the padded batch:
+        # both computed on the host, so serving a batch never waits for the GPU.
+        source = torch.from_numpy(np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()))
+        target = mask.bool().flatten().nonzero().squeeze(1).to(device, non_blocking=True)
         fields: dict[str, Any] = {}
         for field, flat in table.tokens.items():
-            pieces = flat[index.to(flat.device)].to(mask.device, non_blocking=True)
-            fields[field] = pieces.new_zeros((*mask.shape, *flat.shape[1:]))
-            fields[field][real] = pieces
+            pieces = flat[source.to(flat.device)].to(device, non_blocking=True)
+            padded = pieces.new_zeros((mask.numel(), *flat.shape[1:]))
+            fields[field] = padded.index_copy_(0, target, pieces).view(*mask.shape, *flat.shape[1:])
         positions = torch.from_numpy(table.position[rows])
         for field, stacked in table.rows.items():
-            fields[field] = stacked[positions.to(stacked.device)].to(mask.device, non_blocking=True)
+            fields[field] = stacked[positions.to(stacked.device)].to(device, non_blocking=True)
         return self.output_type(**fields)
 
     def build(self, key: str, batches: Any, run: Callable[[dict], Any], n_rows: int, n_tokens: int,

@@ -104,7 +104,7 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
         for indices, batch in zip(batches, loader):
             on_device = to_device(batch, accelerator.device)
             if cache is not None:
-                cache.current = (dataset._fingerprint, indices, on_device["attention_mask"])
+                cache.current = (dataset._fingerprint, indices, batch["attention_mask"])
             out = model(**on_device)
             if world == 1:
                 yield indices, out, batch
@@ -278,9 +278,9 @@ class _StageRun:
                     break
 
     def _backward(self, batch: dict, rows: list[int], window: int, sync: bool) -> torch.Tensor:
-        batch = to_device(batch, self.acc.device)
-        if self.cache is not None:
+        if self.cache is not None:  # the mask on the host: the cache places rows without a device sync
             self.cache.current = (self.job.train_set._fingerprint, rows, batch["attention_mask"])
+        batch = to_device(batch, self.acc.device)
         with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
             outputs = self.model(**batch)
             loss = outputs.loss if self.job.loss is None else self.job.loss(outputs, batch)

@@ -1,0 +1,36 @@
+"""Padding token rows into batch tensors: what `tokenizer.pad` does, without its per-row Python overhead."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def pad_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, pad_to_multiple_of: int = 1,
+               side: str | None = None) -> dict[str, torch.Tensor]:
+    """Pad the model inputs of `rows` (lists of ints) to one width, a multiple of `pad_to_multiple_of`.
+
+    Same result as `tokenizer.pad(..., padding=True, return_tensors="pt")` (tested), several times faster:
+    the collate runs once per training step, and for small models it is a large share of the step.
+    `side` defaults to the tokenizer's padding side; rows without `attention_mask` get one.
+    """
+    side = side or tokenizer.padding_side
+    lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(-(-lengths.max() // pad_to_multiple_of) * pad_to_multiple_of)
+    pads = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
+            "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    keys = [k for k in INPUT_KEYS if k in rows[0]]
+    if "attention_mask" not in keys:
+        keys.append("attention_mask")
+    batch = {}
+    for key in keys:
+        out = np.full((len(rows), width), pads[key], dtype=np.int64)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            span = slice(width - n, width) if side == "left" else slice(0, n)
+            out[i, span] = row[key] if key in row else 1
+        batch[key] = torch.from_numpy(out)
+    return batch
