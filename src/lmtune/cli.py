@@ -231,6 +231,25 @@ def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
     console.print(f"table, chart and runs in {folder}")
 
 
+@app.command("inspect")
+def inspect_data(config: Path = typer.Argument(..., help="Run config (YAML)."),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. model.name=..."),
+                 output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for inspect.json and "
+                                                       "the length plot (default: <output.dir>/<config name>-inspect).")
+                 ) -> None:
+    """Profile the data against the model's tokenizer: lengths, truncation, unknown tokens, labels, duplicates."""
+    _setup_logging()
+    from lmtune.inspect_data import inspect, tables
+
+    try:
+        folder, result = inspect(config, overrides, output)
+    except _user_errors() as err:
+        _fail(err)
+    for table in tables(result):
+        console.print(table)
+    console.print(f"inspect.json and length_distribution.png in [bold]{folder}[/]")
+
+
 @app.command()
 def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `search:` section."),
            overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every trial."),
