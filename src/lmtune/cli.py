@@ -271,7 +271,7 @@ def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the
     except _user_errors() as err:
         _fail(err)
     console.print(table(result))
-    console.print(result.recommendation, highlight=False, markup=False)
+    console.print(result.recommendation, highlight=False, markup=False, soft_wrap=True)
     console.print(f"select.json in [bold]{result.folder}[/]")
     if then_train:
         if result.winner is None:

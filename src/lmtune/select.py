@@ -122,7 +122,8 @@ def _assess(name: str, cfg: RunConfig, sample: Sample, folds: int, seed: int, ro
     model, _ = models.load_model(AutoModelForCausalLM if causal else AutoModel, model_cfg)
     model.eval().to(device)
     words = sample.task == "ner"
-    feats = probe.extract(model, tokenizer, sample.inputs, limit, words=words, causal=causal, desc=name)
+    feats = probe.extract(model, tokenizer, sample.inputs, limit, words=words, causal=causal,
+                          desc=Path(name).name or name)
     after, _ = _memory()
     row.update(params=sum(p.numel() for p in model.parameters()),
                seconds_per_1k=1000 * feats.seconds / max(len(sample.inputs), 1),
@@ -170,7 +171,7 @@ def recommend(ranking: list[dict[str, Any]]) -> str:
     parts.append(f"{unknown}, {best['fertility']:.2f} tokens per word, {best['truncated']:.1%} over max length")
     if "word_perplexity" in best:
         parts.append(f"perplexity {best['word_perplexity']:.1f} per word")
-    parts.append(f"{best['params'] / 1e6:.1f}M parameters, {best['seconds_per_1k']:.1f} s per 1k examples")
+    parts.append(f"{_params(best['params'])} parameters, {best['seconds_per_1k']:.1f} s per 1k examples")
     how = "" if _score(best) is not None else " by tokenizer fit"
     return f"{best['model']} fits this data best{how}: " + "; ".join(parts) + "."
 
@@ -202,6 +203,10 @@ def select(config: str | Path | dict | RunConfig, candidates: list[str], overrid
     return Selection(folder, ranking, sentence, winner)
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
 def table(selection: Selection) -> Any:
     """The ranking as a rich table: one row per candidate, one column per signal."""
     from rich.markup import escape
@@ -220,7 +225,7 @@ def table(selection: Selection) -> Any:
         shown = f"{p['score']:.3f} {p['metric']}" if "score" in p else p.get("error", "")
         out.add_row(str(r["rank"]), r["model"], shown, "byte-level" if r["byte_level"] else f"{r['unk_rate']:.2%}",
                     f"{r['truncated']:.1%}", f"{r['fertility']:.2f}",
-                    f"{r['word_perplexity']:.1f}" if "word_perplexity" in r else "n/a", f"{r['params'] / 1e6:.1f}M",
+                    f"{r['word_perplexity']:.1f}" if "word_perplexity" in r else "n/a", _params(r["params"]),
                     f"{r['seconds_per_1k']:.1f}", f"{r['memory_mb']:.0f}")
     kinds = {r["memory_kind"] for r in selection.ranking if "memory_kind" in r}
     out.caption = f"memory: {', '.join(kinds)}; perplexity only for causal LMs" if kinds else None
