@@ -1,4 +1,4 @@
-"""`lmtune inspect`: a task's data profiled against a model's tokenizer (lengths, truncation, unknown tokens, duplicates)."""
+"""`lmtune inspect`: a task's data profiled against a tokenizer (lengths, truncation, unknown tokens, duplicates)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import numpy as np
 
 
 def is_causal_lm(model_config: Any) -> bool:
-    """A checkpoint saved with a language-modelling head (Llama, GPT-2, SmolLM ...), so its perplexity means something."""
+    """Saved with a language-modelling head (Llama, GPT-2, SmolLM ...), so its perplexity means something."""
     architectures = getattr(model_config, "architectures", None) or []
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
