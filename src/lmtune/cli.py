@@ -231,6 +231,63 @@ def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
     console.print(f"table, chart and runs in {folder}")
 
 
+@app.command("inspect")
+def inspect_data(config: Path = typer.Argument(..., help="Run config (YAML)."),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. model.name=..."),
+                 output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for inspect.json and "
+                                                       "the length plot (default: <output.dir>/<config name>-inspect).")
+                 ) -> None:
+    """Profile the data against the model's tokenizer: lengths, truncation, unknown tokens, labels, duplicates."""
+    _setup_logging()
+    from lmtune.inspect_data import inspect, tables
+
+    try:
+        folder, result = inspect(config, overrides, output)
+    except _user_errors() as err:
+        _fail(err)
+    for table in tables(result):
+        console.print(table)
+    console.print(f"inspect.json and length_distribution.png in [bold]{folder}[/]")
+
+
+@app.command("select")
+def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the task and data to choose a model for."),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides."),
+                 candidates: str = typer.Option(..., "--candidates", "-c", help="Comma-separated built-in model "
+                                                "names or local folders, e.g. minilm-l6,smollm2-135m,./my-model."),
+                 sample: int = typer.Option(1000, "--sample", help="Training rows to assess on (stratified)."),
+                 folds: int = typer.Option(5, "--folds", help="Cross-validation folds of the linear probe."),
+                 output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for select.json "
+                                                       "(default: <output.dir>/<config name>-select)."),
+                 then_train: bool = typer.Option(False, "--then-train", help="Then train the config with the winner.")
+                 ) -> None:
+    """Rank candidate pretrained models for the task and data: tokenizer fit, linear probe, perplexity, cost."""
+    _setup_logging()
+    from lmtune.select import select, table
+
+    names = [c.strip() for c in candidates.split(",") if c.strip()]
+    try:
+        result = select(config, names, overrides, sample=sample, folds=folds, output=output)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(table(result))
+    console.print(result.recommendation, highlight=False, markup=False, soft_wrap=True)
+    console.print(f"select.json in [bold]{result.folder}[/]")
+    if then_train:
+        if result.winner is None:
+            _fail(ValueError("--then-train: no candidate could be assessed, nothing to train"))
+        from lmtune.run import train as run_train
+
+        try:
+            trained = run_train(config, [*(overrides or []), f"model.name={result.winner}"])
+        except _user_errors() as err:
+            _fail(err)
+        for split in ("validation", "test"):
+            if split in trained.metrics:
+                console.print(_metrics_table(f"{split} ({result.winner})", trained.metrics[split]))
+        console.print(f"run directory: [bold]{trained.run_dir}[/]")
+
+
 @app.command()
 def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `search:` section."),
            overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every trial."),
