@@ -25,9 +25,36 @@ def write_config(tiny_config: dict, tmp_path, **search) -> str:
     return str(path)
 
 
-def test_search_prunes_resumes_and_writes_the_best_config(tiny_config, tmp_path) -> None:
+def _count_live_models(monkeypatch) -> list[int]:
+    """After each trial's memory release: how many models built by the search so far are still alive."""
+    import gc
+    import weakref
+
+    from lmtune import models
+    from lmtune import search as search_module
+
+    refs, alive = [], []
+    load_model, release = models.load_model, search_module._release_memory
+
+    def tracked_load(*args, **kwargs):
+        model, new = load_model(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        return model, new
+
+    def counted_release(trial):
+        release(trial)
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in refs))
+
+    monkeypatch.setattr(models, "load_model", tracked_load)
+    monkeypatch.setattr(search_module, "_release_memory", counted_release)
+    return alive
+
+
+def test_search_prunes_resumes_and_writes_the_best_config(tiny_config, tmp_path, monkeypatch) -> None:
     import optuna
 
+    alive = _count_live_models(monkeypatch)
     config = write_config(tiny_config, tmp_path)
     folder = tmp_path / "search"
     storage = f"sqlite:///{folder / 'search.db'}"
@@ -39,6 +66,7 @@ def test_search_prunes_resumes_and_writes_the_best_config(tiny_config, tmp_path)
     study.enqueue_trial({"train.lr": 1e-8, "train.schedule": "constant"})
     result = search(config, output=folder)
     assert [(r["number"], r["state"]) for r in result.rows] == [(0, "complete"), (1, "pruned")]
+    assert alive == [0, 0]  # a finished and a pruned trial both let go of their model
     assert (folder / "search.db").is_file()
     pruned = json.loads((folder / "trials" / "1" / "pruned.json").read_text())
     assert pruned["evaluation"] < 3  # stopped before its last (third) evaluation

@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,21 +208,26 @@ def _objective(trial: Any, raw: dict, overrides: list[str], spec: SearchConfig, 
     started = time.perf_counter()
     run = _assignments({**params, "eval.metric": metric, "output.dir": str(folder / "trials"),
                         "output.name": str(trial.number), "output.overwrite": True})
+    value = pruned = None
     try:
-        result = train(raw, overrides + run, callbacks=[_PruneCallback(trial, metric)])
-        return float(result.metrics["validation"][metric])
-    except optuna.TrialPruned as pruned:
+        value = float(train(raw, overrides + run, callbacks=[_PruneCallback(trial, metric)]).metrics["validation"][metric])
+    except optuna.TrialPruned as err:
+        pruned = str(err)
+        traceback.clear_frames(err.__traceback__)  # the run's frames hold its model and optimizer
         # The run directory keeps its config and metrics.jsonl; pruned.json says why it stopped, and the
         # checkpoints (only good for resuming a run nobody will resume) go.
-        write_text(run_dir / "pruned.json", json.dumps({"trial": trial.number, "reason": str(pruned),
+        write_text(run_dir / "pruned.json", json.dumps({"trial": trial.number, "reason": pruned,
                                                          **trial.user_attrs.get("pruned_at", {})}, indent=2))
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         log.info("search: trial %d pruned at %s", trial.number, pruned)
-        raise
     finally:
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
-        result = None
-        _release_memory(trial)
+    # Outside the except block: no live traceback keeps the pruned run's memory (measured on a GPU: a pruned
+    # trial raised from inside the handler left its model allocated until the next trial).
+    _release_memory(trial)
+    if pruned is not None:
+        raise optuna.TrialPruned(pruned)
+    return value
 
 
 def _open_study(name: str, url: str, local: bool, direction: str, spec: SearchConfig, seed: int) -> Any:
