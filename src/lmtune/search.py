@@ -210,7 +210,9 @@ def _objective(trial: Any, raw: dict, overrides: list[str], spec: SearchConfig, 
                         "output.name": str(trial.number), "output.overwrite": True})
     value = pruned = None
     try:
-        value = float(train(raw, overrides + run, callbacks=[_PruneCallback(trial, metric)]).metrics["validation"][metric])
+        result = train(raw, overrides + run, callbacks=[_PruneCallback(trial, metric)])
+        value = float(result.metrics["validation"][metric])
+        del result
     except optuna.TrialPruned as err:
         pruned = str(err)
         traceback.clear_frames(err.__traceback__)  # the run's frames hold its model and optimizer
