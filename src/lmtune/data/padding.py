@@ -5,19 +5,20 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def pad_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, pad_to_multiple_of: int = 1,
-               side: str | None = None) -> dict[str, torch.Tensor]:
+               side: str | None = None) -> dict[str, Any]:
     """Pad the model inputs of `rows` (lists of ints) to one width, a multiple of `pad_to_multiple_of`.
 
     Same result as `tokenizer.pad(..., padding=True, return_tensors="pt")` (tested), several times faster:
     the collate runs once per training step, and for small models it is a large share of the step.
     `side` defaults to the tokenizer's padding side; rows without `attention_mask` get one.
     """
+    import torch  # here, not at import: reading data needs no torch
+
     side = side or tokenizer.padding_side
     lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
     width = int(-(-lengths.max() // pad_to_multiple_of) * pad_to_multiple_of)
