@@ -108,10 +108,11 @@ def _check_weight_format(folder: Path, cfg: ModelConfig) -> None:
                          "loaded; convert them to safetensors or set model.allow_pickle=true if you trust them")
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
+def load_tokenizer(cfg: ModelConfig, folder: Path | None = None) -> Any:
+    """The configured model's tokenizer, or the one saved in `folder` (a run's model, adapter runs too)."""
     from transformers import AutoTokenizer
 
-    folder = resolve_model(cfg.name)
+    folder = folder or resolve_model(cfg.name)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"{folder}: lmtune needs a fast (Rust) tokenizer; this one is {type(tokenizer).__name__}")

@@ -307,7 +307,7 @@ class Predictor:
             model, _ = models.load_model(task.auto_class, model_cfg)
         accelerator = make_accelerator(cfg.train.precision)
         model.to(accelerator.device)
-        self.session = Session(cfg, task, models.load_tokenizer(model_cfg), model, accelerator)
+        self.session = Session(cfg, task, models.load_tokenizer(model_cfg, folder), model, accelerator)
 
     def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
         """Predict for raw inputs (strings, or dicts with the task's input fields)."""
