@@ -100,3 +100,16 @@ def test_tuned_chat_model_answers_and_stops(tiny_decoder_dir: Path, tmp_path: Pa
     tmpl = Instruct(InstructOptions(prompt_template="{text}", answer_choices=["positive", "negative"]),
                     DataConfig(train=str(test)))
     assert tmpl.score_generations(tmpl._read(str(test)), predictor.session.generate)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["imdb_domain", "instruct_sst2", "chat"])
+def test_decoder_example_configs_are_valid(name: str) -> None:
+    from lmtune.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "examples" / f"{name}.yaml")
+    assert cfg.model.name == "smollm2-135m" and cfg.task.name in ("causal_lm", "instruct")
+
+
+def test_chat_sample_reads(tmp_path: Path) -> None:
+    path = Path(__file__).parents[2] / "examples" / "data" / "chat_sample.jsonl"
+    assert len(task(path)._read(str(path))) == 11
