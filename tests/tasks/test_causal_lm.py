@@ -140,3 +140,19 @@ def test_general_text_needs_a_causal_lm(tiny_config: dict, tmp_path: Path) -> No
     tiny_config["eval"] = {"general_text": str(tmp_path / "g.txt")}
     with pytest.raises(ConfigError, match="general_text measures a causal LM"):
         lmtune.train(tiny_config)
+
+
+def test_lora_saves_adapter_only_and_merged_export_generates_the_same(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    cfg = lm_config(tiny_decoder_dir, tmp_path)
+    cfg["method"] = {"name": "lora", "r": 4}
+    cfg["eval"] = {}
+    cfg["train"].update(max_steps=4, lr=2e-2)
+    result = lmtune.train(cfg)
+    assert (result.run_dir / "model" / "adapter_config.json").is_file()
+    assert not any((result.run_dir / "model").glob("model*.safetensors"))
+    predictor = lmtune.load(result.run_dir)
+    prompts = ["the film", "bad drug , awful"]
+    tuned = [o["generated"] for o in predictor.predict(prompts)]
+    merged = lmtune.run.export(result.run_dir, tmp_path / "merged")
+    tokenizer, model = load(merged)
+    assert lm_common.generate(model, tokenizer, prompts, predictor.session.task.options, "cpu") == tuned

@@ -113,3 +113,13 @@ def test_decoder_example_configs_are_valid(name: str) -> None:
 def test_chat_sample_reads(tmp_path: Path) -> None:
     path = Path(__file__).parents[2] / "examples" / "data" / "chat_sample.jsonl"
     assert len(task(path)._read(str(path))) == 11
+
+
+def test_predict_inputs_for_a_template_task() -> None:
+    t = Instruct(InstructOptions(prompt_template="Review: {sentence}"), DataConfig(label_column="label"))
+    chats = t.from_texts(["nice", {"sentence": "bad", "messages": None},
+                          {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}])
+    assert chats == [[{"role": "user", "content": "Review: nice"}], [{"role": "user", "content": "Review: bad"}],
+                     [{"role": "user", "content": "hi"}]]
+    with pytest.raises(DataError, match=r"input, row 1, field 'messages\[0\].role': unknown role 'bot'"):
+        t.from_texts([{"messages": [{"role": "bot", "content": "hi"}]}])

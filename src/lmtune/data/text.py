@@ -21,11 +21,13 @@ def is_plain_text(path: str | Path) -> bool:
 
 
 def read_documents(path: str, column: str = "text", documents: Literal["line", "blank_line"] = "line",
-                   fmt: str | None = None, on_bad_rows: str = "error") -> datasets.Dataset:
+                   fmt: str | None = None, on_bad_rows: str = "error", skipped: list[str] | None = None
+                   ) -> datasets.Dataset:
     """Documents (columns `text`, `_row`) from a .txt file or a table's text column.
 
     A .txt file holds one document per line (`line`) or paragraphs separated by blank lines (`blank_line`);
-    blank lines never make documents. `_row` is the line a document starts on (1-based)."""
+    blank lines never make documents. `_row` is the line a document starts on (1-based). Rows dropped under
+    on_bad_rows=skip are described in `skipped` when given."""
     file = resolve_path(path)
     if fmt is None and is_plain_text(file):
         return datasets.Dataset.from_list(_text_documents(file, path, documents), features=datasets.Features(
@@ -39,7 +41,9 @@ def read_documents(path: str, column: str = "text", documents: Literal["line", "
             return column, "missing text" if value is None else f"text must be a string, got {type(value).__name__}"
         return (column, "empty text") if not value.strip() else None
 
-    ds, _ = apply_row_checks(ds, str(path), check, on_bad_rows)
+    ds, messages = apply_row_checks(ds, str(path), check, on_bad_rows)
+    if skipped is not None:
+        skipped += messages
     return ds.map(lambda b: {"text": b[column], "_row": b["_row"]}, batched=True, remove_columns=ds.column_names)
 
 

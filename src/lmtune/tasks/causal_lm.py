@@ -54,28 +54,25 @@ class CausalLM:
         self.encode_report: dict[str, Any] = {}
 
     # ---- data ------------------------------------------------------------------------------------
-    def _read(self, path: str) -> Any:
+    def _read(self, path: str, skipped: list[str] | None = None) -> Any:
         return read_documents(path, self.data.text_column, self.options.documents, self.data.format,
-                              self.data.on_bad_rows)
+                              self.data.on_bad_rows, skipped)
 
     def load_splits(self, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = self.data
         if not cfg.train:
             raise DataError("data.train", "no training file given (set data.train)")
         self.seed = seed
-        train = self._read(cfg.train)
+        skipped: dict[str, list[str]] = {"train": []}
+        train = self._read(cfg.train, skipped["train"])
         splits: dict[str, Any] = {}
         for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation,
                                                                        cfg.validation_size)):
             if path:
-                splits[name] = self._read(path)
+                splits[name] = self._read(path, skipped.setdefault(name, []))
             elif size:
                 train, splits[name] = split_off(train, int(size) if size >= 1 else size, seed, None)
-        if cfg.max_train_samples and cfg.max_train_samples < len(train):
-            train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
-        for name in list(splits):
-            if cfg.max_eval_samples and cfg.max_eval_samples < len(splits[name]):
-                splits[name] = splits[name].shuffle(seed=seed).select(range(cfg.max_eval_samples))
+        splits, train = lm_common.subsets(splits, train, cfg, seed)
         if cfg.replay:
             replay = read_documents(cfg.replay.path, documents=self.options.documents)
             train = train.add_column("replay", [False] * len(train))
@@ -83,7 +80,9 @@ class CausalLM:
 
             train = datasets.concatenate_datasets([train, replay.add_column("replay", [True] * len(replay))])
         splits["train"] = train
-        report = {"documents": {k: len(v) for k, v in splits.items()}}
+        report = {"rows": {k: len(v) for k, v in splits.items()}, "unit": "documents",
+                  "skipped_rows": {k: len(v) for k, v in skipped.items()},
+                  "skipped_examples": [m for v in skipped.values() for m in v][:20]}
         return splits, report
 
     def load_eval_file(self, path: str) -> Any:

@@ -81,6 +81,8 @@ class Instruct:
     def _to_messages(self, row: dict, columns: list[str]) -> Any:
         """A row as a chat (list of turns), or a (field, message) problem."""
         opts, cfg = self.options, self.data
+        if "messages" in columns:
+            return row["messages"]
         if opts.prompt_template:
             fields = [f for _, f, _, _ in string.Formatter().parse(opts.prompt_template) if f]
             for name in fields + [cfg.label_column]:
@@ -91,8 +93,6 @@ class Instruct:
             label = (cfg.label_map or {}).get(label, (cfg.label_map or {}).get(str(label), str(label)))
             return [{"role": "user", "content": opts.prompt_template.format(**{f: row[f] for f in fields})},
                     {"role": "assistant", "content": str(label)}]
-        if "messages" in columns:
-            return row["messages"]
         for name in ("instruction", "output"):
             if not isinstance(row.get(name), str) or not row[name].strip():
                 return name, "empty content" if row.get(name) is None or isinstance(row.get(name), str) \
@@ -101,7 +101,7 @@ class Instruct:
         user = row["instruction"].strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
-    def _read(self, path: str) -> Any:
+    def _read(self, path: str, skipped: list[str] | None = None) -> Any:
         ds = read_table(resolve_path(path), self.data.format)
         columns = ds.column_names
         if not self.options.prompt_template and "messages" not in columns and not {"instruction", "output"} <= set(columns):
@@ -113,7 +113,9 @@ class Instruct:
             chat = self._to_messages(row, columns)
             return chat if isinstance(chat, tuple) else _check_messages(chat)
 
-        ds, _ = apply_row_checks(ds, path, check, self.data.on_bad_rows)
+        ds, messages = apply_row_checks(ds, path, check, self.data.on_bad_rows)
+        if skipped is not None:
+            skipped += messages
         return ds.map(lambda row: {"messages": self._to_messages(row, columns), "_row": row["_row"], "_file": path},
                       remove_columns=columns)
 
@@ -123,21 +125,20 @@ class Instruct:
             raise DataError("data.train", "no training file given (set data.train)")
         if cfg.replay:
             raise DataError("data.replay", "replay is supported by the causal_lm task only")
-        train = self._read(cfg.train)
+        skipped: dict[str, list[str]] = {"train": []}
+        train = self._read(cfg.train, skipped["train"])
         splits: dict[str, Any] = {}
         for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation,
                                                                        cfg.validation_size)):
             if path:
-                splits[name] = self._read(path)
+                splits[name] = self._read(path, skipped.setdefault(name, []))
             elif size:
                 train, splits[name] = split_off(train, int(size) if size >= 1 else size, seed, None)
-        if cfg.max_train_samples and cfg.max_train_samples < len(train):
-            train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
-        for name in list(splits):
-            if cfg.max_eval_samples and cfg.max_eval_samples < len(splits[name]):
-                splits[name] = splits[name].shuffle(seed=seed).select(range(cfg.max_eval_samples))
+        splits, train = lm_common.subsets(splits, train, cfg, seed)
         splits["train"] = train
-        return splits, {"rows": {k: len(v) for k, v in splits.items()}}
+        return splits, {"rows": {k: len(v) for k, v in splits.items()},
+                        "skipped_rows": {k: len(v) for k, v in skipped.items()},
+                        "skipped_examples": [m for v in skipped.values() for m in v][:20]}
 
     def load_eval_file(self, path: str) -> Any:
         return self._read(path)
@@ -147,7 +148,8 @@ class Instruct:
         prompt template's fields; a chat ending with an assistant reply is answered from the turns before it."""
         chats = []
         for i, record in enumerate(records, 1):
-            row = record if isinstance(record, dict) else {"text": record}
+            # Rows of one JSONL file share their keys: a key this row lacks comes as None.
+            row = {k: v for k, v in record.items() if v is not None} if isinstance(record, dict) else {"text": record}
             if self.options.prompt_template and "messages" not in row:
                 fields = [f for _, f, _, _ in string.Formatter().parse(self.options.prompt_template) if f]
                 if "text" in row and len(fields) == 1:

@@ -74,6 +74,16 @@ def packed_dataset(docs: list[list[int]], max_length: int) -> Any:
                                        "length": [len(r["input_ids"]) for r in rows]})
 
 
+def subsets(splits: dict[str, Any], train: Any, cfg: Any, seed: int) -> tuple[dict[str, Any], Any]:
+    """data.max_train_samples / max_eval_samples: seeded random subsets (no labels to stratify on)."""
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
+    for name in list(splits):
+        if cfg.max_eval_samples and cfg.max_eval_samples < len(splits[name]):
+            splits[name] = splits[name].shuffle(seed=seed).select(range(cfg.max_eval_samples))
+    return splits, train
+
+
 def collate_rows(tokenizer: Any, pad_to_multiple_of: int) -> Callable[[list[dict]], dict]:
     """Batches of token rows, right padded; rows may carry `position_ids` (packed documents) and `labels`.
 
