@@ -123,3 +123,17 @@ def test_predict_inputs_for_a_template_task() -> None:
                      [{"role": "user", "content": "hi"}]]
     with pytest.raises(DataError, match=r"input, row 1, field 'messages\[0\].role': unknown role 'bot'"):
         t.from_texts([{"messages": [{"role": "bot", "content": "hi"}]}])
+
+
+def test_replay_adds_general_text_rows_with_full_loss(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"}]}] * 10
+    general = tmp_path / "general.txt"
+    general.write_text("the story of one people in the year\nmusic and acting at night\n" * 10, encoding="utf-8")
+    t = Instruct(InstructOptions(), DataConfig(train=str(write_jsonl(tmp_path / "c.jsonl", rows)), validation_size=2,
+                                               test_size=0, replay={"path": str(general), "ratio": 0.25}))
+    splits, _ = t.load_splits(0)
+    assert len(splits["validation"]) == 2 and len(splits["train"]) == 8 + 20
+    features = t.encode(splits["train"], tokenizer_of(tiny_decoder_dir), 64)
+    replay = t.encode_report["replay"]
+    assert 0.2 < replay["share"] < 0.4 and len(features) == 8 + replay["documents"]
+    assert features["labels"][-1] == features["input_ids"][-1]  # plain text: every token is a target

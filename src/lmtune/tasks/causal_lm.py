@@ -23,23 +23,6 @@ class CausalLMOptions(GenerationOptions):
     """In .txt files: one document per line, or documents separated by blank lines."""
 
 
-def choose_replay(task_tokens: int, replay: list[list[int]], ratio: float, seed: int) -> list[list[int]]:
-    """Replay documents, in seeded random order, until they hold `ratio` of all training tokens."""
-    wanted = ratio / (1 - ratio) * task_tokens
-    order = list(range(len(replay)))
-    random.Random(seed).shuffle(order)
-    chosen, total = [], 0
-    for i in order:
-        if total >= wanted:
-            break
-        chosen.append(replay[i])
-        total += len(replay[i])
-    if total < wanted:
-        log.warning("data.replay: its file holds %d tokens, fewer than the %d a ratio of %.2f asks for; "
-                    "all of it is used", total, int(wanted), ratio)
-    return chosen
-
-
 @register_task("causal_lm")
 class CausalLM:
     Options = CausalLMOptions
@@ -115,7 +98,7 @@ class CausalLM:
         task = lm_common.tokenize_documents([t for t, r in zip(texts, flags) if not r], tokenizer)
         replay = lm_common.tokenize_documents([t for t, r in zip(texts, flags) if r], tokenizer)
         task_tokens = sum(map(len, task))
-        chosen = choose_replay(task_tokens, replay, self.data.replay.ratio, self.seed)
+        chosen = lm_common.choose_replay(task_tokens, replay, self.data.replay.ratio, self.seed)
         replay_tokens = sum(map(len, chosen))
         self.encode_report["replay"] = {"documents": len(chosen), "tokens": replay_tokens, "task_tokens": task_tokens,
                                         "share": round(replay_tokens / max(1, replay_tokens + task_tokens), 4)}

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from lmtune.config import DataConfig
 from lmtune.data import DataError, apply_row_checks, read_table, resolve_path, split_off
+from lmtune.data.text import read_documents
 from lmtune.registry import register_task
 from lmtune.tasks import lm_common
 from lmtune.tasks.lm_common import GenerationOptions
@@ -75,7 +76,7 @@ class Instruct:
     def __init__(self, options: InstructOptions, data: DataConfig, labels: list[str] | None = None):
         self.options, self.data = options, data
         self.encode_report: dict[str, Any] = {}
-        self.tokenizer: Any = None
+        self.seed = 0
 
     # ---- data ------------------------------------------------------------------------------------
     def _to_messages(self, row: dict, columns: list[str]) -> Any:
@@ -123,8 +124,6 @@ class Instruct:
         cfg = self.data
         if not cfg.train:
             raise DataError("data.train", "no training file given (set data.train)")
-        if cfg.replay:
-            raise DataError("data.replay", "replay is supported by the causal_lm task only")
         skipped: dict[str, list[str]] = {"train": []}
         train = self._read(cfg.train, skipped["train"])
         splits: dict[str, Any] = {}
@@ -135,10 +134,23 @@ class Instruct:
             elif size:
                 train, splits[name] = split_off(train, int(size) if size >= 1 else size, seed, None)
         splits, train = lm_common.subsets(splits, train, cfg, seed)
-        splits["train"] = train
+        self.seed = seed
+        splits["train"] = self._with_replay(train) if cfg.replay else train
         return splits, {"rows": {k: len(v) for k, v in splits.items()},
                         "skipped_rows": {k: len(v) for k, v in skipped.items()},
                         "skipped_examples": [m for v in skipped.values() for m in v][:20]}
+
+    def _with_replay(self, train: Any) -> Any:
+        """Training chats plus every replay document (as `replay_text`); `encode` picks the share to use."""
+        import datasets
+
+        docs = read_documents(self.data.replay.path)
+        train = train.add_column("replay_text", [None] * len(train)).cast_column("replay_text",
+                                                                                datasets.Value("string"))
+        replay = datasets.Dataset.from_dict({"messages": [None] * len(docs), "_row": docs["_row"][:],
+                                             "_file": [self.data.replay.path] * len(docs),
+                                             "replay_text": docs["text"][:]}, features=train.features)
+        return datasets.concatenate_datasets([train, replay])
 
     def load_eval_file(self, path: str) -> Any:
         return self._read(path)
@@ -209,7 +221,10 @@ class Instruct:
         rows: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
         files = ds["_file"][:] if "_file" in ds.column_names else ["input"] * len(ds)
         counts: dict[str, dict[str, int]] = {}
+        replay = [t for t in ds["replay_text"][:] if t is not None] if "replay_text" in ds.column_names else []
         for messages, file in zip(ds["messages"][:], files):
+            if messages is None:  # a replay document, added below
+                continue
             ids, labels = self._tokenize(tokenizer, messages)
             count = counts.setdefault(file, {"examples": 0, "truncated": 0, "dropped": 0})
             count["examples"] += 1
@@ -232,7 +247,23 @@ class Instruct:
                             count["dropped"] + count["truncated"], count["examples"], max_length,
                             count["truncated"], count["dropped"])
         self.encode_report.setdefault("too_long", {}).update(counts)
+        if replay:
+            self._add_replay(rows, replay, tokenizer, max_length)
         return datasets.Dataset.from_dict(rows)
+
+    def _add_replay(self, rows: dict[str, list], texts: list[str], tokenizer: Any, max_length: int) -> None:
+        """General-text rows (loss on every token) holding data.replay.ratio of the training tokens."""
+        task_tokens = sum(rows["length"])
+        docs = lm_common.tokenize_documents(texts, tokenizer)
+        chosen = [d[:max_length] for d in lm_common.choose_replay(task_tokens, docs, self.data.replay.ratio,
+                                                                   self.seed)]
+        for ids in chosen:
+            rows["input_ids"].append(ids)
+            rows["labels"].append(ids)
+            rows["length"].append(len(ids))
+        tokens = sum(map(len, chosen))
+        self.encode_report["replay"] = {"documents": len(chosen), "tokens": tokens, "task_tokens": task_tokens,
+                                        "share": round(tokens / max(1, tokens + task_tokens), 4)}
 
     def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
         return lm_common.collate_rows(tokenizer, pad_to_multiple_of)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 import re
 import string
 from typing import Any, Callable, Iterable
@@ -11,6 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lmtune.data.text import pack
+
+log = logging.getLogger("lmtune")
 
 
 class GenerationOptions(BaseModel):
@@ -82,6 +86,23 @@ def subsets(splits: dict[str, Any], train: Any, cfg: Any, seed: int) -> tuple[di
         if cfg.max_eval_samples and cfg.max_eval_samples < len(splits[name]):
             splits[name] = splits[name].shuffle(seed=seed).select(range(cfg.max_eval_samples))
     return splits, train
+
+
+def choose_replay(task_tokens: int, replay: list[list[int]], ratio: float, seed: int) -> list[list[int]]:
+    """Replay documents, in seeded random order, until they hold `ratio` of all training tokens."""
+    wanted = ratio / (1 - ratio) * task_tokens
+    order = list(range(len(replay)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for i in order:
+        if total >= wanted:
+            break
+        chosen.append(replay[i])
+        total += len(replay[i])
+    if total < wanted:
+        log.warning("data.replay: its file holds %d tokens, fewer than the %d a ratio of %.2f asks for; "
+                    "all of it is used", total, int(wanted), ratio)
+    return chosen
 
 
 def collate_rows(tokenizer: Any, pad_to_multiple_of: int) -> Callable[[list[dict]], dict]:

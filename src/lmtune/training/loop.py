@@ -250,7 +250,8 @@ class _StageRun:
             for batch in loader:
                 rows = batches[state.batch]
                 # Gradients of one optimizer step come from a window of grad_accum batches (shorter at the
-                # end of an epoch); dividing by the window size makes the step the mean over its batches.
+                # end of an epoch); dividing by the window size makes the step the mean over its batches, or
+                # with job.count_targets the mean over every target token of the window (see window_scales).
                 window_start = (state.batch // cfg.grad_accum) * cfg.grad_accum
                 window = min(window_start + cfg.grad_accum, len(batches)) - window_start
                 state.batch += 1
