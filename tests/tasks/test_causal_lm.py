@@ -31,8 +31,23 @@ def test_pack_restarts_positions_and_splits_long_documents() -> None:
     assert [r["position_ids"] for r in rows] == [[0, 1, 2, 0], [0, 1, 2, 3], [0]]
 
 
-def test_packed_batch_does_not_attend_across_documents(tiny_decoder_dir: Path) -> None:
+def other_geometry(name: str, vocab_size: int):
+    """A tiny random GPT-2 or Qwen2 in memory: the mask must work beyond Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("geometry", ["llama", "gpt2", "qwen2"])
+def test_packed_batch_does_not_attend_across_documents(geometry: str, tiny_decoder_dir: Path) -> None:
     tokenizer, model = load(tiny_decoder_dir)
+    if geometry != "llama":
+        model = other_geometry(geometry, len(tokenizer))
     docs = lm_common.tokenize_documents(DOCS, tokenizer)
     rows = pack(docs, 16)
     batch = lm_common.collate_rows(tokenizer, 8)(rows)

@@ -137,3 +137,15 @@ def test_replay_adds_general_text_rows_with_full_loss(tiny_decoder_dir: Path, tm
     replay = t.encode_report["replay"]
     assert 0.2 < replay["share"] < 0.4 and len(features) == 8 + replay["documents"]
     assert features["labels"][-1] == features["input_ids"][-1]  # plain text: every token is a target
+
+
+def test_generation_pads_with_eos_when_the_tokenizer_has_no_pad(tiny_decoder_dir: Path) -> None:
+    from lmtune.tasks.lm_common import generate
+
+    tok = tokenizer_of(tiny_decoder_dir)
+    tok.pad_token = None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder_dir)
+    out = generate(model, tok, ["the film", "bad drug , awful night"], InstructOptions(max_new_tokens=3), "cpu")
+    assert len(out) == 2 and tok.pad_token is None and tok.padding_side == "right"

@@ -175,8 +175,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], options: Generation
              device: Any) -> list[str]:
     """Continuations of `prompts` (already formatted), batched with left padding; special tokens dropped."""
     texts: list[str] = []
-    side = tokenizer.padding_side
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"  # generated tokens must follow each prompt directly
+    if pad is None:  # GPT-2 and others have no pad token: pad with EOS (masked out anyway)
+        tokenizer.pad_token = tokenizer.eos_token
     was_training = model.training
     model.eval()
     stops = stop_token_ids(tokenizer)
@@ -193,6 +195,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], options: Generation
             texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
         model.train(was_training)
     return texts
 
