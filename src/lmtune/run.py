@@ -99,6 +99,13 @@ class Session:
     def evaluate(self, features: Any, model: Any | None = None) -> tuple[dict[str, float], dict[str, Any]]:
         return self.task.evaluate(self.outputs(features, model), features)
 
+    def generate(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        """Predictions of a generating task (causal LMs) for inputs from its `from_texts`."""
+        return self.task.generate(self.model, self.tokenizer, inputs, self.accelerator.device)
+
+    def score_generations(self, ds: Any) -> dict[str, Any]:
+        return self.task.score_generations(ds, self.generate) if hasattr(self.task, "score_generations") else {}
+
 
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False,
           callbacks: list[Callable] | None = None) -> RunResult:
@@ -138,6 +145,12 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
         session = Session(cfg, task, tokenizer, model, accelerator)
         features = {name: session.encode(ds) for name, ds in splits.items()}
+    data_report.update(getattr(task, "encode_report", {}))
+    if cfg.eval.general_text or getattr(cfg.task, "eval_generate", False):
+        model.to(accelerator.device)  # measured before training: where it will train
+    probe = _general_text_probe(cfg, session)
+    generate_test = getattr(cfg.task, "eval_generate", False) and "test" in splits and cfg.eval.test
+    before = session.score_generations(splits["test"]) if generate_test else None
     method = METHODS[cfg.method.name]
     info = TaskInfo(head_names=head_names(model, new_weights), epochs=cfg.train.epochs)
     if hasattr(method, "prepare"):  # methods that wrap the model (peft adapters)
@@ -148,7 +161,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     job = Job(model=model, stages=stages, train_set=features["train"], collate=session.collate,
               evaluate=(lambda m: session.evaluate(features["validation"], m)[0]) if has_validation else None,
               metric=metric, greater_is_better=task.greater_is_better(metric), run_dir=run_dir,
-              callbacks=list(callbacks or []), loss=_training_loss(cfg, task))
+              callbacks=list(callbacks or []), loss=_training_loss(cfg, task),
+              count_targets=getattr(task, "count_targets", None))
     started = time.perf_counter()
     state = fit(job, cfg.train, accelerator, resume=resume)
     train_seconds = sum(state.stage_seconds.values())
@@ -160,6 +174,11 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         if name in features and len(features[name]) and (name != "test" or cfg.eval.test):
             scalars, details = session.evaluate(features[name])
             results[name] = {**scalars, **details}
+    if before is not None:
+        results["test"]["generation"] = session.score_generations(splits["test"])
+        results["test"]["generation_before_training"] = before
+    if probe is not None:
+        results["forgetting"] = probe()
     trainable, total = count_params(model, {n for s in stages for n in s.trainable})
     metrics = {
         "run": run_dir.name, "task": cfg.task.name, "method": cfg.method.name, "model": cfg.model.name,
@@ -180,6 +199,36 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         _save_outputs(run_dir, model, tokenizer, task, metrics, metric)
     accelerator.wait_for_everyone()
     return RunResult(run_dir, metrics)
+
+
+def _general_text_probe(cfg: RunConfig, session: Session) -> Callable[[], dict[str, Any]] | None:
+    """Perplexity on general text now (before training); the returned call measures it again after."""
+    if not cfg.eval.general_text:
+        return None
+    from lmtune.data.text import read_documents
+    from lmtune.tasks.lm_common import text_perplexity
+
+    if not type(session.model).__name__.endswith("ForCausalLM"):
+        raise ConfigError(f"eval.general_text measures a causal LM's perplexity; the {cfg.task.name} task's "
+                          f"model is a {type(session.model).__name__}: remove eval.general_text")
+    texts = read_documents(cfg.eval.general_text)["text"][:cfg.eval.general_text_max_documents]
+
+    def measure() -> float:
+        return text_perplexity(session.model, session.tokenizer, texts, session.max_length, session.batch_size,
+                               session.accelerator)["perplexity"]
+
+    before = measure()
+    log.info("forgetting probe: perplexity on %s before training: %.3f", cfg.eval.general_text, before)
+
+    def after() -> dict[str, Any]:
+        value = measure()
+        change = (value - before) / before
+        log.info("forgetting probe: perplexity on %s %.3f before, %.3f after training (%+.1f%%)",
+                 cfg.eval.general_text, before, value, 100 * change)
+        return {"general_text": cfg.eval.general_text, "documents": len(texts), "perplexity_before": before,
+                "perplexity_after": value, "relative_change": change}
+
+    return after
 
 
 def _diagnose(run_dir: Path, cfg: RunConfig, metric: str, task: Any) -> dict[str, Any]:
@@ -258,19 +307,23 @@ class Predictor:
             model, _ = models.load_model(task.auto_class, model_cfg)
         accelerator = make_accelerator(cfg.train.precision)
         model.to(accelerator.device)
-        self.session = Session(cfg, task, models.load_tokenizer(model_cfg), model, accelerator)
+        self.session = Session(cfg, task, models.load_tokenizer(model_cfg, folder), model, accelerator)
 
     def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
         """Predict for raw inputs (strings, or dicts with the task's input fields)."""
         task = self.session.task
+        if hasattr(task, "generate"):
+            return self.session.generate(task.from_texts(list(inputs)))
         features = self.session.encode(task.from_texts(list(inputs)))
         return task.postprocess(self.session.outputs(features), len(features))
 
     def evaluate(self, path: str | Path) -> dict[str, Any]:
         """Score the model on a labelled file in the same format as the training data."""
-        features = self.session.encode(self.session.task.load_eval_file(str(path)))
+        raw = self.session.task.load_eval_file(str(path))
+        features = self.session.encode(raw)
         scalars, details = self.session.evaluate(features)
-        return {**scalars, **details, "rows": len(features)}
+        generation = self.session.score_generations(raw)
+        return {**scalars, **details, "rows": len(features), **({"generation": generation} if generation else {})}
 
 
 def is_adapter(model: Any) -> bool:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.methods import ParamGroup, Stage, TaskInfo, no_head_error
 from lmtune.registry import register_method
 
 
@@ -31,5 +31,5 @@ class Head:
         names = {n for n, _ in model.named_parameters()}
         head = [n for n in info.head_names if n in names]
         if not head:
-            raise ValueError("method 'head' found no task-head parameters to train in this model")
+            raise no_head_error(model, "head")
         return [Stage("head", [ParamGroup(head, lr=options.lr)], cache_features=options.cache_features)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.methods import no_head_error, ParamGroup, Stage, TaskInfo
 from lmtune.methods.common import FineTuneOptions, fine_tune_stages
 from lmtune.registry import register_method
 
@@ -33,7 +33,7 @@ class LpFt:
         names = {n for n, _ in model.named_parameters()}
         head = [n for n in info.head_names if n in names]
         if not head:
-            raise ValueError("method 'lp_ft' found no task-head parameters to probe")
+            raise no_head_error(model, "lp_ft")
         probe = Stage("probe", [ParamGroup(head, lr=options.probe_lr)], epochs=options.probe_epochs,
                       cache_features=options.cache_features)
         return [probe] + fine_tune_stages(model, info, options, "fine-tune", lr=options.lr, epochs=options.epochs)

@@ -41,6 +41,9 @@ class Partial:
             body = [n for n in p.backbone if n.endswith("bias")]
         else:
             body = [n for layer in p.layers for n in layer] + p.rest
+        if not body and not p.head:
+            raise ValueError(f"method partial (train={options.train}): this {type(model).__name__} has no such "
+                             "parameters to train" + (" (it has no biases)" if options.train == "bias" else ""))
         groups = [ParamGroup(body, lr=options.lr), ParamGroup(p.head, lr=options.head_lr or options.lr)]
         return [Stage(f"partial-{options.train}", [g for g in groups if g.names])]
 

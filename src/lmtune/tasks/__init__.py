@@ -23,11 +23,22 @@ loading a finished run). It provides, duck-typed (no base class):
 - `cross_entropy_targets`: (model output, batch key) pairs whose training loss is cross-entropy over the
   last axis of the output (targets -100 ignored); `train.label_smoothing` recomputes the loss from them.
   Empty when the loss is something else (multi-label: sigmoid per label).
+
+Optional, for tasks that need them:
+- `count_targets(batch) -> int tensor`: the tokens a batch's loss averages over; the loop then weights each
+  micro-batch so an optimizer step's loss is the mean over every target token of its accumulation window.
+- `generate(model, tokenizer, inputs, device) -> list[dict]`: predictions made by generating text (used by
+  `Predictor.predict` instead of `encode` -> forward -> `postprocess`; `inputs` come from `from_texts`).
+- `score_generations(ds, generate) -> dict | None`: metrics of generations for the raw examples `ds`
+  (from `load_splits`/`load_eval_file`); `generate(inputs) -> list[dict]` wraps the model.
+- `encode_report`: a dict filled by `encode` (dropped / truncated examples), added to the data report.
 """
 
 from lmtune.registry import TASKS, register_task
 from lmtune.tasks import classification  # noqa: F401  (registers the built-in task)
 from lmtune.tasks import ner  # noqa: F401
 from lmtune.tasks import qa  # noqa: F401
+from lmtune.tasks import causal_lm  # noqa: F401
+from lmtune.tasks import instruct  # noqa: F401
 
 __all__ = ["TASKS", "register_task"]

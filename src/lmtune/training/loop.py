@@ -43,6 +43,17 @@ class Job:
     # that an evaluation just happened (a pruner reads them). An exception raised here stops the run.
     callbacks: list[Callable[[LoopState], None]] = field(default_factory=list)
     loss: Callable[[Any, dict], torch.Tensor] | None = None  # (outputs, batch) -> training loss; None: outputs.loss
+    # batch -> number of targets its (mean) loss averages over; given, a step's loss is the mean over every
+    # target of its accumulation window (token-level LM losses) instead of the mean of its batches' means.
+    count_targets: Callable[[dict], torch.Tensor] | None = None
+
+
+def window_scales(counts: torch.Tensor, accelerator: Any) -> torch.Tensor:
+    """Per micro-batch weights of its mean loss so that the window's loss is sum(token losses) / all targets.
+
+    Counted over every process: DDP averages gradients over processes, hence the factor num_processes."""
+    total = accelerator.reduce(counts.sum(), "sum") if accelerator.num_processes > 1 else counts.sum()
+    return counts * accelerator.num_processes / total.clamp(min=1)
 
 
 def cross_entropy_loss(targets: list[tuple[str, str]], label_smoothing: float) -> Callable[[Any, dict], torch.Tensor]:
@@ -226,6 +237,7 @@ class _StageRun:
         self.model.train()
         running = torch.zeros((), device=self.acc.device)  # loss summed on device: no host sync per step
         since_log, stop, postfix = 0, state.stage_done, {}
+        pending: list[tuple[dict, list[int]]] = []  # the window's batches: weights need all of them
         while not stop and state.epoch < self.epochs:
             batches = train_batches(self.lengths, cfg.batch_size, seed=cfg.seed + 7919 * self.index,
                                     epoch=state.epoch, group_by_length=cfg.group_by_length,
@@ -240,16 +252,18 @@ class _StageRun:
             for batch in loader:
                 rows = batches[state.batch]
                 # Gradients of one optimizer step come from a window of grad_accum batches (shorter at the
-                # end of an epoch); dividing by the window size makes the step the mean over its batches.
+                # end of an epoch); dividing by the window size makes the step the mean over its batches, or
+                # with job.count_targets the mean over every target token of the window (see window_scales).
                 window_start = (state.batch // cfg.grad_accum) * cfg.grad_accum
                 window = min(window_start + cfg.grad_accum, len(batches)) - window_start
                 state.batch += 1
                 state.examples += len(rows)
                 state.tokens += sum(self.lengths[i] for i in rows)
-                last_micro = state.batch == window_start + window
-                running += self._backward(batch, rows, window, sync=last_micro)
-                if not last_micro:
+                pending.append((batch, rows))
+                if state.batch < window_start + window:
                     continue
+                running += self._backward_window(pending, window)
+                pending.clear()
                 self._optimizer_step()
                 since_log += 1
                 bar.update(1)
@@ -279,19 +293,30 @@ class _StageRun:
                 if stop or end_of_epoch:
                     break
 
-    def _backward(self, batch: dict, rows: list[int], window: int, sync: bool) -> torch.Tensor:
+    def _backward_window(self, pending: list[tuple[dict, list[int]]], window: int) -> torch.Tensor:
+        """Backward over one accumulation window; gradients are synchronised on its last batch only."""
+        scales: Any = [1 / window] * len(pending)
+        if self.job.count_targets is not None:
+            counts = torch.stack([torch.as_tensor(self.job.count_targets(b)) for b, _ in pending]).to(self.acc.device)
+            scales = window_scales(counts.float(), self.acc)
+        total = torch.zeros((), device=self.acc.device)
+        for i, (batch, rows) in enumerate(pending):
+            total += self._backward(batch, rows, scales[i], window, sync=i == len(pending) - 1)
+        return total
+
+    def _backward(self, batch: dict, rows: list[int], scale: Any, window: int, sync: bool) -> torch.Tensor:
         if self.cache is not None:  # the mask on the host: the cache places rows without a device sync
             self.cache.current = (self.job.train_set._fingerprint, rows, batch["attention_mask"])
         batch = to_device(batch, self.acc.device)
         with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
             outputs = self.model(**batch)
             loss = outputs.loss if self.job.loss is None else self.job.loss(outputs, batch)
+            loss = loss * scale
             penalty = getattr(self.stage, "penalty", None)
             if penalty is not None:  # e.g. L2-SP: added once per optimizer step, spread over its batches
                 value = penalty(self.acc.unwrap_model(self.model))
                 self.penalty_sum += value.detach() / window
-                loss = loss + value
-            loss = loss / window
+                loss = loss + value / window
             self.acc.backward(loss)
         return loss.detach()
 

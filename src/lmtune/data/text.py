@@ -1,0 +1,97 @@
+"""Raw text for language modelling: documents from .txt files or text columns, and packing into rows."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import datasets
+
+from lmtune.data.checks import apply_row_checks
+from lmtune.data.errors import DataError
+from lmtune.data.readers import read_table, require_columns, resolve_path
+
+TEXT_SUFFIXES = (".txt", ".tokens", ".text")
+
+
+def is_plain_text(path: str | Path) -> bool:
+    name = str(path).lower().removesuffix(".gz")
+    return name.endswith(TEXT_SUFFIXES)
+
+
+def read_documents(path: str, column: str = "text", documents: Literal["line", "blank_line"] = "line",
+                   fmt: str | None = None, on_bad_rows: str = "error", skipped: list[str] | None = None
+                   ) -> datasets.Dataset:
+    """Documents (columns `text`, `_row`) from a .txt file or a table's text column.
+
+    A .txt file holds one document per line (`line`) or paragraphs separated by blank lines (`blank_line`);
+    blank lines never make documents. `_row` is the line a document starts on (1-based). Rows dropped under
+    on_bad_rows=skip are described in `skipped` when given."""
+    file = resolve_path(path)
+    if fmt is None and is_plain_text(file):
+        return datasets.Dataset.from_list(_text_documents(file, path, documents), features=datasets.Features(
+            {"text": datasets.Value("string"), "_row": datasets.Value("int64")}))
+    ds = read_table(file, fmt)
+    require_columns(ds, str(path), [column])
+
+    def check(row: dict) -> tuple[str, str] | None:
+        value = row[column]
+        if not isinstance(value, str):
+            return column, "missing text" if value is None else f"text must be a string, got {type(value).__name__}"
+        return (column, "empty text") if not value.strip() else None
+
+    ds, messages = apply_row_checks(ds, str(path), check, on_bad_rows)
+    if skipped is not None:
+        skipped += messages
+    return ds.map(lambda b: {"text": b[column], "_row": b["_row"]}, batched=True, remove_columns=ds.column_names)
+
+
+def _text_documents(file: Path, shown: str, documents: str) -> list[dict[str, Any]]:
+    if not file.is_file():
+        raise DataError(shown, "file not found" if not file.exists() else "is a directory, expected a text file")
+    opener = gzip.open if file.suffix == ".gz" else open
+    try:
+        with opener(file, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(shown, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    docs: list[dict[str, Any]] = []
+    if documents == "line":
+        docs = [{"text": line.strip(), "_row": i} for i, line in enumerate(lines, 1) if line.strip()]
+    else:
+        current: list[str] = []
+        for i, line in enumerate(lines + [""], 1):
+            if line.strip():
+                if not current:
+                    start = i
+                current.append(line.strip())
+            elif current:
+                docs.append({"text": "\n".join(current), "_row": start})
+                current = []
+    if not docs:
+        raise DataError(shown, "no documents (the file holds only blank lines)")
+    return docs
+
+
+def pack(token_lists: Iterable[list[int]], length: int) -> list[dict[str, list[int]]]:
+    """Concatenate documents (each already ending with EOS) into rows of `length` tokens.
+
+    `position_ids` restart at 0 where a document starts (also where one continues into a new row): the
+    model builds attention that never crosses a document boundary from them. The last row may be short."""
+    rows: list[dict[str, list[int]]] = []
+    ids: list[int] = []
+    positions: list[int] = []
+    for tokens in token_lists:
+        start = 0
+        while start < len(tokens):
+            take = min(length - len(ids), len(tokens) - start)
+            ids += tokens[start:start + take]
+            positions += range(take)
+            start += take
+            if len(ids) == length:
+                rows.append({"input_ids": ids, "position_ids": positions})
+                ids, positions = [], []
+    if ids:
+        rows.append({"input_ids": ids, "position_ids": positions})
+    return rows

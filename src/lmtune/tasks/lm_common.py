@@ -1,0 +1,238 @@
+"""Shared by the causal-LM tasks: batching token rows, perplexity, generation and scoring of generations."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import string
+from typing import Any, Callable, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from lmtune.data.text import pack
+
+log = logging.getLogger("lmtune")
+
+
+class GenerationOptions(BaseModel):
+    """Options of `lmtune predict` / generation-based evaluation, shared by the causal-LM tasks."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    max_new_tokens: int = 64
+    """Generation: the most tokens generated per input (it stops earlier at EOS / end of turn)."""
+    do_sample: bool = False
+    """Generation: sample (with temperature / top_p) instead of greedy decoding."""
+    temperature: float = 1.0
+    """Generation with do_sample: softmax temperature."""
+    top_p: float = 1.0
+    """Generation with do_sample: nucleus sampling mass."""
+    generation_batch_size: int = 16
+    """Generation: prompts per batch (left padded)."""
+
+
+def causal_lm_class() -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def count_targets(batch: dict) -> torch.Tensor:
+    """Tokens the causal-LM loss counts in a batch: labels are shifted by one inside the model."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def greater_is_better(metric: str) -> bool:
+    return not any(word in metric for word in ("loss", "perplexity"))
+
+
+def pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return value
+    return 0
+
+
+def tokenize_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each document followed by EOS, so the model learns where documents end."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; documents cannot be separated when packed")
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(t) + [eos] for t in ids]
+
+
+def encode_documents(texts: list[str], tokenizer: Any, max_length: int) -> Any:
+    """Packed rows (input_ids, position_ids, length) of documents; see `lmtune.data.text.pack`."""
+    return packed_dataset(tokenize_documents(texts, tokenizer), max_length)
+
+
+def packed_dataset(docs: list[list[int]], max_length: int) -> Any:
+    import datasets
+
+    rows = pack(docs, max_length)
+    return datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                                       "position_ids": [r["position_ids"] for r in rows],
+                                       "length": [len(r["input_ids"]) for r in rows]})
+
+
+def subsets(splits: dict[str, Any], train: Any, cfg: Any, seed: int) -> tuple[dict[str, Any], Any]:
+    """data.max_train_samples / max_eval_samples: seeded random subsets (no labels to stratify on)."""
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
+    for name in list(splits):
+        if cfg.max_eval_samples and cfg.max_eval_samples < len(splits[name]):
+            splits[name] = splits[name].shuffle(seed=seed).select(range(cfg.max_eval_samples))
+    return splits, train
+
+
+def choose_replay(task_tokens: int, replay: list[list[int]], ratio: float, seed: int) -> list[list[int]]:
+    """Replay documents, in seeded random order, until they hold `ratio` of all training tokens."""
+    wanted = ratio / (1 - ratio) * task_tokens
+    order = list(range(len(replay)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for i in order:
+        if total >= wanted:
+            break
+        chosen.append(replay[i])
+        total += len(replay[i])
+    if total < wanted:
+        log.warning("data.replay: its file holds %d tokens, fewer than the %d a ratio of %.2f asks for; "
+                    "all of it is used", total, int(wanted), ratio)
+    return chosen
+
+
+def collate_rows(tokenizer: Any, pad_to_multiple_of: int) -> Callable[[list[dict]], dict]:
+    """Batches of token rows, right padded; rows may carry `position_ids` (packed documents) and `labels`.
+
+    Packed rows get a 4D block-diagonal causal mask [B, 1, L, L] (True = may attend) built from their
+    position ids, which restart at every document: no token attends across a document boundary.
+    (transformers 5 passes a 4D mask through unchanged; its own detection of packing from position ids
+    alone did not separate documents under SDPA, see tests/tasks/test_causal_lm.py.) Padding is one more
+    segment. Without labels, a row's labels are its input ids with -100 at every document start (the first
+    token of a document is not predicted from the previous document) and on padding."""
+    pad = pad_id(tokenizer)
+
+    def collate(rows: list[dict]) -> dict:
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+        packed = "position_ids" in rows[0]
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            mask[i, :n] = 1
+            if packed:
+                positions[i, :n] = torch.tensor(row["position_ids"])
+                positions[i, n:] = torch.arange(width - n)
+            if "labels" in row:
+                labels[i, :n] = torch.tensor(row["labels"])
+            else:
+                labels[i, :n] = ids[i, :n]
+                if packed:
+                    labels[i, :n][positions[i, :n] == 0] = -100
+        if packed:
+            segments = (positions == 0).cumsum(-1)
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            blocks = (segments[:, :, None] == segments[:, None, :]) & causal
+            return {"input_ids": ids, "position_ids": positions, "attention_mask": blocks[:, None], "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def perplexity(outputs: Iterable[tuple[list[int], Any, dict]]) -> dict[str, float]:
+    """exp(mean token NLL) over every target token: summed token losses, not a mean of batch means."""
+    total, tokens = 0.0, 0
+    for _, out, batch in outputs:
+        n = int(count_targets(batch))
+        if n:
+            total += float(out.loss) * n
+            tokens += n
+    if not tokens:
+        return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS and, where the vocabulary has one, the chat end-of-turn token: generation stops at either."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if token in vocab and vocab[token] not in ids:
+            ids.append(vocab[token])
+    return ids
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[str], options: GenerationOptions,
+             device: Any) -> list[str]:
+    """Continuations of `prompts` (already formatted), batched with left padding; special tokens dropped."""
+    texts: list[str] = []
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"  # generated tokens must follow each prompt directly
+    if pad is None:  # GPT-2 and others have no pad token: pad with EOS (masked out anyway)
+        tokenizer.pad_token = tokenizer.eos_token
+    was_training = model.training
+    model.eval()
+    stops = stop_token_ids(tokenizer)
+    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
+        if options.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    try:
+        for start in range(0, len(prompts), options.generation_batch_size):
+            chunk = prompts[start:start + options.generation_batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=options.max_new_tokens, eos_token_id=stops,
+                                     pad_token_id=pad_id(tokenizer), **sampling)
+            new = out[:, enc["input_ids"].shape[1]:]
+            texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
+        model.train(was_training)
+    return texts
+
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed: what exact match compares."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def pick_choice(text: str, choices: list[str]) -> str | None:
+    """The choice whose words occur earliest in a generation (classification-style prompts)."""
+    padded = f" {normalise(text)} "
+    found = [(padded.find(f" {normalise(c)} "), c) for c in choices]
+    found = [(pos, c) for pos, c in found if pos >= 0]
+    return min(found)[1] if found else None
+
+
+def score_generations(generations: list[str], references: list[str], choices: list[str] | None) -> dict[str, Any]:
+    """Exact match after normalisation, or (with choices) accuracy of the first choice named."""
+    if choices:
+        picked = [pick_choice(g, choices) for g in generations]
+        hits = [p is not None and normalise(p) == normalise(r) for p, r in zip(picked, references)]
+        unparsed = sum(p is None for p in picked)
+        return {"accuracy": sum(hits) / max(1, len(hits)), "no_choice_rate": unparsed / max(1, len(hits)),
+                "examples": len(hits)}
+    hits = [normalise(g) == normalise(r) for g, r in zip(generations, references)]
+    return {"exact_match": sum(hits) / max(1, len(hits)), "examples": len(hits)}
+
+
+def text_perplexity(model: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int,
+                    accelerator: Any) -> dict[str, float]:
+    """Perplexity of `model` on documents packed as in training (the forgetting probe)."""
+    from lmtune.training.loop import iterate_outputs
+
+    features = encode_documents(texts, tokenizer, max_length)
+    return perplexity(iterate_outputs(model, features, collate_rows(tokenizer, 8), batch_size, accelerator))

@@ -1,0 +1,173 @@
+"""Causal-LM domain adaptation: packing without cross-document attention, perplexity, replay, forgetting."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmtune
+from helpers import write_jsonl
+from lmtune.data import DataError
+from lmtune.data.text import pack, read_documents
+from lmtune.tasks import lm_common
+
+DOCS = ["the film was good and i loved it", "bad drug , awful night", "one two three four five six",
+        "people love this story very much", "the doctor worked all day"]
+
+
+def load(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def test_pack_restarts_positions_and_splits_long_documents() -> None:
+    rows = pack([[1, 2, 3], [4, 5, 6, 7, 8], [9]], 4)
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert [r["position_ids"] for r in rows] == [[0, 1, 2, 0], [0, 1, 2, 3], [0]]
+
+
+def other_geometry(name: str, vocab_size: int):
+    """A tiny random GPT-2 or Qwen2 in memory: the mask must work beyond Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("geometry", ["llama", "gpt2", "qwen2"])
+def test_packed_batch_does_not_attend_across_documents(geometry: str, tiny_decoder_dir: Path) -> None:
+    tokenizer, model = load(tiny_decoder_dir)
+    if geometry != "llama":
+        model = other_geometry(geometry, len(tokenizer))
+    docs = lm_common.tokenize_documents(DOCS, tokenizer)
+    rows = pack(docs, 16)
+    batch = lm_common.collate_rows(tokenizer, 8)(rows)
+    assert batch["attention_mask"].shape == (len(rows), 1, 16, 16)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        # Row 0 holds document 0 (9 tokens) then the start of document 1: each must match the document alone.
+        for doc, start in ((0, 0), (1, len(docs[0]))):
+            n = min(len(docs[doc]), 16 - start)
+            alone = model(input_ids=torch.tensor([docs[doc][:n]])).logits
+            assert torch.allclose(packed[0, start:start + n], alone[0], atol=1e-5)
+    # The first token of a document is never a target (not predicted from the previous document's EOS).
+    assert (batch["labels"][batch["position_ids"] == 0] == -100).all()
+    assert tokenizer.eos_token_id in batch["labels"][0].tolist()  # the model learns where documents end
+
+
+def test_perplexity_sums_token_losses(tiny_decoder_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    batches = [(None, SimpleNamespace(loss=torch.tensor(1.0)), {"labels": torch.tensor([[-100, 5, 5, 5]])}),
+               (None, SimpleNamespace(loss=torch.tensor(2.0)), {"labels": torch.tensor([[-100, 5, -100, -100]])})]
+    result = lm_common.perplexity(batches)
+    assert result["loss"] == pytest.approx((3 * 1.0 + 1 * 2.0) / 4)
+    assert result["perplexity"] == pytest.approx(math.exp(5 / 4))
+
+
+def test_grad_accumulation_normalises_per_target_token(tiny_decoder_dir: Path) -> None:
+    """Two micro-batches with very different target counts accumulate to the gradient of one batch of both."""
+    from accelerate import Accelerator
+
+    from lmtune.training.loop import window_scales
+
+    tokenizer, model = load(tiny_decoder_dir)
+    collate = lm_common.collate_rows(tokenizer, 1)
+    docs = lm_common.tokenize_documents(DOCS, tokenizer)
+    small = [{"input_ids": docs[1][:3], "position_ids": [0, 1, 2]}]
+    big = pack(docs, 12)[:3]
+    both = collate(small + big)  # padding is a segment of its own: it changes no real token's output
+    parts = [collate(small), collate(big)]
+    assert int(lm_common.count_targets(parts[1])) > 5 * int(lm_common.count_targets(parts[0]))
+    model.zero_grad()
+    model(**both).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    scales = window_scales(torch.stack([lm_common.count_targets(p) for p in parts]).float(), Accelerator(cpu=True))
+    for part, scale in zip(parts, scales):
+        (model(**part).loss * scale).backward()
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_read_documents_txt_and_blank_line(tmp_path: Path) -> None:
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc\n\nsecond doc\nstill second\n\n\nthird\n", encoding="utf-8")
+    assert read_documents(str(txt))["text"][:] == ["first doc", "second doc", "still second", "third"]
+    blank = read_documents(str(txt), documents="blank_line")
+    assert blank["text"][:] == ["first doc", "second doc\nstill second", "third"] and blank["_row"][:] == [1, 3, 7]
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataError, match="empty.txt: no documents"):
+        read_documents(str(tmp_path / "empty.txt"))
+    bad = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, {"text": ""}])
+    with pytest.raises(DataError, match=r"d.jsonl, row 2, field 'text': empty text"):
+        read_documents(str(bad))
+
+
+def lm_config(model_dir: Path, tmp_path: Path, **data) -> dict:
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(DOCS * 8) + "\n", encoding="utf-8")
+    general = tmp_path / "general.txt"
+    general.write_text("\n".join(["the story of one people in the year", "music and acting at night"] * 5) + "\n",
+                       encoding="utf-8")
+    return {"model": {"name": str(model_dir), "max_length": 16},
+            "data": {"train": str(train), "validation_size": 4, "test_size": 4, **data},
+            "task": {"name": "causal_lm", "max_new_tokens": 5},
+            "method": {"name": "full"},
+            "train": {"epochs": 2, "batch_size": 4, "lr": 3e-3, "warmup_ratio": 0.0, "log_every": 1},
+            "eval": {"general_text": str(general)},
+            "output": {"dir": str(tmp_path / "runs"), "name": "lm", "overwrite": True}}
+
+
+def test_domain_adaptation_lowers_perplexity_and_measures_forgetting(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    result = lmtune.train(lm_config(tiny_decoder_dir, tmp_path,
+                                    replay={"path": str(tmp_path / "general.txt"), "ratio": 0.2}))
+    metrics = result.metrics
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    ppl = [r["eval/perplexity"] for r in records if "eval/perplexity" in r]
+    assert ppl[-1] < ppl[0] and metrics["test"]["perplexity"] == pytest.approx(math.exp(metrics["test"]["loss"]))
+    forgetting = metrics["forgetting"]
+    assert forgetting["perplexity_before"] > 0 and forgetting["perplexity_after"] > 0
+    assert forgetting["relative_change"] == pytest.approx(
+        forgetting["perplexity_after"] / forgetting["perplexity_before"] - 1)
+    replay = metrics["data"]["replay"]
+    assert replay["documents"] > 0 and 0.1 < replay["share"] < 0.5
+    predictor = lmtune.load(result.run_dir)
+    out = predictor.predict(["the film", {"text": "bad drug"}])
+    assert len(out) == 2 and all(isinstance(o["generated"], str) for o in out)
+    scored = lmtune.evaluate(result.run_dir, tmp_path / "general.txt")
+    assert scored["perplexity"] > 1 and scored["tokens"] > 0
+
+
+def test_general_text_needs_a_causal_lm(tiny_config: dict, tmp_path: Path) -> None:
+    from lmtune.config import ConfigError
+
+    (tmp_path / "g.txt").write_text("some text\n", encoding="utf-8")
+    tiny_config["eval"] = {"general_text": str(tmp_path / "g.txt")}
+    with pytest.raises(ConfigError, match="general_text measures a causal LM"):
+        lmtune.train(tiny_config)
+
+
+def test_lora_saves_adapter_only_and_merged_export_generates_the_same(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    cfg = lm_config(tiny_decoder_dir, tmp_path)
+    cfg["method"] = {"name": "lora", "r": 4}
+    cfg["eval"] = {}
+    cfg["train"].update(max_steps=4, lr=2e-2)
+    result = lmtune.train(cfg)
+    assert (result.run_dir / "model" / "adapter_config.json").is_file()
+    assert not any((result.run_dir / "model").glob("model*.safetensors"))
+    predictor = lmtune.load(result.run_dir)
+    prompts = ["the film", "bad drug , awful"]
+    tuned = [o["generated"] for o in predictor.predict(prompts)]
+    merged = lmtune.run.export(result.run_dir, tmp_path / "merged")
+    tokenizer, model = load(merged)
+    assert lm_common.generate(model, tokenizer, prompts, predictor.session.task.options, "cpu") == tuned

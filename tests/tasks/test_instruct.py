@@ -1,0 +1,151 @@
+"""Instruction tuning: chat formatting, assistant-only labels, validation, too-long policy, stopping, scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import lmtune
+from helpers import make_tiny_decoder, write_csv, write_jsonl
+from lmtune.config import DataConfig
+from lmtune.data import DataError
+from lmtune.tasks.instruct import Instruct, InstructOptions
+from lmtune.tasks.lm_common import normalise, pick_choice, score_generations
+
+CHAT = [{"role": "system", "content": "be short"}, {"role": "user", "content": "good film"},
+        {"role": "assistant", "content": "positive"}, {"role": "user", "content": "bad drug"},
+        {"role": "assistant", "content": "negative"}]
+
+
+def task(path: Path | None = None, **options) -> Instruct:
+    return Instruct(InstructOptions(**options), DataConfig(train=str(path) if path else None))
+
+
+def tokenizer_of(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_labels_cover_assistant_replies_and_their_end_of_turn(tiny_decoder_dir: Path) -> None:
+    tok = tokenizer_of(tiny_decoder_dir)
+    ids, labels = task()._tokenize(tok, CHAT)
+    targets = tok.convert_ids_to_tokens([t for t in labels if t != -100])
+    assert targets == ["positive", "<|im_end|>", "negative", "<|im_end|>"]
+    ids_all, labels_all = task(loss_on="all")._tokenize(tok, CHAT)
+    assert labels_all == ids_all == ids
+
+
+def test_default_template_when_the_tokenizer_has_none(tmp_path: Path) -> None:
+    tok = tokenizer_of(make_tiny_decoder(tmp_path / "plain", chat_template=None))
+    _, labels = task()._tokenize(tok, CHAT[1:3])
+    assert tok.convert_ids_to_tokens([t for t in labels if t != -100]) == ["positive", "<eos>"]
+
+
+@pytest.mark.parametrize("row, where", [
+    ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "field 'messages[0].role': missing role"),
+    ({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]},
+     "field 'messages[0].content': empty content"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "field 'messages[0].role': unknown role 'bot'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "field 'messages': no assistant turn"),
+])
+def test_bad_chats_name_file_row_and_field(tmp_path: Path, row: dict, where: str) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, row])
+    with pytest.raises(DataError, match=f"chat.jsonl, row 2, {where}".replace("[", r"\[").replace("]", r"\]")):
+        task(path).load_splits(0)
+
+
+def test_instruction_rows_and_too_long_policy(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    long = " ".join(["very"] * 60)
+    path = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": "rate it", "input": "good film", "output": "positive"},
+                                                 {"instruction": long, "input": "", "output": "negative"}])
+    t = task(path)
+    ds = t._read(str(path))
+    assert ds["messages"][0][0] == {"role": "user", "content": "rate it\n\ngood film"}
+    tok = tokenizer_of(tiny_decoder_dir)
+    assert len(t.encode(ds, tok, 32)) == 1  # the long one's reply would be cut off: dropped and counted
+    assert t.encode_report["too_long"][str(path)] == {"examples": 2, "truncated": 0, "dropped": 1}
+    only_long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": long, "output": "negative"}])
+    with pytest.raises(DataError, match=r"long.jsonl: every example \(1\) is longer than model.max_length=32"):
+        task(only_long, too_long="drop").encode(t._read(str(only_long)), tok, 32)
+
+
+def test_scoring_normalises_and_picks_choices() -> None:
+    assert normalise("  Positive!\n") == "positive"
+    assert pick_choice("I think it is negative, not positive", ["positive", "negative"]) == "negative"
+    assert score_generations(["Paris.", "rome"], ["paris", "Berlin"], None)["exact_match"] == 0.5
+    scores = score_generations(["positive!", "hmm"], ["positive", "negative"], ["positive", "negative"])
+    assert scores["accuracy"] == 0.5 and scores["no_choice_rate"] == 0.5
+
+
+def test_tuned_chat_model_answers_and_stops(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("good film", "positive great"), ("bad drug", "negative awful")] * 16]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    test = write_csv(tmp_path / "test.csv", [{"text": "good film", "label": "positive"},
+                                             {"text": "bad drug", "label": "negative"}])
+    cfg = {"model": {"name": str(tiny_decoder_dir)}, "data": {"train": str(train), "validation_size": 2,
+                                                               "test_size": 0},
+           "task": {"name": "instruct", "max_new_tokens": 8}, "method": {"name": "full"},
+           "train": {"epochs": 6, "batch_size": 4, "lr": 1e-2, "warmup_ratio": 0.0},
+           "output": {"dir": str(tmp_path / "runs"), "name": "chat"}}
+    result = lmtune.train(cfg)
+    predictor = lmtune.load(result.run_dir)
+    out = predictor.predict(["good film", {"messages": [{"role": "user", "content": "bad drug"}]}])
+    assert [o["generated"] for o in out] == ["positive great", "negative awful"]  # stopped at <|im_end|>
+    scores = lmtune.evaluate(result.run_dir, train)["generation"]
+    assert scores["exact_match"] == 1.0
+    # The same model scored on a labelled table through a prompt template and answer choices.
+    tmpl = Instruct(InstructOptions(prompt_template="{text}", answer_choices=["positive", "negative"]),
+                    DataConfig(train=str(test)))
+    assert tmpl.score_generations(tmpl._read(str(test)), predictor.session.generate)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["imdb_domain", "instruct_sst2", "chat"])
+def test_decoder_example_configs_are_valid(name: str) -> None:
+    from lmtune.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "examples" / f"{name}.yaml")
+    assert cfg.model.name == "smollm2-135m" and cfg.task.name in ("causal_lm", "instruct")
+
+
+def test_chat_sample_reads(tmp_path: Path) -> None:
+    path = Path(__file__).parents[2] / "examples" / "data" / "chat_sample.jsonl"
+    assert len(task(path)._read(str(path))) == 11
+
+
+def test_predict_inputs_for_a_template_task() -> None:
+    t = Instruct(InstructOptions(prompt_template="Review: {sentence}"), DataConfig(label_column="label"))
+    chats = t.from_texts(["nice", {"sentence": "bad", "messages": None},
+                          {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}])
+    assert chats == [[{"role": "user", "content": "Review: nice"}], [{"role": "user", "content": "Review: bad"}],
+                     [{"role": "user", "content": "hi"}]]
+    with pytest.raises(DataError, match=r"input, row 1, field 'messages\[0\].role': unknown role 'bot'"):
+        t.from_texts([{"messages": [{"role": "bot", "content": "hi"}]}])
+
+
+def test_replay_adds_general_text_rows_with_full_loss(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"}]}] * 10
+    general = tmp_path / "general.txt"
+    general.write_text("the story of one people in the year\nmusic and acting at night\n" * 10, encoding="utf-8")
+    t = Instruct(InstructOptions(), DataConfig(train=str(write_jsonl(tmp_path / "c.jsonl", rows)), validation_size=2,
+                                               test_size=0, replay={"path": str(general), "ratio": 0.25}))
+    splits, _ = t.load_splits(0)
+    assert len(splits["validation"]) == 2 and len(splits["train"]) == 8 + 20
+    features = t.encode(splits["train"], tokenizer_of(tiny_decoder_dir), 64)
+    replay = t.encode_report["replay"]
+    assert 0.2 < replay["share"] < 0.4 and len(features) == 8 + replay["documents"]
+    assert features["labels"][-1] == features["input_ids"][-1]  # plain text: every token is a target
+
+
+def test_generation_pads_with_eos_when_the_tokenizer_has_no_pad(tiny_decoder_dir: Path) -> None:
+    from lmtune.tasks.lm_common import generate
+
+    tok = tokenizer_of(tiny_decoder_dir)
+    tok.pad_token = None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder_dir)
+    out = generate(model, tok, ["the film", "bad drug , awful night"], InstructOptions(max_new_tokens=3), "cpu")
+    assert len(out) == 2 and tok.pad_token is None and tok.padding_side == "right"
