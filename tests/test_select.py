@@ -169,3 +169,11 @@ def test_minilm_beats_a_random_model(candidates, tiny_config, tmp_path) -> None:
     tiny_config["data"]["train"] = tiny_config["data"]["test"]  # 32 fresh rows: harder than the training file
     result = select(tiny_config, [candidates["blind"], "minilm-l6"], sample=32, folds=4, output=tmp_path / "sel")
     assert result.winner == "minilm-l6"
+
+
+def test_candidate_judged_at_its_own_length_limit(candidates, tiny_config, tmp_path) -> None:
+    """A max_length written for a bigger model does not fail a candidate with fewer positions."""
+    tiny_config["model"]["max_length"] = 128  # the tiny models have 64 positions
+    result = select(tiny_config, [candidates["aligned"]], sample=24, folds=2, output=tmp_path / "sel")
+    row = result.ranking[0]
+    assert "error" not in row and row["max_length"] == 64

@@ -110,6 +110,10 @@ def _assess(name: str, cfg: RunConfig, sample: Sample, folds: int, seed: int, ro
     model_cfg = cfg.model.model_copy(update={"name": name})
     tokenizer = models.load_tokenizer(model_cfg)
     model_config = models.load_model_config(model_cfg)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if cfg.model.max_length and positions and cfg.model.max_length > positions:
+        # The config's length was written for another model: judge this one at its own limit (the table says so).
+        model_cfg = model_cfg.model_copy(update={"max_length": positions})
     limit = models.max_length(model_cfg, tokenizer, model_config)
     fit = tokenizer_fit(tokenizer, sample.texts, limit)
     row.update(max_length=limit, byte_level=is_byte_level(tokenizer), unk_rate=fit["unk_rate"],
