@@ -7,7 +7,7 @@ import string
 from typing import Any, Callable, Iterable, Literal
 
 from lmtune.config import DataConfig
-from lmtune.data import DataError, apply_row_checks, read_table, resolve_path, split_off
+from lmtune.data import DataError, apply_row_checks, read_table, resolve_path
 from lmtune.data.text import read_documents
 from lmtune.registry import register_task
 from lmtune.tasks import lm_common
@@ -122,18 +122,7 @@ class Instruct:
 
     def load_splits(self, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = self.data
-        if not cfg.train:
-            raise DataError("data.train", "no training file given (set data.train)")
-        skipped: dict[str, list[str]] = {"train": []}
-        train = self._read(cfg.train, skipped["train"])
-        splits: dict[str, Any] = {}
-        for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation,
-                                                                       cfg.validation_size)):
-            if path:
-                splits[name] = self._read(path, skipped.setdefault(name, []))
-            elif size:
-                train, splits[name] = split_off(train, int(size) if size >= 1 else size, seed, None)
-        splits, train = lm_common.subsets(splits, train, cfg, seed)
+        splits, train, skipped = lm_common.read_splits(self._read, cfg, seed)
         self.seed = seed
         splits["train"] = self._with_replay(train) if cfg.replay else train
         return splits, {"rows": {k: len(v) for k, v in splits.items()},

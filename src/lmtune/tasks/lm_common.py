@@ -78,6 +78,26 @@ def packed_dataset(docs: list[list[int]], max_length: int) -> Any:
                                        "length": [len(r["input_ids"]) for r in rows]})
 
 
+def read_splits(read: Callable[[str, list[str]], Any], cfg: Any, seed: int) -> tuple[dict[str, Any], Any, dict]:
+    """Train, test and validation read by `read(path, skipped)` or split off train; then subsets.
+
+    Returns (test/validation splits, train, skipped row descriptions per split)."""
+    from lmtune.data import DataError, split_off
+
+    if not cfg.train:
+        raise DataError("data.train", "no training file given (set data.train)")
+    skipped: dict[str, list[str]] = {"train": []}
+    train = read(cfg.train, skipped["train"])
+    splits: dict[str, Any] = {}
+    for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation, cfg.validation_size)):
+        if path:
+            splits[name] = read(path, skipped.setdefault(name, []))
+        elif size:
+            train, splits[name] = split_off(train, int(size) if size >= 1 else size, seed, None)
+    splits, train = subsets(splits, train, cfg, seed)
+    return splits, train, skipped
+
+
 def subsets(splits: dict[str, Any], train: Any, cfg: Any, seed: int) -> tuple[dict[str, Any], Any]:
     """data.max_train_samples / max_eval_samples: seeded random subsets (no labels to stratify on)."""
     if cfg.max_train_samples and cfg.max_train_samples < len(train):
