@@ -43,13 +43,19 @@ def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
         if saved.model_dump(exclude={"output"}) != cfg.model_dump(exclude={"output"}):
             raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
                              f"({run_dir / 'config.yaml'}); resume with that config")
-    elif run_dir.exists():
-        if not cfg.output.overwrite:
+    else:
+        clear_run_dir(run_dir, cfg.output.overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def clear_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Make way for a new run: an existing folder is an error unless output.overwrite allows removing it."""
+    if run_dir.exists():
+        if not overwrite:
             raise FileExistsError(f"run directory {run_dir} exists; choose another output.name, set "
                                   "output.overwrite=true, or pass --resume")
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def make_accelerator(precision: str) -> Any:

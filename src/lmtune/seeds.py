@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import statistics
 from datetime import datetime
 from pathlib import Path
@@ -71,11 +70,10 @@ def _parent_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
         parent = candidates[-1]
     else:
         parent = root / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    if parent.exists() and not resume:
-        if not cfg.output.overwrite:
-            raise FileExistsError(f"run directory {parent} exists; choose another output.name, set "
-                                  "output.overwrite=true, or pass --resume")
-        shutil.rmtree(parent)
+    if not resume:
+        from lmtune.run import clear_run_dir
+
+        clear_run_dir(parent, cfg.output.overwrite)
     parent.mkdir(parents=True, exist_ok=True)
     return parent
 
