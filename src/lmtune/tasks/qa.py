@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.config import DataConfig
-from lmtune.data import (DataError, count_overlap, group_values, split_off, split_off_groups,
+from lmtune.data import (DataError, count_overlap, group_values, pad_inputs, split_off, split_off_groups,
                          stratified_subset)
 from lmtune.data.squad import COLUMNS, read_squad
 from lmtune.evaluation.squad import best_no_answer_threshold, score, squad_metrics
@@ -217,16 +217,10 @@ class QuestionAnswering:
         return out
 
     def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
-        pads = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
-                "token_type_ids": tokenizer.pad_token_type_id}
-
         def collate(rows: list[dict]) -> dict:
-            longest = max(len(r["input_ids"]) for r in rows)
-            width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
             # Always padded on the right, so that token positions (labels, character offsets) are the
             # ones of the unpadded window whichever side the tokenizer pads.
-            batch = {key: torch.tensor([r[key] + [pad] * (width - len(r[key])) for r in rows])
-                     for key, pad in pads.items() if key in rows[0]}
+            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of, side="right")
             if "start_positions" in rows[0]:
                 batch["start_positions"] = torch.tensor([r["start_positions"] for r in rows])
                 batch["end_positions"] = torch.tensor([r["end_positions"] for r in rows])
