@@ -10,7 +10,9 @@ import argparse
 import itertools
 import json
 import logging
+import re
 import time
+from pathlib import Path
 
 import lmtune
 
@@ -27,7 +29,8 @@ def main() -> None:
     rows = []
     for values in itertools.product(*[vals for _, vals in axes]):
         overrides = args.set + [f"{k}={v}" for (k, _), v in zip(axes, values)] + ["output.overwrite=true"]
-        name = "sweep-" + "-".join(v for v in values) if values else "sweep"
+        # Values may be paths (model.name=/a/b): the run folder takes their last part, file-name safe.
+        name = "sweep-" + "-".join(re.sub(r"[^\w.=-]+", "_", Path(v).name) for v in values) if values else "sweep"
         started = time.perf_counter()
         m = lmtune.train(args.config, overrides + [f"output.name={name}"]).metrics
         row = {"overrides": dict(zip([k for k, _ in axes], values)),

@@ -171,3 +171,15 @@ def test_lora_saves_adapter_only_and_merged_export_generates_the_same(tiny_decod
     merged = lmtune.run.export(result.run_dir, tmp_path / "merged")
     tokenizer, model = load(merged)
     assert lm_common.generate(model, tokenizer, prompts, predictor.session.task.options, "cpu") == tuned
+
+
+def test_replay_smaller_than_its_share_is_reused_to_meet_the_ratio() -> None:
+    from lmtune.tasks.lm_common import choose_replay
+
+    replay = [[1] * 10, [2] * 10, [3] * 10]  # 30 tokens; a ratio of 0.5 over 90 task tokens wants 90
+    chosen = choose_replay(90, replay, 0.5, seed=0)
+    assert 90 <= sum(map(len, chosen)) < 100 and len(chosen) == 9
+    assert all(chosen.count(doc) == 3 for doc in replay)  # each pass takes every document once
+    enough = choose_replay(30, replay, 0.5, seed=0)  # wants 30: one pass, no document twice
+    assert sorted(map(tuple, enough)) == sorted(map(tuple, replay))
+    assert choose_replay(30, [], 0.5, seed=0) == []

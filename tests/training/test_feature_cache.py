@@ -50,6 +50,22 @@ def test_served_outputs_equal_computed_ones_in_any_order_and_padding() -> None:
     assert "forward" not in vars(trunk)
 
 
+def test_per_row_output_is_not_mistaken_for_per_token_when_width_equals_hidden_size() -> None:
+    torch.manual_seed(0)
+    data = [torch.randint(1, 50, (2,)).tolist() for _ in range(3)]  # padded width 4 = the trunk's hidden size
+    trunk = Trunk()
+    cache = FeatureCache(trunk, "trunk")
+    cache.build("d", [([0, 1, 2], _batch(data, left=False))], lambda b: trunk(**b), n_rows=3, n_tokens=6,
+                device=torch.device("cpu"))
+    batch = _batch([data[2], data[0]], left=False)
+    cache.current = None
+    expected = trunk(**batch)
+    cache.current = ("d", [2, 0], batch["attention_mask"])
+    served = trunk(**batch)
+    torch.testing.assert_close(served.pooler_output, expected.pooler_output)
+    torch.testing.assert_close(served.last_hidden_state, expected.last_hidden_state)
+
+
 def test_install_caches_the_outermost_frozen_module_and_says_why_not() -> None:
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -109,19 +109,28 @@ def subsets(splits: dict[str, Any], train: Any, cfg: Any, seed: int) -> tuple[di
 
 
 def choose_replay(task_tokens: int, replay: list[list[int]], ratio: float, seed: int) -> list[list[int]]:
-    """Replay documents, in seeded random order, until they hold `ratio` of all training tokens."""
+    """Replay documents, in seeded random order, until they hold `ratio` of all training tokens.
+
+    A replay file smaller than that share is gone through again (a fresh order each pass), as a second
+    epoch over it would be; the number of passes is logged."""
     wanted = ratio / (1 - ratio) * task_tokens
-    order = list(range(len(replay)))
-    random.Random(seed).shuffle(order)
-    chosen, total = [], 0
-    for i in order:
-        if total >= wanted:
-            break
-        chosen.append(replay[i])
-        total += len(replay[i])
-    if total < wanted:
+    if not replay or not any(replay):
+        return []
+    rng = random.Random(seed)
+    chosen, total, passes = [], 0, 0
+    while total < wanted:
+        order = list(range(len(replay)))
+        rng.shuffle(order)
+        passes += 1
+        for i in order:
+            if total >= wanted:
+                break
+            chosen.append(replay[i])
+            total += len(replay[i])
+    if passes > 1:
         log.warning("data.replay: its file holds %d tokens, fewer than the %d a ratio of %.2f asks for; "
-                    "all of it is used", total, int(wanted), ratio)
+                    "its documents are used %.1f times over", sum(map(len, replay)), int(wanted), ratio,
+                    total / sum(map(len, replay)))
     return chosen
 
 

@@ -97,7 +97,7 @@ class FeatureCache:
                     for field, value in out.items():
                         if not torch.is_tensor(value):  # e.g. a decoder's key/value cache
                             continue
-                        if value.shape[:2] == mask.shape:
+                        if _per_token(value, mask):
                             tokens.setdefault(field, []).append(value[mask].to(keep))
                         elif value.shape[0] == mask.shape[0]:
                             per_row.setdefault(field, []).append(value.to(keep))
@@ -126,11 +126,17 @@ class FeatureCache:
         if device.type != "cuda":
             return torch.device("cpu")
         per_token = sum(v[0, 0].numel() * v.element_size() for v in out.values()
-                        if torch.is_tensor(v) and v.shape[:2] == mask.shape)
+                        if torch.is_tensor(v) and _per_token(v, mask))
         per_row = sum(v[0].numel() * v.element_size() for v in out.values()
-                      if torch.is_tensor(v) and v.shape[:2] != mask.shape and v.shape[0] == mask.shape[0])
+                      if torch.is_tensor(v) and not _per_token(v, mask) and v.shape[0] == mask.shape[0])
         size = per_token * n_tokens + per_row * n_rows
         return device if size < GPU_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
+
+
+def _per_token(value: torch.Tensor, mask: torch.Tensor) -> bool:
+    """(batch, tokens, features...) outputs; a (batch, features) one whose width happens to equal the padded
+    length (BERT's pooler output at hidden size 384 in a batch padded to 384) is per row."""
+    return value.ndim >= 3 and value.shape[:2] == mask.shape
 
 
 def install(model: Any, layers_name: str, trainable: set[str]) -> FeatureCache | str:
