@@ -100,6 +100,28 @@ def test_ranking_follows_constructed_fit(candidates, tiny_config, tmp_path) -> N
     assert all(r["params"] > 0 and r["seconds_per_1k"] > 0 for r in saved["ranking"] if "error" not in r)
 
 
+def test_probe_takes_the_best_layer(candidates, tiny_config, tmp_path) -> None:
+    """A model whose top layer erases what its first layer knows is judged by the first layer."""
+    import shutil
+
+    import torch
+    from transformers import BertModel
+
+    from lmtune.evaluation.probe import probe_layers
+
+    assert probe_layers(2) == [1, 2] and probe_layers(6) == [2, 3, 4, 6] and probe_layers(30) == [8, 15, 22, 30]
+    folder = tmp_path / "top-erased"
+    shutil.copytree(candidates["aligned"], folder)
+    model = BertModel.from_pretrained(folder)
+    with torch.no_grad():  # the top block's output norm maps everything to zero
+        model.encoder.layer[-1].output.LayerNorm.weight.zero_()
+        model.encoder.layer[-1].output.LayerNorm.bias.zero_()
+    model.save_pretrained(folder)
+    result = select(tiny_config, [str(folder)], sample=60, folds=4, output=tmp_path / "sel")
+    probe = result.ranking[0]["probe"]
+    assert probe["layer"] == 1 and probe["score"] > 0.9 and probe["layers"][2] < 0.75
+
+
 def test_causal_lm_gets_perplexity_through_the_cli(candidates, tiny_llama, tiny_config, tmp_path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config))

@@ -3,7 +3,8 @@
 For each candidate, on a sample of the training data: tokenizer fit (unknown-token rate, share of
 examples over max length, tokens per word), transferability (a linear probe with cross-validation on
 frozen features: classification and NER), domain fit (perplexity, for causal LMs) and cost (parameters,
-seconds per 1k examples of feature extraction, memory).
+seconds per 1k examples of feature extraction, memory). The probe runs on four layers (quarter points of the stack and
+its top) and its best score counts: a decoder's middle layers hold more of a sentence than its last.
 
 Ranking rule: candidates that could be assessed come before those that failed; then the probe score,
 higher first (rounded to 0.001, so noise-level differences fall through to the next keys); then
@@ -138,10 +139,14 @@ def _assess(name: str, cfg: RunConfig, sample: Sample, folds: int, seed: int, ro
         row.update(perplexity=ppl, word_perplexity=math.exp(feats.nll / max(n_words, 1)))
     if sample.targets is None:
         row["probe"] = {"error": sample.no_probe}
-    elif words:
-        row["probe"] = probe.probe_ner(feats.words, sample.targets, sample.outside, folds)
-    else:
-        row["probe"] = probe.probe_classification(np.stack(feats.pooled), sample.targets, folds, seed)
+        return model
+    scores = {}
+    for layer in feats.pooled:  # the best layer counts (see probe.probe_layers)
+        scores[layer] = (probe.probe_ner(feats.words[layer], sample.targets, sample.outside, folds) if words else
+                         probe.probe_classification(np.stack(feats.pooled[layer]), sample.targets, folds, seed))
+    best = max(scores, key=lambda layer: scores[layer].get("score", -math.inf))
+    row["probe"] = {**scores[best], "layer": best,
+                    "layers": {layer: scores[layer].get("score") for layer in sorted(scores)}}
     return model
 
 

@@ -21,8 +21,9 @@ def is_causal_lm(model_config: Any) -> bool:
 class Features:
     """What one pass of a frozen model over the sample gave."""
 
-    pooled: list[np.ndarray] = field(default_factory=list)  # per example: mean of the last hidden state
-    words: list[np.ndarray] = field(default_factory=list)  # per example: first sub-token of each kept word
+    # Keyed by layer (see probe_layers), per example: the mean over its tokens / first sub-token of each kept word.
+    pooled: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    words: dict[int, list[np.ndarray]] = field(default_factory=dict)
     kept_words: list[int] = field(default_factory=list)  # words per example that fit in max length
     nll: float = 0.0  # summed negative log-likelihood of the predicted tokens (causal LMs)
     predicted: int = 0  # tokens predicted (every real token but the first of each example)
@@ -30,6 +31,13 @@ class Features:
 
     def perplexity(self) -> float | None:
         return math.exp(self.nll / self.predicted) if self.predicted else None
+
+
+def probe_layers(blocks: int) -> list[int]:
+    """Layers whose outputs are probed: the quarter points of the stack and its top (hidden-state indices, 0 =
+    embeddings). The best of them counts: a decoder's middle layers carry more of a sentence than its last,
+    which is shaped for predicting the next token."""
+    return sorted({max(1, round(blocks * q)) for q in (0.25, 0.5, 0.75)} | {blocks})
 
 
 def _prepare(tokenizer: Any) -> Any:
@@ -44,8 +52,8 @@ def extract(model: Any, tokenizer: Any, examples: list[Any], max_length: int, *,
             causal: bool = False, batch_size: int = 16, desc: str = "") -> Features:
     """Run the frozen model over `examples` (tuples of texts, or word lists when `words`) in length-sorted batches.
 
-    Mean-pooled last hidden states (over real tokens: works for encoders and decoders alike), the first
-    sub-token of each word (`words`), and with a causal LM head the next-token log-likelihood.
+    Per layer of `probe_layers`: mean-pooled hidden states (over real tokens: works for encoders and decoders
+    alike) and the first sub-token of each word (`words`); with a causal LM head the next-token log-likelihood.
     """
     import torch
     from tqdm.auto import tqdm
@@ -54,7 +62,7 @@ def extract(model: Any, tokenizer: Any, examples: list[Any], max_length: int, *,
     base = model.base_model if causal else model
     head = model.get_output_embeddings() if causal else None
     device = next(model.parameters()).device
-    out = Features(pooled=[None] * len(examples), words=[None] * len(examples), kept_words=[0] * len(examples))
+    out = Features(kept_words=[0] * len(examples))
     size = [len(e) if words else sum(map(len, e)) for e in examples]
     order = np.argsort(size, kind="stable")  # similar lengths together: little padding
     started = time.perf_counter()
@@ -63,13 +71,19 @@ def extract(model: Any, tokenizer: Any, examples: list[Any], max_length: int, *,
             chosen = order[start:start + batch_size].tolist()
             enc = _tokenize(tokenizer, [examples[i] for i in chosen], max_length, words)
             batch = {k: v.to(device) for k, v in enc.items()}
-            hidden = base(**batch).last_hidden_state
+            result = base(**batch, output_hidden_states=True)
+            hidden = result.last_hidden_state  # the top layer, after any final norm
+            states = result.hidden_states
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu().numpy()
-            for j, i in enumerate(chosen):
-                out.pooled[i] = pooled[j]
-                if words:
-                    out.words[i], out.kept_words[i] = _first_subtokens(enc.word_ids(j), hidden[j])
+            for layer in probe_layers(len(states) - 1):
+                layer_hidden = hidden if layer == len(states) - 1 else states[layer]
+                pooled = ((layer_hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu().numpy()
+                pooled_rows = out.pooled.setdefault(layer, [None] * len(examples))
+                word_rows = out.words.setdefault(layer, [None] * len(examples))
+                for j, i in enumerate(chosen):
+                    pooled_rows[i] = pooled[j]
+                    if words:
+                        word_rows[i], out.kept_words[i] = _first_subtokens(enc.word_ids(j), layer_hidden[j])
             if head is not None:
                 nll, count = _next_token_nll(head, hidden, batch["input_ids"], batch["attention_mask"])
                 out.nll += nll
