@@ -62,3 +62,17 @@ def test_steps_per_epoch_counts_partial_windows() -> None:
     assert steps_per_epoch(100, 8, 1) == 13
     assert steps_per_epoch(100, 8, 4) == 4
     assert steps_per_epoch(100, 8, 1, world_size=2) == 6
+
+
+def test_small_training_sets_are_served_from_python_rows(monkeypatch) -> None:
+    import datasets
+
+    from lmtune.training import batching
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [5, 6]], "labels": [0, 1, 0]})
+    lengths = [3, 1, 2]
+    rows = batching.in_memory(ds, lengths)
+    assert isinstance(rows, list) and rows == [ds[i] for i in range(3)]
+    assert rows[2] == {"input_ids": [5, 6], "labels": 0}
+    monkeypatch.setattr(batching, "IN_MEMORY_TOKENS", 5)  # 6 tokens: too many, the dataset itself serves
+    assert batching.in_memory(ds, lengths) is ds

@@ -58,15 +58,15 @@ class FeatureCache:
         # Where the rows' tokens sit in the flat table, row after row, and where they go in the padded batch:
         # both computed on the host, so serving a batch never waits for the GPU.
         source = torch.from_numpy(np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()))
-        target = mask.bool().flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+        target = _to(mask.bool().flatten().nonzero().squeeze(1), device)
         fields: dict[str, Any] = {}
         for field, flat in table.tokens.items():
-            pieces = flat[source.to(flat.device)].to(device, non_blocking=True)
+            pieces = flat[_to(source, flat.device)].to(device, non_blocking=True)
             padded = pieces.new_zeros((mask.numel(), *flat.shape[1:]))
             fields[field] = padded.index_copy_(0, target, pieces).view(*mask.shape, *flat.shape[1:])
         positions = torch.from_numpy(table.position[rows])
         for field, stacked in table.rows.items():
-            fields[field] = stacked[positions.to(stacked.device)].to(device, non_blocking=True)
+            fields[field] = stacked[_to(positions, stacked.device)].to(device, non_blocking=True)
         return self.output_type(**fields)
 
     def build(self, key: str, batches: Any, run: Callable[[dict], Any], n_rows: int, n_tokens: int,
@@ -131,6 +131,14 @@ class FeatureCache:
                       if torch.is_tensor(v) and not _per_token(v, mask) and v.shape[0] == mask.shape[0])
         size = per_token * n_tokens + per_row * n_rows
         return device if size < GPU_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without stalling: a copy from pageable memory waits for the GPU to catch up
+    (a sync per served batch), one from pinned memory is queued like a kernel."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _per_token(value: torch.Tensor, mask: torch.Tensor) -> bool:

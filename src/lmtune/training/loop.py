@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lmtune.config import TrainConfig
-from lmtune.training.batching import eval_batches, steps_per_epoch, train_batches
+from lmtune.training.batching import eval_batches, in_memory, steps_per_epoch, train_batches
 from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
 from lmtune.training import feature_cache
 from lmtune.training.logs import MetricsLog
@@ -205,6 +205,7 @@ class _StageRun:
         logs.write(state.step, stage.name, {"stage/trainable_params": trainable, "stage/total_params": total,
                                             "stage/steps": self.total_steps})
         self.lengths = job.train_set["length"][:]
+        self.rows = in_memory(job.train_set, self.lengths)
         self.penalty_sum = torch.zeros((), device=accelerator.device)
         self.started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
 
@@ -246,7 +247,7 @@ class _StageRun:
                 raise ValueError(f"no training batches: {len(self.job.train_set)} rows over "
                                  f"{self.acc.num_processes} processes")
             # A private generator keeps DataLoader from drawing on the global RNG (resume must replay it).
-            loader = DataLoader(self.job.train_set, batch_sampler=batches[state.batch:], collate_fn=self.job.collate,
+            loader = DataLoader(self.rows, batch_sampler=batches[state.batch:], collate_fn=self.job.collate,
                                 num_workers=cfg.num_workers, pin_memory=self.acc.device.type == "cuda",
                                 generator=torch.Generator())
             for batch in loader:
