@@ -153,7 +153,8 @@ class TrainConfig(Section):
     num_workers: int = 0
     """DataLoader worker processes."""
     compile: bool = False
-    """Compile the model with torch.compile (GPU; pays off on long runs)."""
+    """Compile the model with torch.compile (in place; not for stages on cached features). Small models are
+    bound by Python and kernel-launch overhead, which compiling cuts; the first steps pay the compile time."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

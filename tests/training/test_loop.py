@@ -128,3 +128,14 @@ def test_label_smoothing_loss_matches_the_model_and_penalises_certainty(tiny_mod
     both = cross_entropy_loss([("start_logits", "s"), ("end_logits", "e")], 0.0)(
         qa, {"s": torch.tensor([0]), "e": torch.tensor([0])})
     assert both.item() == pytest.approx(9.0 / 2, rel=1e-3)  # start right (~0), end wrong (~9): mean of the two
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
+def test_compiled_training_ends_with_the_same_weights(tmp_path) -> None:
+    plain, compiled = Toy(), Toy()
+    fit(job(tmp_path / "a", plain), train_cfg(), Accelerator(cpu=True))
+    fit(job(tmp_path / "b", compiled), train_cfg(compile=True), Accelerator(cpu=True))
+    assert compiled._compiled_call_impl is not None  # compiled in place: names and state dict unchanged
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    for (name, p), q in zip(plain.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

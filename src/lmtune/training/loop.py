@@ -190,6 +190,11 @@ class _StageRun:
         self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.cache = self._feature_cache()  # after prepare: the model is on its device
+        if cfg.compile and self.cache is None:
+            # In place (nn.Module.compile): parameter names, state dicts and saving stay as they are. Shapes
+            # vary with dynamic padding; after the first change torch.compile marks them dynamic, so
+            # recompiles stay few (and bounded by torch._dynamo's recompile limit).
+            accelerator.unwrap_model(self.model).compile()
         if resume_from is not None:
             accelerator.load_state(str(resume_from / "state"))
             self.scheduler.load_state_dict(state.scheduler)
