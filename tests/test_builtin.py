@@ -34,10 +34,14 @@ def test_minilm_trains_a_few_steps_on_drug_reviews(tmp_path) -> None:
 
     cfg = load_config("examples/drugreview.yaml",
                       ["model.max_length=64", "data.max_train_samples=64", "data.max_eval_samples=24",
-                       "train.max_steps=4", "train.batch_size=8", f"output.dir={tmp_path}", "output.name=minilm"])
+                       "train.max_steps=4", "train.batch_size=8", f"output.dir={tmp_path}", "output.name=minilm",
+                       # 4 steps may not beat the probe stage on validation; keep the last weights, not the best
+                       "train.load_best=false"])
     result = lmtune.train(cfg)
     m = result.metrics
-    assert m["params"]["total"] > 22_000_000 and m["steps"] == 4
+    # The default is LP-FT: max_steps bounds each of its two stages (probe, then fine-tune).
+    assert m["params"]["total"] > 22_000_000 and m["steps"] == 8
+    assert {name: info["steps"] for name, info in m["stages"].items()} == {"probe": 4, "fine-tune": 4}
     assert m["data"]["labels"] == ["negative", "neutral", "positive"]
     assert 0 <= m["test"]["accuracy"] <= 1 and m["test"]["loss"] == pytest.approx(m["test"]["loss"])  # finite
     before = load_file(str(resolve_model("minilm-l6") / "model.safetensors"))

@@ -111,7 +111,8 @@ class TrainConfig(Section):
     epochs: int = 3
     """Passes over the training data (per stage unless the method sets its own)."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps in total; overrides `epochs` when given."""
+    """Stop each stage after this many optimizer steps; overrides `epochs` when given (a two-stage method
+    such as lp_ft runs up to twice as many in all)."""
     batch_size: int = 16
     """Examples per forward pass (per device)."""
     grad_accum: int = 1

@@ -1,0 +1,93 @@
+"""SST-2 side by side, in one run: lmtune (examples/sst2.yaml) and a plain HF Trainer script
+(benchmarks/sst2_trainer_baseline.py) on the same model, data and hyperparameters (run_glue.py's: every training row,
+lr 2e-5, batch 32, 3 epochs, max length 128, no warmup, no weight decay, no evaluation during training, GLUE dev
+accuracy at the end). Prints dev accuracy, train time, real tokens per second and the ratios, and writes them as JSON.
+
+    python benchmarks/sst2_compare.py --model /path/to/minilm --data-dir ../shared/data/sst2 --out sst2.json
+    # add --dynamic-padding to also run the Trainer with per-batch padding; smoke test: --max-steps 3
+
+lmtune pads per batch (length-grouped, multiple of 8); the Trainer pads every row to 128 (run_glue's default) or,
+with --dynamic-padding, per batch. Each system runs in its own process; lmtune is imported from this checkout's src/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(command: list[str], env: dict[str, str]) -> float:
+    print("$", " ".join(command), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, env=env)
+    return round(time.perf_counter() - started, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local model folder (e.g. an fp16 copy of all-MiniLM-L6-v2)")
+    parser.add_argument("--data-dir", required=True, help="folder with train.tsv.gz and dev.tsv")
+    parser.add_argument("--dynamic-padding", action="store_true", help="also run the Trainer with per-batch padding")
+    parser.add_argument("--max-steps", type=int, default=None, help="smoke tests only")
+    parser.add_argument("--set", nargs="*", default=[], help="extra lmtune overrides (e.g. train.compile=true)")
+    parser.add_argument("--work-dir", default="runs/sst2-compare")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    model, data, work = str(Path(args.model).resolve()), Path(args.data_dir).resolve(), Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    overrides = [f"model.name={model}", f"data.train={data / 'train.tsv.gz'}", f"data.test={data / 'dev.tsv'}",
+                 "data.max_train_samples=null", "data.validation_size=0", "train.lr=2e-5", "method.head_lr=null",
+                 "train.warmup_ratio=0", "train.weight_decay=0", "train.epochs=3", "train.batch_size=32",
+                 "train.seed=42", f"output.dir={work}", "output.name=lmtune", "output.overwrite=true", *args.set]
+    baseline = ["--model", model, "--data-dir", str(data), "--seed", "42"]
+    if args.max_steps:
+        overrides.append(f"train.max_steps={args.max_steps}")
+        baseline += ["--max-steps", str(args.max_steps)]
+
+    rows = {}
+    wall = run([sys.executable, "-m", "lmtune.cli", "train", "examples/sst2.yaml", *overrides], env)
+    ours = json.loads((work / "lmtune" / "metrics.json").read_text())
+    rows["lmtune"] = {"accuracy": ours["test"]["accuracy"], "train_seconds": ours["train_seconds"],
+                      "real_tokens_per_second": ours["train_tokens_per_second"], "steps": ours["steps"],
+                      "wall_seconds": wall}
+    variants = [("hf_trainer", [])] + ([("hf_trainer_dynamic", ["--dynamic-padding"])] if args.dynamic_padding else [])
+    for name, extra in variants:
+        wall = run([sys.executable, "benchmarks/sst2_trainer_baseline.py", *baseline, *extra,
+                    "--out", str(work / f"{name}.json")], env)
+        theirs = json.loads((work / f"{name}.json").read_text())
+        epochs = theirs["steps"] / max(1, -(-theirs["train_rows"] // 32))
+        rows[name] = {"accuracy": theirs["test"]["accuracy"], "train_seconds": theirs["train_seconds"],
+                      "real_tokens_per_second": round(theirs["real_tokens_per_epoch"] * epochs
+                                                      / theirs["train_seconds"], 1),
+                      "steps": theirs["steps"], "wall_seconds": wall}
+    result = {"date": time.strftime("%Y-%m-%d"), "device": _device(), "model": model, "rows": rows,
+              "speed_up": {name: round(r["train_seconds"] / rows["lmtune"]["train_seconds"], 2)
+                           for name, r in rows.items() if name != "lmtune"}}
+    print("\n| system | dev accuracy | train s | real tokens/s | steps | wall s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['accuracy']:.4f} | {r['train_seconds']:.1f} | {r['real_tokens_per_second']:.0f} | "
+              f"{r['steps']} | {r['wall_seconds']:.1f} |")
+    print("\nlmtune's speed-up in train time: " + ", ".join(f"{v}x vs {k}" for k, v in result["speed_up"].items()))
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    main()
