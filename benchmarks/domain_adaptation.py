@@ -6,7 +6,7 @@
 Measures the untuned model's perplexity on the config's held-out domain texts (its test split), then trains
 the config twice (without replay, and with `data.replay` = the given general text at the given ratio) and
 prints one table: domain perplexity before/after and general-text perplexity (`eval.general_text`, the
-forgetting probe) before/after for both runs.
+forgetting probe; the config must set it) before/after for both runs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def untuned_perplexity(config: str, overrides: list[str]) -> float:
     tokenizer = models.load_tokenizer(cfg.model)
     model, _ = models.load_model(task.auto_class, cfg.model)
     model.to(accelerator.device)
-    return text_perplexity(model, tokenizer, splits["test"]["text"][:], cfg.model.max_length,
+    return text_perplexity(model, tokenizer, splits["test"]["text"][:], models.max_length(cfg.model, tokenizer,
+                                                                                           model.config),
                            cfg.eval.batch_size or 2 * cfg.train.batch_size, accelerator)["perplexity"]
 
 
@@ -45,6 +46,10 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides for every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from lmtune.config import load_config
+
+    if not load_config(args.config, args.set).eval.general_text:
+        parser.error("the config needs eval.general_text (the general-domain text measured before and after)")
     before = untuned_perplexity(args.config, args.set)
     print(json.dumps({"run": "untuned", "domain_perplexity": before}), flush=True)
     rows = []

@@ -64,7 +64,7 @@ def main() -> None:
         wall = run([sys.executable, "benchmarks/sst2_trainer_baseline.py", *baseline, *extra,
                     "--out", str(work / f"{name}.json")], env)
         theirs = json.loads((work / f"{name}.json").read_text())
-        epochs = theirs["steps"] / max(1, -(-theirs["train_rows"] // 32))
+        epochs = theirs["steps"] / max(1, -(-theirs["train_rows"] // theirs["settings"]["batch_size"]))
         rows[name] = {"accuracy": theirs["test"]["accuracy"], "train_seconds": theirs["train_seconds"],
                       "real_tokens_per_second": round(theirs["real_tokens_per_epoch"] * epochs
                                                       / theirs["train_seconds"], 1),

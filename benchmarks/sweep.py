@@ -27,10 +27,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     axes = [(k, v.split(",")) for k, v in (item.split("=", 1) for item in args.grid)]
     rows = []
-    for values in itertools.product(*[vals for _, vals in axes]):
+    for index, values in enumerate(itertools.product(*[vals for _, vals in axes])):
         overrides = args.set + [f"{k}={v}" for (k, _), v in zip(axes, values)] + ["output.overwrite=true"]
-        # Values may be paths (model.name=/a/b): the run folder takes their last part, file-name safe.
-        name = "sweep-" + "-".join(re.sub(r"[^\w.=-]+", "_", Path(v).name) for v in values) if values else "sweep"
+        # Values may be paths (model.name=/a/b): the run folder takes their last part, file-name safe, after the
+        # run's number (two paths may end alike).
+        name = f"sweep{index}-" + "-".join(re.sub(r"[^\w.=-]+", "_", Path(v).name) for v in values)
         started = time.perf_counter()
         m = lmtune.train(args.config, overrides + [f"output.name={name}"]).metrics
         row = {"overrides": dict(zip([k for k, _ in axes], values)),

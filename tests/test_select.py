@@ -119,7 +119,7 @@ def test_probe_takes_the_best_layer(candidates, tiny_config, tmp_path) -> None:
     model.save_pretrained(folder)
     result = select(tiny_config, [str(folder)], sample=60, folds=4, output=tmp_path / "sel")
     probe = result.ranking[0]["probe"]
-    assert probe["layer"] == 1 and probe["score"] > 0.9 and probe["layers"][2] < 0.75
+    assert probe["layer"] == 1 and probe["score"] > 0.9 and probe["layers"]["2"] < 0.75
 
 
 def test_causal_lm_gets_perplexity_through_the_cli(candidates, tiny_llama, tiny_config, tmp_path) -> None:

@@ -3,7 +3,7 @@
 For each candidate, on a sample of the training data: tokenizer fit (unknown-token rate, share of
 examples over max length, tokens per word), transferability (a linear probe with cross-validation on
 frozen features: classification and NER), domain fit (perplexity, for causal LMs) and cost (parameters,
-seconds per 1k examples of feature extraction, memory). The probe runs on four layers (quarter points of the stack and
+seconds per 1k examples of feature extraction, memory). The probe runs on up to four layers (quarter points of the stack and
 its top) and its best score counts: a decoder's middle layers hold more of a sentence than its last.
 
 Ranking rule: candidates that could be assessed come before those that failed; then the probe score,
@@ -146,7 +146,7 @@ def _assess(name: str, cfg: RunConfig, sample: Sample, folds: int, seed: int, ro
                          probe.probe_classification(np.stack(feats.pooled[layer]), sample.targets, folds, seed))
     best = max(scores, key=lambda layer: scores[layer].get("score", -math.inf))
     row["probe"] = {**scores[best], "layer": best,
-                    "layers": {layer: scores[layer].get("score") for layer in sorted(scores)}}
+                    "layers": {str(layer): scores[layer].get("score") for layer in sorted(scores)}}
     return model
 
 

@@ -101,6 +101,25 @@ def test_stages_train_only_their_parameters(tmp_path) -> None:
     assert not torch.equal(model.body.weight, body_before) and not torch.equal(model.head.weight, head_before)
 
 
+def test_a_later_stage_that_never_improves_ends_with_the_earlier_best_and_says_so(tmp_path, caplog) -> None:
+    scores = iter([0.9, 0.5, 0.6])  # stage "head": one evaluation; stage "all": two, both worse
+    model = Toy()
+    stages = [Stage("head", [ParamGroup(["head.weight", "head.bias"])], epochs=1),
+              Stage("all", [ParamGroup(["body.weight", "body.bias", "head.weight", "head.bias"])], epochs=2)]
+    snapshots = []
+
+    def evaluate(m) -> dict:
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"score": next(scores)}
+
+    with caplog.at_level("WARNING", logger="lmtune"):
+        state = fit(job(tmp_path, model, stages, evaluate), train_cfg(), Accelerator(cpu=True))
+    assert (state.best_metric, state.best_step) == (0.9, 8)
+    assert "stage all never beat the score of an earlier stage (0.9000 at step 8)" in caplog.text
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[0][key]), key
+
+
 def test_metric_missing_from_evaluation_is_an_error(tmp_path) -> None:
     with pytest.raises(KeyError, match="eval.metric 'score'"):
         fit(job(tmp_path, Toy(), evaluate=lambda m: {"accuracy": 1.0}), train_cfg(), Accelerator(cpu=True))
@@ -134,8 +153,11 @@ def test_label_smoothing_loss_matches_the_model_and_penalises_certainty(tiny_mod
 def test_compiled_training_ends_with_the_same_weights(tmp_path) -> None:
     plain, compiled = Toy(), Toy()
     fit(job(tmp_path / "a", plain), train_cfg(), Accelerator(cpu=True))
+    calls = []
+    compiled.compile = lambda **kw: (calls.append(kw), torch.nn.Module.compile(compiled, **kw))  # type: ignore
     fit(job(tmp_path / "b", compiled), train_cfg(compile=True), Accelerator(cpu=True))
-    assert compiled._compiled_call_impl is not None  # compiled in place: names and state dict unchanged
+    assert len(calls) == 1  # compiled in place for the stage: names and state dict unchanged
+    assert compiled._compiled_call_impl is None  # and plain again afterwards (evaluation, generation)
     assert list(compiled.state_dict()) == list(plain.state_dict())
     for (name, p), q in zip(plain.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -73,7 +73,7 @@ def extract(model: Any, tokenizer: Any, examples: list[Any], max_length: int, *,
             batch = {k: v.to(device) for k, v in enc.items()}
             result = base(**batch, output_hidden_states=True)
             hidden = result.last_hidden_state  # the top layer, after any final norm
-            states = result.hidden_states
+            states = result.hidden_states or (hidden,)  # a model that gives no per-layer states: its top only
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             for layer in probe_layers(len(states) - 1):
                 layer_hidden = hidden if layer == len(states) - 1 else states[layer]

@@ -243,9 +243,9 @@ class Instruct:
     def _add_replay(self, rows: dict[str, list], texts: list[str], tokenizer: Any, max_length: int) -> None:
         """General-text rows (loss on every token) holding data.replay.ratio of the training tokens."""
         task_tokens = sum(rows["length"])
-        docs = lm_common.tokenize_documents(texts, tokenizer)
-        chosen = [d[:max_length] for d in lm_common.choose_replay(task_tokens, docs, self.data.replay.ratio,
-                                                                   self.seed)]
+        # Cut to max_length before choosing: the ratio counts the tokens that are actually trained on.
+        docs = [d[:max_length] for d in lm_common.tokenize_documents(texts, tokenizer)]
+        chosen = lm_common.choose_replay(task_tokens, docs, self.data.replay.ratio, self.seed)
         for ids in chosen:
             rows["input_ids"].append(ids)
             rows["labels"].append(ids)

@@ -61,12 +61,12 @@ class FeatureCache:
         target = _to(mask.bool().flatten().nonzero().squeeze(1), device)
         fields: dict[str, Any] = {}
         for field, flat in table.tokens.items():
-            pieces = flat[_to(source, flat.device)].to(device, non_blocking=True)
+            pieces = _to(flat[_to(source, flat.device)], device)
             padded = pieces.new_zeros((mask.numel(), *flat.shape[1:]))
             fields[field] = padded.index_copy_(0, target, pieces).view(*mask.shape, *flat.shape[1:])
         positions = torch.from_numpy(table.position[rows])
         for field, stacked in table.rows.items():
-            fields[field] = stacked[_to(positions, stacked.device)].to(device, non_blocking=True)
+            fields[field] = _to(stacked[_to(positions, stacked.device)], device)
         return self.output_type(**fields)
 
     def build(self, key: str, batches: Any, run: Callable[[dict], Any], n_rows: int, n_tokens: int,

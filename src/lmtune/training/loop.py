@@ -210,7 +210,8 @@ class _StageRun:
         logs.write(state.step, stage.name, {"stage/trainable_params": trainable, "stage/total_params": total,
                                             "stage/steps": self.total_steps})
         self.lengths = job.train_set["length"][:]
-        self.rows = in_memory(job.train_set, self.lengths)
+        # Worker processes would each copy a Python list (reference counts touch every row): Arrow for them.
+        self.rows = in_memory(job.train_set, self.lengths) if cfg.num_workers == 0 else job.train_set
         self.penalty_sum = torch.zeros((), device=accelerator.device)
         self.started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
 
@@ -363,11 +364,15 @@ class _StageRun:
         if self.cache is not None:
             self.cache.remove()
         job.model = self.acc.unwrap_model(self.model)
+        job.model._compiled_call_impl = None  # train.compile covers training: evaluation and generation run plain
         self.acc.free_memory()
         best = job.run_dir / "checkpoints" / "best.safetensors"
         self.acc.wait_for_everyone()
         if self.cfg.load_best and best.exists():
             # The next stage (and the final model) starts from the best weights seen so far.
+            if state.best_step is not None and state.best_step <= state.step - state.stage_step and self.index:
+                log.warning("stage %s never beat the %s of an earlier stage (%.4f at step %d): the weights of "
+                            "that step are kept", name, job.metric, state.best_metric, state.best_step)
             load_weights(job.model, best)
 
 
