@@ -137,6 +137,11 @@ class TrainConfig(Section):
     """Share of the target probability spread over all classes in the training loss (cross-entropy tasks)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster), order still shuffled."""
+    loss_normalization: Literal["batch", "dataset"] = "batch"
+    """Token-level tasks (NER, causal LM, instructions): `batch` makes a step's loss the mean over its own
+    target tokens; `dataset` divides their summed loss by the mean target count per step over the training
+    set, so every token weighs the same whichever batch it lands in (with length-grouped batches a batch of
+    short rows otherwise gives each of its tokens more weight). Other tasks: no effect."""
     pad_to_multiple_of: int = 8
     """Pad each batch to a multiple of this many tokens (tensor-core friendly)."""
     eval_every: int | None = None

@@ -161,3 +161,41 @@ def test_compiled_training_ends_with_the_same_weights(tmp_path) -> None:
     assert list(compiled.state_dict()) == list(plain.state_dict())
     for (name, p), q in zip(plain.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class Unit(torch.nn.Module):
+    """Every batch's (mean) loss is 1: what the loop logs is then the weight it gave the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, n: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loss=1.0 + 0.0 * self.w.sum())
+
+
+@pytest.mark.parametrize("normalization, expected", [("batch", [1.0, 1.0, 1.0, 1.0]),
+                                                     ("dataset", [0.5, 1.5, 0.5, 1.5])])
+def test_token_loss_normalised_by_the_batch_or_the_dataset_mean(tmp_path, normalization, expected) -> None:
+    import json
+
+    from lmtune.training.loop import mean_targets_per_batch
+
+    rows = datasets.Dataset.from_dict({"n": [1, 3], "length": [1, 3]})  # targets per row: 1 and 3
+
+    def count(batch: dict) -> torch.Tensor:
+        return batch["n"].sum()
+
+    def collate_n(part: list[dict]) -> dict:
+        return {"n": torch.tensor([r["n"] for r in part])}
+
+    assert mean_targets_per_batch(list(rows), collate_n, count, batch_size=1) == 2.0
+    assert mean_targets_per_batch(list(rows), collate_n, count, batch_size=2, chunk=1) == 4.0
+    model = Unit()
+    j = Job(model=model, stages=[Stage("all", [ParamGroup(["w"])])], train_set=rows, collate=collate_n,
+            evaluate=None, metric="score", greater_is_better=True, run_dir=tmp_path, count_targets=count)
+    fit(j, train_cfg(batch_size=1, log_every=1, loss_normalization=normalization), Accelerator(cpu=True))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in logged if "train/loss" in r]
+    # Each step is one row (group_by_length off, order shuffled): its loss is 1 x its weight.
+    assert sorted(losses) == sorted(expected)

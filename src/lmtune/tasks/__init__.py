@@ -26,7 +26,8 @@ loading a finished run). It provides, duck-typed (no base class):
 
 Optional, for tasks that need them:
 - `count_targets(batch) -> int tensor`: the tokens a batch's loss averages over; the loop then weights each
-  micro-batch so an optimizer step's loss is the mean over every target token of its accumulation window.
+  micro-batch so an optimizer step's loss is the mean over every target token of its accumulation window
+  (or, with `train.loss_normalization=dataset`, their sum over the training set's mean count per window).
 - `generate(model, tokenizer, inputs, device) -> list[dict]`: predictions made by generating text (used by
   `Predictor.predict` instead of `encode` -> forward -> `postprocess`; `inputs` come from `from_texts`).
 - `score_generations(ds, generate) -> dict | None`: metrics of generations for the raw examples `ds`

@@ -146,6 +146,11 @@ class Ner:
     default_metric = "f1"
     cross_entropy_targets = [("logits", "labels")]
 
+    @staticmethod
+    def count_targets(batch: dict) -> Any:
+        """Words the loss averages over: each word's first sub-token carries its tag, the rest -100."""
+        return (batch["labels"] != -100).sum()
+
     def __init__(self, options: NerOptions, data: DataConfig, labels: list[str] | None = None):
         self.options = options
         self.data = data

@@ -56,6 +56,17 @@ def window_scales(counts: torch.Tensor, accelerator: Any) -> torch.Tensor:
     return counts * accelerator.num_processes / total.clamp(min=1)
 
 
+def mean_targets_per_batch(rows: Any, collate: Callable, count_targets: Callable, batch_size: int,
+                           chunk: int = 32) -> float:
+    """The training set's target tokens per micro-batch of `batch_size` rows, on average (the fixed denominator of
+    train.loss_normalization=dataset); counted through the task's own collate, `chunk` rows at a time."""
+    total = 0
+    for start in range(0, len(rows), chunk):
+        part = [rows[i] for i in range(start, min(start + chunk, len(rows)))]
+        total += int(count_targets(collate(part)))
+    return max(total, 1) / math.ceil(len(rows) / batch_size)
+
+
 def cross_entropy_loss(targets: list[tuple[str, str]], label_smoothing: float) -> Callable[[Any, dict], torch.Tensor]:
     """The training loss recomputed as label-smoothed cross-entropy over each (output logits, batch targets) pair,
     averaged over pairs (QA: start and end, as the models do); targets of -100 are ignored."""
@@ -212,6 +223,9 @@ class _StageRun:
         self.lengths = job.train_set["length"][:]
         # Worker processes would each copy a Python list (reference counts touch every row): Arrow for them.
         self.rows = in_memory(job.train_set, self.lengths) if cfg.num_workers == 0 else job.train_set
+        self.mean_targets = None  # train.loss_normalization=dataset: target tokens per micro-batch, on average
+        if job.count_targets is not None and cfg.loss_normalization == "dataset":
+            self.mean_targets = mean_targets_per_batch(self.rows, job.collate, job.count_targets, cfg.batch_size)
         self.penalty_sum = torch.zeros((), device=accelerator.device)
         self.started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
 
@@ -305,7 +319,10 @@ class _StageRun:
         scales: Any = [1 / window] * len(pending)
         if self.job.count_targets is not None:
             counts = torch.stack([torch.as_tensor(self.job.count_targets(b)) for b, _ in pending]).to(self.acc.device)
-            scales = window_scales(counts.float(), self.acc)
+            # Sum of token losses over the window's own count, or over the count a window holds on average
+            # (each process; DDP's mean over processes then matches the count of all of them).
+            scales = (counts.float() / (self.mean_targets * window) if self.mean_targets is not None
+                      else window_scales(counts.float(), self.acc))
         total = torch.zeros((), device=self.acc.device)
         for i, (batch, rows) in enumerate(pending):
             total += self._backward(batch, rows, scales[i], window, sync=i == len(pending) - 1)
