@@ -35,6 +35,10 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="local model folder (e.g. an fp16 copy of all-MiniLM-L6-v2)")
     parser.add_argument("--data-dir", required=True, help="folder with train.tsv.gz and dev.tsv")
     parser.add_argument("--dynamic-padding", action="store_true", help="also run the Trainer with per-batch padding")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak for MFU (H100 SXM: 989)")
     parser.add_argument("--max-steps", type=int, default=None, help="smoke tests only")
     parser.add_argument("--set", nargs="*", default=[], help="extra lmtune overrides (e.g. train.compile=true)")
     parser.add_argument("--work-dir", default="runs/sst2-compare")
@@ -46,9 +50,11 @@ def main() -> None:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     overrides = [f"model.name={model}", f"data.train={data / 'train.tsv.gz'}", f"data.test={data / 'dev.tsv'}",
                  "data.max_train_samples=null", "data.validation_size=0", "train.lr=2e-5", "method.head_lr=null",
-                 "train.warmup_ratio=0", "train.weight_decay=0", "train.epochs=3", "train.batch_size=32",
+                 "train.warmup_ratio=0", "train.weight_decay=0", f"train.epochs={args.epochs}", "train.batch_size=32",
+                 f"model.max_length={args.max_length}",
                  "train.seed=42", f"output.dir={work}", "output.name=lmtune", "output.overwrite=true", *args.set]
-    baseline = ["--model", model, "--data-dir", str(data), "--seed", "42"]
+    baseline = ["--model", model, "--data-dir", str(data), "--seed", "42", "--max-length", str(args.max_length),
+                "--epochs", str(args.epochs)]
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
         baseline += ["--max-steps", str(args.max_steps)]
@@ -58,7 +64,9 @@ def main() -> None:
     ours = json.loads((work / "lmtune" / "metrics.json").read_text())
     rows["lmtune"] = {"accuracy": ours["test"]["accuracy"], "train_seconds": ours["train_seconds"],
                       "real_tokens_per_second": ours["train_tokens_per_second"], "steps": ours["steps"],
-                      "wall_seconds": wall}
+                      "wall_seconds": wall,
+                      "peak_memory_mb": max((s.get("peak_memory_mb") or 0 for s in ours["stages"].values()),
+                                            default=None) or None}
     variants = [("hf_trainer", [])] + ([("hf_trainer_dynamic", ["--dynamic-padding"])] if args.dynamic_padding else [])
     for name, extra in variants:
         wall = run([sys.executable, "benchmarks/sst2_trainer_baseline.py", *baseline, *extra,
@@ -68,19 +76,32 @@ def main() -> None:
         rows[name] = {"accuracy": theirs["test"]["accuracy"], "train_seconds": theirs["train_seconds"],
                       "real_tokens_per_second": round(theirs["real_tokens_per_epoch"] * epochs
                                                       / theirs["train_seconds"], 1),
-                      "steps": theirs["steps"], "wall_seconds": wall}
+                      "steps": theirs["steps"], "wall_seconds": wall, "peak_memory_mb": theirs["peak_memory_mb"]}
+    flops_per_token = 6 * _matmul_params(model)  # forward + backward, weights only (attention scores left out)
+    for r in rows.values():
+        r["mfu"] = round(flops_per_token * r["real_tokens_per_second"] / (args.peak_tflops * 1e12), 4)
     result = {"date": time.strftime("%Y-%m-%d"), "device": _device(), "model": model, "rows": rows,
+              "flops_per_real_token": flops_per_token,
               "speed_up": {name: round(r["train_seconds"] / rows["lmtune"]["train_seconds"], 2)
                            for name, r in rows.items() if name != "lmtune"}}
-    print("\n| system | dev accuracy | train s | real tokens/s | steps | wall s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| system | dev accuracy | train s | real tokens/s | MFU (real tokens) | peak MB | steps | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['accuracy']:.4f} | {r['train_seconds']:.1f} | {r['real_tokens_per_second']:.0f} | "
-              f"{r['steps']} | {r['wall_seconds']:.1f} |")
+              f"{r['mfu']:.1%} | {r['peak_memory_mb'] or 0:.0f} | {r['steps']} | {r['wall_seconds']:.1f} |")
     print("\nlmtune's speed-up in train time: " + ", ".join(f"{v}x vs {k}" for k, v in result["speed_up"].items()))
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+def _matmul_params(model: str) -> int:
+    """Parameters of the model's matrix multiplications: all but embedding tables (looked up, not multiplied)."""
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2)
+    embedding = {id(e.weight) for e in m.modules() if isinstance(e, __import__("torch").nn.Embedding)}
+    return sum(p.numel() for p in m.parameters() if id(p) not in embedding)
 
 
 def _device() -> str:

@@ -80,14 +80,17 @@ def main() -> None:
         logging_steps=500, eval_strategy="no", save_strategy="no")
     trainer = Trainer(model=model, args=training_args, train_dataset=features["train"], processing_class=tokenizer,
                       data_collator=collator, compute_metrics=compute_metrics)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     train_result = trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     dev = trainer.evaluate(features["dev"], metric_key_prefix="test")
     results = {
         "system": "hf-trainer" + (" (dynamic padding)" if args.dynamic_padding else ""), "model": args.model,
         "bf16": bf16, "test": {k.removeprefix("test_"): v for k, v in dev.items()},
         "train_seconds": round(train_result.metrics["train_runtime"], 2), "steps": train_result.global_step,
         "train_rows": len(features["train"]), "real_tokens_per_epoch": real_tokens,
-        "wall_seconds": round(time.perf_counter() - started, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": peak,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
     print(json.dumps(results, indent=2))
