@@ -32,10 +32,13 @@ def write_reviews(path: Path, words: list[str], rows: int, median: int, cap: int
     """`rows` synthetic reviews with log-normal word counts; returns their word total."""
     counts = np.clip(rng.lognormal(np.log(median), 0.6, rows).astype(int), 8, cap)
     labels = rng.integers(0, 2, rows)
+    vocabulary = np.asarray(words)
+    picks = vocabulary[rng.integers(0, len(vocabulary), int(counts.sum()))]
+    ends = np.cumsum(counts)
     with gzip.open(path, "wt", encoding="utf-8") if path.suffix == ".gz" else open(path, "w", encoding="utf-8") as f:
         f.write("sentence\tlabel\n")
-        for n, label in zip(counts, labels):
-            f.write(" ".join(rng.choice(words, n)) + f"\t{label}\n")
+        for end, n, label in zip(ends, counts, labels):
+            f.write(" ".join(picks[end - n:end]) + f"\t{label}\n")
     return int(counts.sum())
 
 
