@@ -24,12 +24,8 @@ class CausalLMOptions(GenerationOptions):
 
 
 @register_task("causal_lm")
-class CausalLM:
+class CausalLM(lm_common.DecoderTask):
     Options = CausalLMOptions
-    default_metric = "perplexity"
-    cross_entropy_targets: list[tuple[str, str]] = []  # the loss is over shifted tokens: no smoothing here
-    greater_is_better = staticmethod(lm_common.greater_is_better)
-    count_targets = staticmethod(lm_common.count_targets)
 
     def __init__(self, options: CausalLMOptions, data: DataConfig, labels: list[str] | None = None):
         self.options, self.data = options, data
@@ -69,14 +65,6 @@ class CausalLM:
                 raise DataError("input", "empty or missing prompt text", row=i, field="text")
             prompts.append(text)
         return prompts
-
-    # ---- model -----------------------------------------------------------------------------------
-    @property
-    def auto_class(self) -> Any:
-        return lm_common.causal_lm_class()
-
-    def model_kwargs(self) -> dict[str, Any]:
-        return {}
 
     # ---- features --------------------------------------------------------------------------------
     def encode(self, ds: Any, tokenizer: Any, max_length: int) -> Any:

@@ -66,12 +66,8 @@ def _split_prompt(messages: list[dict]) -> tuple[list[dict], str | None]:
 
 
 @register_task("instruct")
-class Instruct:
+class Instruct(lm_common.DecoderTask):
     Options = InstructOptions
-    default_metric = "perplexity"
-    cross_entropy_targets: list[tuple[str, str]] = []
-    greater_is_better = staticmethod(lm_common.greater_is_better)
-    count_targets = staticmethod(lm_common.count_targets)
 
     def __init__(self, options: InstructOptions, data: DataConfig, labels: list[str] | None = None):
         self.options, self.data = options, data
@@ -167,14 +163,6 @@ class Instruct:
                 raise DataError("input", chat[1], row=i, field=chat[0])
             chats.append(chat)
         return chats
-
-    # ---- model -----------------------------------------------------------------------------------
-    @property
-    def auto_class(self) -> Any:
-        return lm_common.causal_lm_class()
-
-    def model_kwargs(self) -> dict[str, Any]:
-        return {}
 
     # ---- features --------------------------------------------------------------------------------
     def _render(self, tokenizer: Any, messages: list[dict], prompt: bool = False) -> str:

@@ -33,12 +33,6 @@ class GenerationOptions(BaseModel):
     """Generation: prompts per batch (left padded)."""
 
 
-def causal_lm_class() -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
-
-
 def count_targets(batch: dict) -> torch.Tensor:
     """Tokens the causal-LM loss counts in a batch: labels are shifted by one inside the model."""
     return (batch["labels"][:, 1:] != -100).sum()
@@ -46,6 +40,24 @@ def count_targets(batch: dict) -> torch.Tensor:
 
 def greater_is_better(metric: str) -> bool:
     return not any(word in metric for word in ("loss", "perplexity"))
+
+
+class DecoderTask:
+    """What the causal-LM tasks (causal_lm, instruct) share: the model class, the loss and its metric."""
+
+    default_metric = "perplexity"
+    cross_entropy_targets: list[tuple[str, str]] = []  # the loss is over shifted tokens: no smoothing here
+    greater_is_better = staticmethod(greater_is_better)
+    count_targets = staticmethod(count_targets)
+
+    @property
+    def auto_class(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
 
 
 def pad_id(tokenizer: Any) -> int:
