@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import Any
 
 import lmtune
 
 
-def untuned_perplexity(config: str, overrides: list[str]) -> float:
+def untuned_perplexity(cfg: Any) -> float:
     """Perplexity of the pretrained model on the test split, measured as the run measures it after training."""
     from lmtune import models
-    from lmtune.config import load_config
     from lmtune.registry import TASKS
     from lmtune.run import make_accelerator
     from lmtune.tasks.lm_common import text_perplexity
 
-    cfg = load_config(config, overrides)
     task = TASKS[cfg.task.name](cfg.task, cfg.data)
     splits, _ = task.load_splits(cfg.train.seed)
     accelerator = make_accelerator(cfg.train.precision)
@@ -48,9 +47,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from lmtune.config import load_config
 
-    if not load_config(args.config, args.set).eval.general_text:
+    cfg = load_config(args.config, args.set)
+    if not cfg.eval.general_text:
         parser.error("the config needs eval.general_text (the general-domain text measured before and after)")
-    before = untuned_perplexity(args.config, args.set)
+    before = untuned_perplexity(cfg)
     print(json.dumps({"run": "untuned", "domain_perplexity": before}), flush=True)
     rows = []
     for name, extra in (("no replay", []), (f"replay {args.ratio:g}", [f"data.replay.path={args.replay}",

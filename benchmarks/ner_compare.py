@@ -16,19 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(command: list[str], env: dict[str, str]) -> float:
-    print("$", " ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env=env)
-    return round(time.perf_counter() - started, 1)
+from side_by_side import ROOT, device, run  # benchmarks/ is on the path: scripts run from there
 
 
 def main() -> None:
@@ -73,7 +65,7 @@ def main() -> None:
                        "train_seconds": theirs["train_seconds"], "wall_seconds": trainer_wall, "steps": theirs["steps"],
                        "test_words_not_scored": theirs["words_not_scored_after_truncation"]["testb"]},
     }
-    result = {"date": time.strftime("%Y-%m-%d"), "device": _device(), "model": model, "seed": args.seed, "rows": rows,
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device(), "model": model, "seed": args.seed, "rows": rows,
               "f1_difference": round(rows["lmtune"]["test_f1"] - rows["hf_trainer"]["test_f1"], 4),
               "train_time_ratio": round(rows["lmtune"]["train_seconds"] / rows["hf_trainer"]["train_seconds"], 3)}
     print("\n| system | test F1 | test P | test R | validation F1 | train s | wall s | steps |")
@@ -86,12 +78,6 @@ def main() -> None:
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
-
-
-def _device() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

@@ -15,19 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(command: list[str], env: dict[str, str]) -> float:
-    print("$", " ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env=env)
-    return round(time.perf_counter() - started, 1)
+from side_by_side import ROOT, device, run  # benchmarks/ is on the path: scripts run from there
 
 
 def main() -> None:
@@ -80,7 +72,7 @@ def main() -> None:
     flops_per_token = 6 * _matmul_params(model)  # forward + backward, weights only (attention scores left out)
     for r in rows.values():
         r["mfu"] = round(flops_per_token * r["real_tokens_per_second"] / (args.peak_tflops * 1e12), 4)
-    result = {"date": time.strftime("%Y-%m-%d"), "device": _device(), "model": model, "rows": rows,
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device(), "model": model, "rows": rows,
               "flops_per_real_token": flops_per_token,
               "speed_up": {name: round(r["train_seconds"] / rows["lmtune"]["train_seconds"], 2)
                            for name, r in rows.items() if name != "lmtune"}}
@@ -102,12 +94,6 @@ def _matmul_params(model: str) -> int:
     m = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2)
     embedding = {id(e.weight) for e in m.modules() if isinstance(e, __import__("torch").nn.Embedding)}
     return sum(p.numel() for p in m.parameters() if id(p) not in embedding)
-
-
-def _device() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":
