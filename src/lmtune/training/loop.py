@@ -184,11 +184,29 @@ def _stage_length(stage: Any, cfg: TrainConfig, n_rows: int, world_size: int) ->
     return total, math.ceil(total / per_epoch)
 
 
+@dataclass
+class _TrainRows:
+    """The training set as every stage reads it; worked out once per fit."""
+
+    lengths: list[int]
+    rows: Any  # a list of dicts for small sets (see batching.in_memory), else the dataset
+    mean_targets: float | None  # train.loss_normalization=dataset: target tokens per micro-batch, on average
+
+    @classmethod
+    def of(cls, job: Job, cfg: TrainConfig) -> "_TrainRows":
+        lengths = job.train_set["length"][:]
+        # Worker processes would each copy a Python list (reference counts touch every row): Arrow for them.
+        rows = in_memory(job.train_set, lengths) if cfg.num_workers == 0 else job.train_set
+        mean = (mean_targets_per_batch(rows, job.collate, job.count_targets, cfg.batch_size)
+                if job.count_targets is not None and cfg.loss_normalization == "dataset" else None)
+        return cls(lengths, rows, mean)
+
+
 class _StageRun:
     """One stage from set-up to restored best weights; the loop body is `run`, read it top to bottom."""
 
     def __init__(self, job: Job, index: int, state: LoopState, cfg: TrainConfig, accelerator: Any,
-                 logs: MetricsLog, resume_from: Path | None) -> None:
+                 logs: MetricsLog, resume_from: Path | None, train_rows: "_TrainRows") -> None:
         self.job, self.index, self.state, self.cfg, self.acc, self.logs = job, index, state, cfg, accelerator, logs
         self.stage = stage = job.stages[index]
         trainable, total = set_trainable(job.model, stage.trainable)
@@ -220,12 +238,7 @@ class _StageRun:
                                                        steps=self.total_steps, feature_cache=self.cache is not None)
         logs.write(state.step, stage.name, {"stage/trainable_params": trainable, "stage/total_params": total,
                                             "stage/steps": self.total_steps})
-        self.lengths = job.train_set["length"][:]
-        # Worker processes would each copy a Python list (reference counts touch every row): Arrow for them.
-        self.rows = in_memory(job.train_set, self.lengths) if cfg.num_workers == 0 else job.train_set
-        self.mean_targets = None  # train.loss_normalization=dataset: target tokens per micro-batch, on average
-        if job.count_targets is not None and cfg.loss_normalization == "dataset":
-            self.mean_targets = mean_targets_per_batch(self.rows, job.collate, job.count_targets, cfg.batch_size)
+        self.lengths, self.rows, self.mean_targets = train_rows.lengths, train_rows.rows, train_rows.mean_targets
         self.penalty_sum = torch.zeros((), device=accelerator.device)
         self.started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
 
@@ -415,12 +428,13 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     last = job.run_dir / "checkpoints" / "last"
     state = read_loop_state(last) if resume else LoopState()
     logs = MetricsLog(job.run_dir, accelerator, truncate_after=state.step if resume else None)
+    train_rows = _TrainRows.of(job, cfg)
     try:
         for index in range(state.stage, len(job.stages)):
             resume_from = last if resume and index == state.stage else None
             if resume_from is None:
                 state.stage = index
-            _StageRun(job, index, state, cfg, accelerator, logs, resume_from).run()
+            _StageRun(job, index, state, cfg, accelerator, logs, resume_from, train_rows).run()
             if index + 1 < len(job.stages):
                 state.stage, state.stage_done = index + 1, False
     finally:
