@@ -42,7 +42,7 @@ def test_served_outputs_equal_computed_ones_in_any_order_and_padding() -> None:
         batch = _batch([data[r] for r in rows], left)
         cache.current = None
         expected = trunk(**batch)
-        cache.current = ("d", rows, batch["attention_mask"])
+        cache.current = cache.serve("d", rows, batch["attention_mask"])
         served = trunk(**batch)
         torch.testing.assert_close(served.last_hidden_state, expected.last_hidden_state)
         torch.testing.assert_close(served.pooler_output, expected.pooler_output)
@@ -60,7 +60,7 @@ def test_per_row_output_is_not_mistaken_for_per_token_when_width_equals_hidden_s
     batch = _batch([data[2], data[0]], left=False)
     cache.current = None
     expected = trunk(**batch)
-    cache.current = ("d", [2, 0], batch["attention_mask"])
+    cache.current = cache.serve("d", [2, 0], batch["attention_mask"])
     served = trunk(**batch)
     torch.testing.assert_close(served.pooler_output, expected.pooler_output)
     torch.testing.assert_close(served.last_hidden_state, expected.last_hidden_state)

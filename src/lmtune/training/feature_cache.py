@@ -41,7 +41,7 @@ class FeatureCache:
         self.trunk, self.name = trunk, name
         self.tables: dict[str, _Table] = {}
         self.output_type: Any = None
-        self.current: tuple[str, list[int], torch.Tensor] | None = None  # (table, rows, host attention mask)
+        self.current: dict[str, torch.Tensor] | None = None  # what the next forward returns (see serve); None: run
         trunk.forward = self._forward  # type: ignore[method-assign]
 
     def remove(self) -> None:
@@ -51,7 +51,11 @@ class FeatureCache:
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.current is None:
             return type(self.trunk).forward(self.trunk, *args, **kwargs)
-        key, rows, mask = self.current  # the batch's attention mask, on the host
+        return self.output_type(**self.current)
+
+    def serve(self, key: str, rows: list[int], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored outputs of dataset `key`'s `rows`, on the trunk's device and in the padded shape of `mask`
+        (the batch's attention mask, on the host); set them as `current` for the next forward to return."""
         table = self.tables[key]
         device = next(self.trunk.parameters()).device
         starts, counts = table.starts[rows], table.counts[rows]
@@ -67,7 +71,7 @@ class FeatureCache:
         positions = torch.from_numpy(table.position[rows])
         for field, stacked in table.rows.items():
             fields[field] = _to(stacked[_to(positions, stacked.device)], device)
-        return self.output_type(**fields)
+        return fields
 
     def build(self, key: str, batches: Any, run: Callable[[dict], Any], n_rows: int, n_tokens: int,
               device: torch.device) -> None:

@@ -22,6 +22,7 @@ from lmtune.config import TrainConfig
 from lmtune.training.batching import eval_batches, in_memory, steps_per_epoch, train_batches
 from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
 from lmtune.training import feature_cache
+from lmtune.training.graphs import StepGraphs
 from lmtune.training.logs import MetricsLog
 
 log = logging.getLogger("lmtune")
@@ -46,6 +47,24 @@ class Job:
     # batch -> number of targets its (mean) loss averages over; given, a step's loss is the mean over every
     # target of its accumulation window (token-level LM losses) instead of the mean of its batches' means.
     count_targets: Callable[[dict], torch.Tensor] | None = None
+
+
+# Inputs of a step that are not model arguments: the loss weight, the window share, served cached features.
+INTERNAL = "lmtune:"
+SCALE, SHARE, SERVED = INTERNAL + "scale", INTERNAL + "share", INTERNAL + "served:"
+
+
+def _no_graphs(cfg: TrainConfig, accelerator: Any) -> str | None:
+    """Why the training step cannot run as CUDA graphs here; None when it can."""
+    if not cfg.cuda_graphs:
+        return "train.cuda_graphs is off"
+    if accelerator.device.type != "cuda":
+        return "not on a CUDA device"
+    if accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO:
+        return f"{accelerator.distributed_type.value} training (single device only)"
+    if accelerator.mixed_precision == "fp16":
+        return "fp16 loss scaling checks for overflow on the host"
+    return None
 
 
 def window_scales(counts: torch.Tensor, accelerator: Any) -> torch.Tensor:
@@ -79,7 +98,8 @@ def cross_entropy_loss(targets: list[tuple[str, str]], label_smoothing: float) -
     return loss
 
 
-def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool,
+                    capturable: bool = False) -> torch.optim.Optimizer:
     params = dict(model.named_parameters())
     groups = []
     for group in stage.groups:
@@ -90,7 +110,14 @@ def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool) -> to
         no_decay = [params[n] for n in group.names if params[n].ndim < 2]
         groups += [{"params": decay, "lr": lr, "weight_decay": wd},
                    {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused, capturable=capturable)
+
+
+def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Each group's learning rate as a tensor on `device` (after the scheduler is made, so its base rates stay
+    floats): a recorded optimizer step then reads the rate the scheduler writes in place, not a frozen copy."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
 
 def set_trainable(model: Any, names: set[str]) -> tuple[int, int]:
@@ -127,7 +154,7 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
         for indices, batch in zip(batches, loader):
             on_device = to_device(batch, accelerator.device)
             if cache is not None:
-                cache.current = (dataset._fingerprint, indices, batch["attention_mask"])
+                cache.current = cache.serve(dataset._fingerprint, indices, batch["attention_mask"])
             out = model(**on_device)
             if world == 1:
                 yield indices, out, batch
@@ -210,7 +237,9 @@ class _StageRun:
         self.job, self.index, self.state, self.cfg, self.acc, self.logs = job, index, state, cfg, accelerator, logs
         self.stage = stage = job.stages[index]
         trainable, total = set_trainable(job.model, stage.trainable)
-        optimizer = build_optimizer(job.model, stage, cfg, fused=accelerator.device.type == "cuda")
+        no_graphs = _no_graphs(cfg, accelerator)
+        optimizer = build_optimizer(job.model, stage, cfg, fused=accelerator.device.type == "cuda",
+                                    capturable=no_graphs is None and accelerator.device.type == "cuda")
         self.total_steps, self.epochs = _stage_length(stage, cfg, len(job.train_set), accelerator.num_processes)
         self.scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
                                        optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
@@ -227,7 +256,14 @@ class _StageRun:
         if resume_from is not None:
             accelerator.load_state(str(resume_from / "state"))
             self.scheduler.load_state_dict(state.scheduler)
-        else:
+        self.graphs = None
+        if no_graphs is None:
+            lr_on_device(self.optimizer, accelerator.device)
+            self.graphs = StepGraphs({"backward": self._forward_backward, "update": self._update},
+                                     accelerator.device)
+        elif cfg.cuda_graphs and accelerator.device.type == "cuda":
+            log.info("stage %s: no CUDA graphs: %s", stage.name, no_graphs)
+        if resume_from is None:
             state.epoch = state.batch = state.stage_step = state.bad_evals = 0
             state.stage_done = False
         if accelerator.device.type == "cuda":
@@ -240,6 +276,7 @@ class _StageRun:
                                             "stage/steps": self.total_steps})
         self.lengths, self.rows, self.mean_targets = train_rows.lengths, train_rows.rows, train_rows.mean_targets
         self.penalty_sum = torch.zeros((), device=accelerator.device)
+        self.running = torch.zeros((), device=accelerator.device)  # loss summed on device: no host sync per step
         self.started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
 
     def _feature_cache(self) -> Any:
@@ -269,7 +306,6 @@ class _StageRun:
     def _train(self, bar: Any) -> None:
         state, cfg, stage = self.state, self.cfg, self.stage
         self.model.train()
-        running = torch.zeros((), device=self.acc.device)  # loss summed on device: no host sync per step
         since_log, stop, postfix = 0, state.stage_done, {}
         pending: list[tuple[dict, list[int]]] = []  # the window's batches: weights need all of them
         while not stop and state.epoch < self.epochs:
@@ -296,7 +332,7 @@ class _StageRun:
                 pending.append((batch, rows))
                 if state.batch < window_start + window:
                     continue
-                running += self._backward_window(pending, window)
+                self._backward_window(pending, window)
                 pending.clear()
                 self._optimizer_step()
                 since_log += 1
@@ -304,15 +340,15 @@ class _StageRun:
                 end_of_epoch = state.batch == len(batches)
                 end_of_stage = state.stage_step >= self.total_steps
                 if state.stage_step % cfg.log_every == 0 or end_of_stage:
-                    loss_value = self.acc.reduce(running, "mean").item() / since_log
-                    values = {"train/loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                    loss_value = self.acc.reduce(self.running, "mean").item() / since_log
+                    values = {"train/loss": loss_value, "lr": float(self.scheduler.get_last_lr()[0]),
                               "epoch": state.epoch + state.batch / len(batches)}
                     if getattr(stage, "penalty", None) is not None:  # its share of train/loss
                         values["train/penalty"] = self.acc.reduce(self.penalty_sum, "mean").item() / since_log
                         self.penalty_sum.zero_()
                     self.logs.write(state.step, stage.name, values)
                     postfix["loss"] = f"{loss_value:.4f}"
-                    running.zero_()
+                    self.running.zero_()
                     since_log = 0
                 if end_of_epoch:
                     state.epoch, state.batch = state.epoch + 1, 0
@@ -327,37 +363,53 @@ class _StageRun:
                 if stop or end_of_epoch:
                     break
 
-    def _backward_window(self, pending: list[tuple[dict, list[int]]], window: int) -> torch.Tensor:
+    def _backward_window(self, pending: list[tuple[dict, list[int]]], window: int) -> None:
         """Backward over one accumulation window; gradients are synchronised on its last batch only."""
         scales: Any = [1 / window] * len(pending)
         if self.job.count_targets is not None:
-            counts = torch.stack([torch.as_tensor(self.job.count_targets(b)) for b, _ in pending]).to(self.acc.device)
+            counts = torch.stack([torch.as_tensor(self.job.count_targets(b)) for b, _ in pending])
+            counts = feature_cache._to(counts.float(), self.acc.device)
             # Sum of token losses over the window's own count, or over the count a window holds on average
             # (each process; DDP's mean over processes then matches the count of all of them).
-            scales = (counts.float() / (self.mean_targets * window) if self.mean_targets is not None
-                      else window_scales(counts.float(), self.acc))
-        total = torch.zeros((), device=self.acc.device)
+            scales = (counts / (self.mean_targets * window) if self.mean_targets is not None
+                      else window_scales(counts, self.acc))
         for i, (batch, rows) in enumerate(pending):
-            total += self._backward(batch, rows, scales[i], window, sync=i == len(pending) - 1)
-        return total
+            inputs = {**batch, SCALE: scales[i], SHARE: 1 / window}
+            if self.cache is not None:  # the mask on the host: the cache places rows without a device sync
+                served = self.cache.serve(self.job.train_set._fingerprint, rows, batch["attention_mask"])
+                inputs.update({SERVED + k: v for k, v in served.items()})
+            if self.graphs is not None:
+                self.graphs("backward", inputs)
+            else:
+                with contextlib.nullcontext() if i == len(pending) - 1 else self.acc.no_sync(self.model):
+                    self._forward_backward(to_device(inputs, self.acc.device))
 
-    def _backward(self, batch: dict, rows: list[int], scale: Any, window: int, sync: bool) -> torch.Tensor:
-        if self.cache is not None:  # the mask on the host: the cache places rows without a device sync
-            self.cache.current = (self.job.train_set._fingerprint, rows, batch["attention_mask"])
-        batch = to_device(batch, self.acc.device)
-        with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
-            outputs = self.model(**batch)
-            loss = outputs.loss if self.job.loss is None else self.job.loss(outputs, batch)
-            loss = loss * scale
-            penalty = getattr(self.stage, "penalty", None)
-            if penalty is not None:  # e.g. L2-SP: added once per optimizer step, spread over its batches
-                value = penalty(self.acc.unwrap_model(self.model))
-                self.penalty_sum += value.detach() / window
-                loss = loss + value / window
-            self.acc.backward(loss)
-        return loss.detach()
+    def _forward_backward(self, inputs: dict[str, Any]) -> None:
+        """One batch's forward and backward; reads only `inputs` and persistent state (see graphs)."""
+        batch = {k: v for k, v in inputs.items() if not k.startswith(INTERNAL)}
+        if self.cache is not None:
+            self.cache.current = {k[len(SERVED):]: v for k, v in inputs.items() if k.startswith(SERVED)}
+        outputs = self.model(**batch)
+        loss = outputs.loss if self.job.loss is None else self.job.loss(outputs, batch)
+        loss = loss * inputs[SCALE]
+        penalty = getattr(self.stage, "penalty", None)
+        if penalty is not None:  # e.g. L2-SP: added once per optimizer step, spread over its batches
+            value = penalty(self.acc.unwrap_model(self.model)) * inputs[SHARE]
+            self.penalty_sum += value.detach()
+            loss = loss + value
+        self.acc.backward(loss)
+        self.running += loss.detach()
 
     def _optimizer_step(self) -> None:
+        if self.graphs is not None:
+            self.graphs("update", {})
+        else:
+            self._update({})
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.stage_step += 1
+
+    def _update(self, _inputs: dict[str, Any]) -> None:
         if self.cfg.max_grad_norm:
             if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # sharded: Accelerate
                 self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -367,10 +419,8 @@ class _StageRun:
                 self.acc.unscale_gradients()
                 torch.nn.utils.clip_grad_norm_(self.trainable_params, self.cfg.max_grad_norm, foreach=True)
         self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        self.state.stage_step += 1
+        # Recorded steps keep the gradient tensors (zeroed in place): a graph adds into the ones it saw.
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
     def _evaluate_and_checkpoint(self) -> bool:
         state = self.state
@@ -378,7 +428,8 @@ class _StageRun:
             self.cache.current = None
         stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
         state.stage_done = stop
-        state.scheduler = self.scheduler.state_dict()
+        state.scheduler = {k: [float(x) for x in v] if isinstance(v, list) and any(map(torch.is_tensor, v)) else v
+                           for k, v in self.scheduler.state_dict().items()}  # JSON: device learning rates as floats
         state.stage_seconds[self.stage.name] = time.perf_counter() - self.started
         if self.cfg.checkpoint:
             save_checkpoint(self.acc, self.job.run_dir / "checkpoints" / "last", state)

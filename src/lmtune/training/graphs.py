@@ -1,0 +1,113 @@
+"""CUDA graphs of the training step: each batch shape's kernels are recorded once and replayed.
+
+A small model's eager step is bound by the host: hundreds of kernel launches, each costing more CPU time than
+the GPU spends on it. A replayed graph launches them all at once. What a graph may do is narrow, and the loop
+keeps to it: the step function reads only its inputs (copied into fixed buffers before each replay) and
+persistent state (parameters, gradients that are zeroed rather than freed, optimizer state with the learning
+rate in a tensor, accumulators), writes only persistent state, and returns nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("lmtune")
+
+Inputs = dict[str, Any]  # tensors (host or device), Python floats, or hashable constants
+
+
+def signature(inputs: Inputs) -> tuple:
+    """What a graph is specific to: names, shapes and dtypes of tensors, kinds of floats, values of the rest."""
+    parts = []
+    for name in sorted(inputs):
+        value = inputs[name]
+        if torch.is_tensor(value):
+            parts.append((name, tuple(value.shape), value.dtype))
+        elif isinstance(value, float):
+            parts.append((name, float))
+        else:
+            parts.append((name, value))
+    return tuple(parts)
+
+
+class CudaBackend:
+    """Records with torch.cuda.graph; all graphs share one memory pool and one capture stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.pool, self.stream = device, None, torch.cuda.Stream(device)
+
+    def buffer(self, value: Any) -> torch.Tensor:
+        if isinstance(value, float):
+            return torch.zeros((), dtype=torch.float32, device=self.device)
+        return torch.empty(value.shape, dtype=value.dtype, device=self.device)
+
+    def capture(self, fn: Callable[[Inputs], None], static: Inputs) -> Callable[[], None]:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the DataLoader's pinning thread may allocate while the main thread records.
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            fn(static)
+        # Sharing is safe: no graph leaves a live tensor in the pool that another one would read.
+        self.pool = self.pool or graph.pool()
+        return graph.replay
+
+
+class StepGraphs:
+    """Runs named step functions, each input signature as its own replayed graph.
+
+    The first call of a signature runs eagerly: lazy set-up (optimizer state, library handles, gradients)
+    happens outside any recording. The second records and replays; later ones only replay. Past `limit`
+    graphs, new signatures stay eager. A recording that fails (e.g. a host sync inside the step) turns graphs
+    off for good, with a warning; eager calls compute the same thing, so training goes on unchanged.
+    """
+
+    def __init__(self, fns: dict[str, Callable[[Inputs], None]], device: torch.device, limit: int = 64,
+                 backend: Any = None) -> None:
+        self.fns, self.device, self.limit = fns, device, limit
+        self.backend = backend or CudaBackend(device)
+        self.graphs: dict[tuple, tuple[Callable[[], None], Inputs]] = {}
+        self.seen: set[tuple] = set()
+        self.failed: str | None = None
+
+    def __call__(self, name: str, inputs: Inputs) -> None:
+        key = (name, signature(inputs))
+        entry = self.graphs.get(key)
+        if entry is None and key in self.seen and self.failed is None and len(self.graphs) < self.limit:
+            entry = self._record(key, name, inputs)
+        self.seen.add(key)
+        if entry is None:
+            self.fns[name]({k: _on(v, self.device) for k, v in inputs.items()})
+            return
+        replay, static = entry
+        _fill(static, inputs)
+        replay()
+
+    def _record(self, key: tuple, name: str, inputs: Inputs) -> tuple[Callable[[], None], Inputs] | None:
+        static = {k: self.backend.buffer(v) if torch.is_tensor(v) or isinstance(v, float) else v
+                  for k, v in inputs.items()}
+        _fill(static, inputs)
+        try:
+            replay = self.backend.capture(self.fns[name], static)
+        except Exception as error:  # noqa: BLE001 - any failure means: run this step eagerly
+            self.failed = f"{type(error).__name__}: {error}".splitlines()[0]
+            log.warning("CUDA graphs off: recording the %s step failed (%s); the steps run eagerly", name,
+                        self.failed)
+            return None
+        self.graphs[key] = (replay, static)
+        if len(self.graphs) == self.limit:
+            log.info("CUDA graphs: %d recorded, the limit; other batch shapes run eagerly", self.limit)
+        return replay, static
+
+
+def _on(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+
+
+def _fill(static: Inputs, inputs: Inputs) -> None:
+    for name, value in inputs.items():
+        if torch.is_tensor(value):
+            static[name].copy_(value, non_blocking=True)  # from pinned host memory or the device: no stall
+        elif isinstance(value, float):
+            static[name].fill_(value)
