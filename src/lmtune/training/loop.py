@@ -426,13 +426,17 @@ class _StageRun:
         state = self.state
         if self.cache is not None:
             self.cache.current = None
+        info, started = state.stages[self.stage.name], time.perf_counter()
         stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
         state.stage_done = stop
+        info["eval_seconds"] = round(info.get("eval_seconds", 0.0) + time.perf_counter() - started, 2)
         state.scheduler = {k: [float(x) for x in v] if isinstance(v, list) and any(map(torch.is_tensor, v)) else v
                            for k, v in self.scheduler.state_dict().items()}  # JSON: device learning rates as floats
         state.stage_seconds[self.stage.name] = time.perf_counter() - self.started
         if self.cfg.checkpoint:
+            started = time.perf_counter()
             save_checkpoint(self.acc, self.job.run_dir / "checkpoints" / "last", state)
+            info["checkpoint_seconds"] = round(info.get("checkpoint_seconds", 0.0) + time.perf_counter() - started, 2)
         return stop
 
     def _finish(self) -> None:
