@@ -10,6 +10,7 @@ rate in a tensor, accumulators), writes only persistent state, and returns nothi
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -46,13 +47,19 @@ class CudaBackend:
 
     def capture(self, fn: Callable[[Inputs], None], static: Inputs) -> Callable[[], None]:
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pinning thread may allocate while the main thread records.
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            fn(static)
+        # Not torch.cuda.graph: it runs gc.collect() and empties the allocator's cache at every recording, a
+        # second or more with a training set held as Python rows, paid again for every batch shape.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the static inputs are written
+        with torch.cuda.stream(self.stream):
+            # thread_local: the DataLoader's pinning thread may allocate while the main thread records.
+            graph.capture_begin(*(() if self.pool is None else (self.pool,)), capture_error_mode="thread_local")
+            try:
+                fn(static)
+            finally:
+                graph.capture_end()
         # Sharing is safe: no graph leaves a live tensor in the pool that another one would read.
         self.pool = self.pool or graph.pool()
         return graph.replay
-
 
 class StepGraphs:
     """Runs named step functions, each input signature as its own replayed graph.
@@ -70,6 +77,7 @@ class StepGraphs:
         self.graphs: dict[tuple, tuple[Callable[[], None], Inputs]] = {}
         self.seen: set[tuple] = set()
         self.failed: str | None = None
+        self.recording_seconds = 0.0
 
     def __call__(self, name: str, inputs: Inputs) -> None:
         key = (name, signature(inputs))
@@ -88,6 +96,7 @@ class StepGraphs:
         static = {k: self.backend.buffer(v) if torch.is_tensor(v) or isinstance(v, float) else v
                   for k, v in inputs.items()}
         _fill(static, inputs)
+        started = time.perf_counter()
         try:
             replay = self.backend.capture(self.fns[name], static)
         except Exception as error:  # noqa: BLE001 - any failure means: run this step eagerly
@@ -95,6 +104,7 @@ class StepGraphs:
             log.warning("CUDA graphs off: recording the %s step failed (%s); the steps run eagerly", name,
                         self.failed)
             return None
+        self.recording_seconds += time.perf_counter() - started
         self.graphs[key] = (replay, static)
         if len(self.graphs) == self.limit:
             log.info("CUDA graphs: %d recorded, the limit; other batch shapes run eagerly", self.limit)

@@ -444,6 +444,11 @@ class _StageRun:
         state.stage_seconds[name] = time.perf_counter() - self.started
         info = state.stages[name]
         info["seconds"] = round(state.stage_seconds[name], 2)
+        if self.graphs is not None:
+            info["cuda_graphs"] = len(self.graphs.graphs)
+            info["graph_recording_seconds"] = round(self.graphs.recording_seconds, 2)
+            if self.graphs.failed:
+                info["cuda_graphs_failed"] = self.graphs.failed
         if self.acc.device.type == "cuda":
             info["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if self.cache is not None:
