@@ -8,7 +8,8 @@ issue 7 says synthetic weights are fine for throughput) with the given BERT toke
 counts drawn log-normally around a median of --median words (IMDB's is about 230 words, about 300 tokens), capped so
 rows fit --max-length, made of whole-word vocabulary entries (about one token each), random binary labels. Then runs
 benchmarks/sst2_compare.py on them (batch 32, one epoch, max length 512, the Trainer padded to 512 and with dynamic
-padding), which prints real tokens/s, MFU, peak memory and the speed-ups. Accuracy is meaningless here (random
+padding; lmtune without resumable checkpoints, as the Trainer script saves none), which prints real tokens/s, MFU,
+peak memory and the speed-ups. Accuracy is meaningless here (random
 labels); use sst2_compare.py on real data for parity.
 """
 
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-steps", type=int, default=None, help="smoke tests only")
     parser.add_argument("--work-dir", default="runs/encoder-throughput")
+    parser.add_argument("--set", nargs="*", default=[], help="extra lmtune overrides (e.g. train.compile=true)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import torch
@@ -74,7 +76,9 @@ def main() -> None:
           flush=True)
     command = [sys.executable, "benchmarks/sst2_compare.py", "--model", str(work / "model"), "--data-dir",
                str(work / "data"), "--max-length", str(args.max_length), "--epochs", "1", "--dynamic-padding",
-               "--work-dir", str(work / "runs")]
+               "--work-dir", str(work / "runs"),
+               # The Trainer script saves nothing while it trains: neither does lmtune here (throughput only).
+               "--set", "train.checkpoint=false", *args.set]
     if args.max_steps:
         command += ["--max-steps", str(args.max_steps)]
     if args.out:
