@@ -449,6 +449,7 @@ class _StageRun:
             info["graph_recording_seconds"] = round(self.graphs.recording_seconds, 2)
             if self.graphs.failed:
                 info["cuda_graphs_failed"] = self.graphs.failed
+            self.graphs = None  # the recorded graphs and their memory pool go before the next stage starts
         if self.acc.device.type == "cuda":
             info["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if self.cache is not None:
