@@ -18,12 +18,13 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import lmtune
+from lmtune.config import TrainConfig
 from lmtune.methods import ParamGroup, Stage
 from lmtune.training import graphs, loop
 from lmtune.training.graphs import StepGraphs, signature
 from lmtune.training.loop import fit
 
-from test_loop import Toy, job, train_cfg
+from test_loop import Toy, Unit, job, train_cfg
 
 
 class Recorder:
@@ -94,7 +95,9 @@ def recorded(monkeypatch):
         recorders.append(Recorder(device))
         return recorders[-1]
 
+    real = loop._no_graphs
     monkeypatch.setattr(loop, "_no_graphs", lambda cfg, acc: None if cfg.cuda_graphs else "off")
+    assert real(TrainConfig(cuda_graphs=True), Accelerator(cpu=True)) == "not on a CUDA device"
     monkeypatch.setattr(graphs, "CudaBackend", backend)
     return recorders
 
@@ -158,3 +161,25 @@ def test_lp_ft_on_cached_features_through_recorded_steps_matches_eager(tiny_conf
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=key)
     test = [r.metrics["test"] for r in runs.values()]
     assert test[0]["accuracy"] == test[1]["accuracy"] and test[0]["loss"] == pytest.approx(test[1]["loss"], abs=1e-4)
+
+
+def test_token_counts_reach_recorded_steps_as_tensors(tmp_path, recorded) -> None:
+    """NER/LM losses are weighted by target counts, a device tensor per batch: it must be an input of the graph."""
+    import json
+
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"n": [1, 3, 1, 3, 1, 3], "length": [1, 3, 1, 3, 1, 3]})
+
+    def collate_n(part: list[dict]) -> dict:
+        return {"n": torch.tensor([r["n"] for r in part])}
+
+    j = loop.Job(model=Unit(), stages=[Stage("all", [ParamGroup(["w"])])], train_set=rows, collate=collate_n,
+                 evaluate=None, metric="score", greater_is_better=True, run_dir=tmp_path,
+                 count_targets=lambda batch: batch["n"].sum())
+    fit(j, train_cfg(batch_size=1, log_every=1, epochs=2, loss_normalization="dataset", cuda_graphs=True),
+        Accelerator(cpu=True))
+    assert recorded[0].replays >= 8  # batches of 1 and 3 targets share one signature: most steps replayed
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Mean targets per batch is 2: a batch of 1 target weighs 0.5, one of 3 weighs 1.5, replayed or not.
+    assert sorted(r["train/loss"] for r in logged if "train/loss" in r) == [0.5] * 6 + [1.5] * 6
