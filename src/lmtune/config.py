@@ -162,9 +162,10 @@ class TrainConfig(Section):
     """Compile the model with torch.compile (in place; not for stages on cached features). Small models are
     bound by Python and kernel-launch overhead, which compiling cuts; the first steps pay the compile time."""
     cuda_graphs: bool = True
-    """On one CUDA device (bf16 or fp32, not with `compile`), record each batch shape's training step (forward, backward, clipping,
-    AdamW) as a CUDA graph on its second occurrence and replay it from then on: a small model's step is bound
-    by kernel-launch overhead, which replaying removes. Steps that cannot be recorded run eagerly (logged)."""
+    """On one CUDA device (bf16 or fp32, not with `compile`), record each batch shape's training step
+    (forward, backward, clipping, AdamW) as a CUDA graph on its second occurrence and replay it from then on: a
+    small model's step is bound by kernel-launch overhead, which replaying removes. Steps that cannot be recorded
+    run eagerly (logged). Costs memory: the recorded steps' activations stay reserved."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
