@@ -9,8 +9,10 @@ rate in a tensor, accumulators), writes only persistent state, and returns nothi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -35,7 +37,7 @@ def signature(inputs: Inputs) -> tuple:
 
 
 class CudaBackend:
-    """Records with torch.cuda.graph; all graphs share one memory pool and one capture stream."""
+    """Records CUDA graphs; all of them share one memory pool and one capture stream."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.pool, self.stream = device, None, torch.cuda.Stream(device)
@@ -55,19 +57,40 @@ class CudaBackend:
             graph.capture_begin(*(() if self.pool is None else (self.pool,)), capture_error_mode="thread_local")
             try:
                 fn(static)
-            finally:
+            except BaseException:
+                with contextlib.suppress(Exception):  # the recording is invalid: ending it fails too
+                    graph.capture_end()
+                _reset_rng_capture()
+                raise  # the step's own error, the one worth reporting
+            try:
                 graph.capture_end()
+            except BaseException:
+                _reset_rng_capture()
+                raise
         # Sharing is safe: no graph leaves a live tensor in the pool that another one would read.
         self.pool = self.pool or graph.pool()
         return graph.replay
+
+
+def _reset_rng_capture() -> None:
+    """After a failed recording CUDA's random number generator still counts itself as recording (torch ends that
+    only when a recording ends cleanly), and the next eager dropout would fail: an empty recording resets it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the CUDA graph is empty"
+        with contextlib.suppress(Exception):
+            empty = torch.cuda.CUDAGraph()
+            empty.capture_begin(capture_error_mode="thread_local")
+            empty.capture_end()
+
 
 class StepGraphs:
     """Runs named step functions, each input signature as its own replayed graph.
 
     The first call of a signature runs eagerly: lazy set-up (optimizer state, library handles, gradients)
     happens outside any recording. The second records and replays; later ones only replay. Past `limit`
-    graphs, new signatures stay eager. A recording that fails (e.g. a host sync inside the step) turns graphs
-    off for good, with a warning; eager calls compute the same thing, so training goes on unchanged.
+    graphs, new signatures stay eager. A recording that fails (e.g. a host sync inside the step) ends recording
+    for good, with a warning: graphs already recorded keep replaying, every other step runs eagerly, and eager
+    calls compute the same thing, so training goes on unchanged.
     """
 
     def __init__(self, fns: dict[str, Callable[[Inputs], None]], device: torch.device, limit: int = 64,
@@ -101,8 +124,8 @@ class StepGraphs:
             replay = self.backend.capture(self.fns[name], static)
         except Exception as error:  # noqa: BLE001 - any failure means: run this step eagerly
             self.failed = f"{type(error).__name__}: {error}".splitlines()[0]
-            log.warning("CUDA graphs off: recording the %s step failed (%s); the steps run eagerly", name,
-                        self.failed)
+            log.warning("CUDA graphs: recording the %s step failed (%s); steps not recorded yet run eagerly",
+                        name, self.failed)
             return None
         self.recording_seconds += time.perf_counter() - started
         self.graphs[key] = (replay, static)

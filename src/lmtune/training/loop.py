@@ -115,11 +115,17 @@ def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool,
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused, capturable=capturable)
 
 
-def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Each group's learning rate as a tensor on `device` (after the scheduler is made, so its base rates stay
-    floats): a recorded optimizer step then reads the rate the scheduler writes in place, not a frozen copy."""
+def optimizer_mode(optimizer: torch.optim.Optimizer, device: torch.device, recorded: bool) -> None:
+    """Set each group for recorded steps or plain ones, whatever a resumed checkpoint's groups said.
+
+    Recorded: the learning rate as a tensor on `device` (made after the scheduler, so its base rates stay
+    floats), which the scheduler fills in place and a recorded AdamW step reads, and `capturable` AdamW.
+    Plain: a float rate and a non-capturable step (a checkpoint of a recorded run, resumed on a CPU)."""
     for group in optimizer.param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        rate = float(group["lr"])
+        group["lr"] = torch.tensor(rate, dtype=torch.float32, device=device) if recorded else rate
+        if "capturable" in group:
+            group["capturable"] = recorded
 
 
 def set_trainable(model: Any, names: set[str]) -> tuple[int, int]:
@@ -258,9 +264,10 @@ class _StageRun:
         if resume_from is not None:
             accelerator.load_state(str(resume_from / "state"))
             self.scheduler.load_state_dict(state.scheduler)
-        self.graphs = None
+        self.graphs, self.grads_kept = None, False
+        optimizer_mode(self.optimizer, accelerator.device, recorded=no_graphs is None and
+                       accelerator.device.type == "cuda")
         if no_graphs is None:
-            lr_on_device(self.optimizer, accelerator.device)
             self.graphs = StepGraphs({"backward": self._forward_backward, "update": self._update},
                                      accelerator.device)
         elif cfg.cuda_graphs and accelerator.device.type == "cuda":
@@ -404,6 +411,13 @@ class _StageRun:
 
     def _optimizer_step(self) -> None:
         if self.graphs is not None:
+            if not self.grads_kept:
+                self.grads_kept = True
+                # A recorded update covers the parameters that hold a gradient when it is recorded; one that
+                # gets its first gradient later (an expert no batch has routed to yet) must not be left out.
+                for param in self.trainable_params:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
             self.graphs("update", {})
         else:
             self._update({})
@@ -452,6 +466,7 @@ class _StageRun:
             if self.graphs.failed:
                 info["cuda_graphs_failed"] = self.graphs.failed
             self.graphs = None  # the recorded graphs and their memory pool go before the next stage starts
+            self.optimizer.zero_grad(set_to_none=True)  # the kept gradients too
         if self.acc.device.type == "cuda":
             info["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if self.cache is not None:
