@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from side_by_side import ROOT, device, run  # benchmarks/ is on the path: scripts run from there
+from side_by_side import device, run  # benchmarks/ is on the path: scripts run from there
 
 
 def main() -> None:
@@ -36,8 +35,6 @@ def main() -> None:
     args = parser.parse_args()
     model, data, work = str(Path(args.model).resolve()), Path(args.data_dir).resolve(), Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
 
     overrides = [f"model.name={model}", f"data.train={data / 'eng.train'}", f"data.validation={data / 'eng.testa'}",
                  f"data.test={data / 'eng.testb'}", f"output.dir={work}", "output.name=lmtune", "output.overwrite=true",
@@ -51,8 +48,8 @@ def main() -> None:
             overrides.append(f"{lmtune_key}={getattr(args, key)}")
             baseline += [flag, str(getattr(args, key))]
 
-    lmtune_wall = run([sys.executable, "-m", "lmtune.cli", "train", "examples/conll2003.yaml", *overrides], env)
-    trainer_wall = run([sys.executable, "benchmarks/ner_trainer_baseline.py", *baseline], env)
+    lmtune_wall = run([sys.executable, "-m", "lmtune.cli", "train", "examples/conll2003.yaml", *overrides])
+    trainer_wall = run([sys.executable, "benchmarks/ner_trainer_baseline.py", *baseline])
     ours = json.loads((work / "lmtune" / "metrics.json").read_text())
     theirs = json.loads((work / "trainer.json").read_text())
     rows = {

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from side_by_side import ROOT, device, run  # benchmarks/ is on the path: scripts run from there
+from side_by_side import device, run  # benchmarks/ is on the path: scripts run from there
 
 
 def main() -> None:
@@ -38,8 +37,6 @@ def main() -> None:
     args = parser.parse_args()
     model, data, work = str(Path(args.model).resolve()), Path(args.data_dir).resolve(), Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     overrides = [f"model.name={model}", f"data.train={data / 'train.tsv.gz'}", f"data.test={data / 'dev.tsv'}",
                  "data.max_train_samples=null", "data.validation_size=0", "train.lr=2e-5", "method.head_lr=null",
                  "train.warmup_ratio=0", "train.weight_decay=0", f"train.epochs={args.epochs}", "train.batch_size=32",
@@ -52,7 +49,7 @@ def main() -> None:
         baseline += ["--max-steps", str(args.max_steps)]
 
     rows = {}
-    wall = run([sys.executable, "-m", "lmtune.cli", "train", "examples/sst2.yaml", *overrides], env)
+    wall = run([sys.executable, "-m", "lmtune.cli", "train", "examples/sst2.yaml", *overrides])
     ours = json.loads((work / "lmtune" / "metrics.json").read_text())
     rows["lmtune"] = {"accuracy": ours["test"]["accuracy"], "train_seconds": ours["train_seconds"],
                       "real_tokens_per_second": ours["train_tokens_per_second"], "steps": ours["steps"],
@@ -62,7 +59,7 @@ def main() -> None:
     variants = [("hf_trainer", [])] + ([("hf_trainer_dynamic", ["--dynamic-padding"])] if args.dynamic_padding else [])
     for name, extra in variants:
         wall = run([sys.executable, "benchmarks/sst2_trainer_baseline.py", *baseline, *extra,
-                    "--out", str(work / f"{name}.json")], env)
+                    "--out", str(work / f"{name}.json")])
         theirs = json.loads((work / f"{name}.json").read_text())
         epochs = theirs["steps"] / max(1, -(-theirs["train_rows"] // theirs["settings"]["batch_size"]))
         rows[name] = {"accuracy": theirs["test"]["accuracy"], "train_seconds": theirs["train_seconds"],
