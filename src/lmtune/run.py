@@ -251,7 +251,7 @@ def _training_loss(cfg: RunConfig, task: Any) -> Callable | None:
     """The model's own loss, or label-smoothed cross-entropy over the task's targets."""
     if not cfg.train.label_smoothing:
         return None
-    from lmtune.training.loop import cross_entropy_loss
+    from lmtune.training.losses import cross_entropy_loss
 
     targets = getattr(task, "cross_entropy_targets", [])
     if not targets:

@@ -78,7 +78,7 @@ def test_grad_accumulation_normalises_per_target_token(tiny_decoder_dir: Path) -
     """Two micro-batches with very different target counts accumulate to the gradient of one batch of both."""
     from accelerate import Accelerator
 
-    from lmtune.training.loop import window_scales
+    from lmtune.training.losses import window_scales
 
     tokenizer, model = load(tiny_decoder_dir)
     collate = lm_common.collate_rows(tokenizer, 1)

@@ -95,8 +95,8 @@ def recorded(monkeypatch):
         recorders.append(Recorder(device))
         return recorders[-1]
 
-    real = loop._no_graphs
-    monkeypatch.setattr(loop, "_no_graphs", lambda cfg, acc: None if cfg.cuda_graphs else "off")
+    real = graphs.unavailable
+    monkeypatch.setattr(graphs, "unavailable", lambda cfg, acc: None if cfg.cuda_graphs else "off")
     assert real(TrainConfig(cuda_graphs=True), Accelerator(cpu=True)) == "not on a CUDA device"
     monkeypatch.setattr(graphs, "CudaBackend", backend)
     return recorders
@@ -186,7 +186,7 @@ def test_token_counts_reach_recorded_steps_as_tensors(tmp_path, recorded) -> Non
 
 
 def test_optimizer_groups_follow_the_mode_whatever_a_resumed_checkpoint_said() -> None:
-    from lmtune.training.loop import optimizer_mode
+    from lmtune.training.graphs import optimizer_mode
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([{"params": [weight], "lr": 0.1}], foreach=False)

@@ -128,7 +128,7 @@ def test_metric_missing_from_evaluation_is_an_error(tmp_path) -> None:
 def test_label_smoothing_loss_matches_the_model_and_penalises_certainty(tiny_model_dir) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from lmtune.training.loop import cross_entropy_loss
+    from lmtune.training.losses import cross_entropy_loss
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()
@@ -179,7 +179,7 @@ class Unit(torch.nn.Module):
 def test_token_loss_normalised_by_the_batch_or_the_dataset_mean(tmp_path, normalization, expected) -> None:
     import json
 
-    from lmtune.training.loop import mean_targets_per_batch
+    from lmtune.training.losses import mean_targets_per_batch
 
     rows = datasets.Dataset.from_dict({"n": [1, 3], "length": [1, 3]})  # targets per row: 1 and 3
 

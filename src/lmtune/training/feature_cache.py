@@ -62,15 +62,15 @@ class FeatureCache:
         # Where the rows' tokens sit in the flat table, row after row, and where they go in the padded batch:
         # both computed on the host, so serving a batch never waits for the GPU.
         source = torch.from_numpy(np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()))
-        target = _to(mask.bool().flatten().nonzero().squeeze(1), device)
+        target = to_device_async(mask.bool().flatten().nonzero().squeeze(1), device)
         fields: dict[str, Any] = {}
         for field, flat in table.tokens.items():
-            pieces = _to(flat[_to(source, flat.device)], device)
+            pieces = to_device_async(flat[to_device_async(source, flat.device)], device)
             padded = pieces.new_zeros((mask.numel(), *flat.shape[1:]))
             fields[field] = padded.index_copy_(0, target, pieces).view(*mask.shape, *flat.shape[1:])
         positions = torch.from_numpy(table.position[rows])
         for field, stacked in table.rows.items():
-            fields[field] = _to(stacked[_to(positions, stacked.device)], device)
+            fields[field] = to_device_async(stacked[to_device_async(positions, stacked.device)], device)
         return fields
 
     def build(self, key: str, batches: Any, run: Callable[[dict], Any], n_rows: int, n_tokens: int,
@@ -137,7 +137,7 @@ class FeatureCache:
         return device if size < GPU_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
 
 
-def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device` without stalling: a copy from pageable memory waits for the GPU to catch up
     (a sync per served batch), one from pinned memory is queued like a kernel."""
     if device.type == "cuda" and tensor.device.type == "cpu":

@@ -16,10 +16,39 @@ import warnings
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import DistributedType
 
 log = logging.getLogger("lmtune")
 
 Inputs = dict[str, Any]  # tensors (host or device), Python floats, or hashable constants
+
+
+def unavailable(cfg: Any, accelerator: Any) -> str | None:
+    """Why the training step cannot run as CUDA graphs here; None when it can."""
+    if not cfg.cuda_graphs:
+        return "train.cuda_graphs is off"
+    if accelerator.device.type != "cuda":
+        return "not on a CUDA device"
+    if accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO:
+        return f"{accelerator.distributed_type.value} training (single device only)"
+    if accelerator.mixed_precision == "fp16":
+        return "fp16 loss scaling checks for overflow on the host"
+    if cfg.compile:
+        return "train.compile is on (recording compiled steps is not verified yet)"
+    return None
+
+
+def optimizer_mode(optimizer: torch.optim.Optimizer, device: torch.device, recorded: bool) -> None:
+    """Set each group for recorded steps or plain ones, whatever a resumed checkpoint's groups said.
+
+    Recorded: the learning rate as a tensor on `device` (made after the scheduler, so its base rates stay
+    floats), which the scheduler fills in place and a recorded AdamW step reads, and `capturable` AdamW.
+    Plain: a float rate and a non-capturable step (a checkpoint of a recorded run, resumed on a CPU)."""
+    for group in optimizer.param_groups:
+        rate = float(group["lr"])
+        group["lr"] = torch.tensor(rate, dtype=torch.float32, device=device) if recorded else rate
+        if "capturable" in group:
+            group["capturable"] = recorded
 
 
 def signature(inputs: Inputs) -> tuple:

@@ -22,7 +22,9 @@ from lmtune.config import TrainConfig
 from lmtune.training.batching import eval_batches, in_memory, steps_per_epoch, train_batches
 from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
 from lmtune.training import feature_cache
-from lmtune.training.graphs import StepGraphs
+from lmtune.training import graphs
+from lmtune.training.graphs import StepGraphs, optimizer_mode
+from lmtune.training.losses import mean_targets_per_batch, window_scales
 from lmtune.training.logs import MetricsLog
 
 log = logging.getLogger("lmtune")
@@ -54,52 +56,6 @@ INTERNAL = "lmtune:"
 SCALE, SHARE, SERVED = INTERNAL + "scale", INTERNAL + "share", INTERNAL + "served:"
 
 
-def _no_graphs(cfg: TrainConfig, accelerator: Any) -> str | None:
-    """Why the training step cannot run as CUDA graphs here; None when it can."""
-    if not cfg.cuda_graphs:
-        return "train.cuda_graphs is off"
-    if accelerator.device.type != "cuda":
-        return "not on a CUDA device"
-    if accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO:
-        return f"{accelerator.distributed_type.value} training (single device only)"
-    if accelerator.mixed_precision == "fp16":
-        return "fp16 loss scaling checks for overflow on the host"
-    if cfg.compile:
-        return "train.compile is on (recording compiled steps is not verified yet)"
-    return None
-
-
-def window_scales(counts: torch.Tensor, accelerator: Any) -> torch.Tensor:
-    """Per micro-batch weights of its mean loss so that the window's loss is sum(token losses) / all targets.
-
-    Counted over every process: DDP averages gradients over processes, hence the factor num_processes."""
-    total = accelerator.reduce(counts.sum(), "sum") if accelerator.num_processes > 1 else counts.sum()
-    return counts * accelerator.num_processes / total.clamp(min=1)
-
-
-def mean_targets_per_batch(rows: Any, collate: Callable, count_targets: Callable, batch_size: int,
-                           chunk: int = 32) -> float:
-    """The training set's target tokens per micro-batch of `batch_size` rows, on average (the fixed denominator of
-    train.loss_normalization=dataset); counted through the task's own collate, `chunk` rows at a time."""
-    total = 0
-    for start in range(0, len(rows), chunk):
-        part = [rows[i] for i in range(start, min(start + chunk, len(rows)))]
-        total += int(count_targets(collate(part)))
-    return max(total, 1) / math.ceil(len(rows) / batch_size)
-
-
-def cross_entropy_loss(targets: list[tuple[str, str]], label_smoothing: float) -> Callable[[Any, dict], torch.Tensor]:
-    """The training loss recomputed as label-smoothed cross-entropy over each (output logits, batch targets) pair,
-    averaged over pairs (QA: start and end, as the models do); targets of -100 are ignored."""
-    def loss(outputs: Any, batch: dict) -> torch.Tensor:
-        terms = [torch.nn.functional.cross_entropy(getattr(outputs, logits).flatten(0, -2).float(),
-                                                   batch[labels].flatten(), ignore_index=-100,
-                                                   label_smoothing=label_smoothing)
-                 for logits, labels in targets]
-        return sum(terms) / len(terms)
-    return loss
-
-
 def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool,
                     capturable: bool = False) -> torch.optim.Optimizer:
     params = dict(model.named_parameters())
@@ -113,19 +69,6 @@ def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool,
         groups += [{"params": decay, "lr": lr, "weight_decay": wd},
                    {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused, capturable=capturable)
-
-
-def optimizer_mode(optimizer: torch.optim.Optimizer, device: torch.device, recorded: bool) -> None:
-    """Set each group for recorded steps or plain ones, whatever a resumed checkpoint's groups said.
-
-    Recorded: the learning rate as a tensor on `device` (made after the scheduler, so its base rates stay
-    floats), which the scheduler fills in place and a recorded AdamW step reads, and `capturable` AdamW.
-    Plain: a float rate and a non-capturable step (a checkpoint of a recorded run, resumed on a CPU)."""
-    for group in optimizer.param_groups:
-        rate = float(group["lr"])
-        group["lr"] = torch.tensor(rate, dtype=torch.float32, device=device) if recorded else rate
-        if "capturable" in group:
-            group["capturable"] = recorded
 
 
 def set_trainable(model: Any, names: set[str]) -> tuple[int, int]:
@@ -245,7 +188,7 @@ class _StageRun:
         self.job, self.index, self.state, self.cfg, self.acc, self.logs = job, index, state, cfg, accelerator, logs
         self.stage = stage = job.stages[index]
         trainable, total = set_trainable(job.model, stage.trainable)
-        no_graphs = _no_graphs(cfg, accelerator)
+        no_graphs = graphs.unavailable(cfg, accelerator)
         optimizer = build_optimizer(job.model, stage, cfg, fused=accelerator.device.type == "cuda",
                                     capturable=no_graphs is None and accelerator.device.type == "cuda")
         self.total_steps, self.epochs = _stage_length(stage, cfg, len(job.train_set), accelerator.num_processes)
@@ -377,7 +320,7 @@ class _StageRun:
         scales: Any = [1 / window] * len(pending)
         if self.job.count_targets is not None:
             counts = torch.stack([torch.as_tensor(self.job.count_targets(b)) for b, _ in pending])
-            counts = feature_cache._to(counts.float(), self.acc.device)
+            counts = feature_cache.to_device_async(counts.float(), self.acc.device)
             # Sum of token losses over the window's own count, or over the count a window holds on average
             # (each process; DDP's mean over processes then matches the count of all of them).
             scales = (counts / (self.mean_targets * window) if self.mean_targets is not None
