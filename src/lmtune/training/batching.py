@@ -42,6 +42,11 @@ def eval_batches(lengths: Sequence[int], batch_size: int, *, rank: int = 0, worl
     return batches[rank::world_size]
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device` (queued, not waited for); other values as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
     batches = math.ceil(n_rows / batch_size)
     if world_size > 1:

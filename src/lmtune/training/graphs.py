@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from accelerate.utils import DistributedType
 
+from lmtune.training.batching import to_device
+
 log = logging.getLogger("lmtune")
 
 Inputs = dict[str, Any]  # tensors (host or device), Python floats, or hashable constants
@@ -138,7 +140,7 @@ class StepGraphs:
             entry = self._record(key, name, inputs)
         self.seen.add(key)
         if entry is None:
-            self.fns[name]({k: _on(v, self.device) for k, v in inputs.items()})
+            self.fns[name](to_device(inputs, self.device))
             return
         replay, static = entry
         _fill(static, inputs)
@@ -161,10 +163,6 @@ class StepGraphs:
         if len(self.graphs) == self.limit:
             log.info("CUDA graphs: %d recorded, the limit; other batch shapes run eagerly", self.limit)
         return replay, static
-
-
-def _on(value: Any, device: torch.device) -> Any:
-    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
 
 
 def _fill(static: Inputs, inputs: Inputs) -> None:

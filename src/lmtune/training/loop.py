@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lmtune.config import TrainConfig
-from lmtune.training.batching import eval_batches, in_memory, steps_per_epoch, train_batches
+from lmtune.training.batching import eval_batches, in_memory, steps_per_epoch, to_device, train_batches
 from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
 from lmtune.training import feature_cache
 from lmtune.training import graphs
@@ -78,10 +78,6 @@ def set_trainable(model: Any, names: set[str]) -> tuple[int, int]:
         trainable += param.numel() if name in names else 0
         total += param.numel()
     return trainable, total
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int,
