@@ -166,6 +166,9 @@ class TrainConfig(Section):
     (forward, backward, clipping, AdamW) as a CUDA graph on its second occurrence and replay it from then on: a
     small model's step is bound by kernel-launch overhead, which replaying removes. Steps that cannot be recorded
     run eagerly (logged). Costs memory: the recorded steps' activations stay reserved."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input during the forward and recompute the rest in backward: much less activation
+    memory for about a third more compute (long rows, large models)."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -159,6 +159,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     before = session.score_generations(splits["test"]) if generate_test else None
     method = METHODS[cfg.method.name]
     info = TaskInfo(head_names=head_names(model, new_weights), epochs=cfg.train.epochs)
+    if hasattr(task, "prepare_model"):  # e.g. the causal-LM tasks' memory-lean loss
+        task.prepare_model(model)
+    if cfg.train.gradient_checkpointing:
+        _checkpoint_activations(model)
     if hasattr(method, "prepare"):  # methods that wrap the model (peft adapters)
         model = session.model = method.prepare(model, info, cfg.method)
     stages = method.apply(model, info, cfg.method)
@@ -245,6 +249,18 @@ def _diagnose(run_dir: Path, cfg: RunConfig, metric: str, task: Any) -> dict[str
                          min_delta=cfg.train.early_stopping_min_delta)
     log.info("overfitting: %s", diagnosis["message"])
     return diagnosis
+
+
+def _checkpoint_activations(model: Any) -> None:
+    """train.gradient_checkpointing: keep each layer's input only, recompute the rest in backward."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+    # Not the reentrant variant: it needs inputs that require grad (frozen embeddings, adapters) and breaks DDP.
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def _training_loss(cfg: RunConfig, task: Any) -> Callable | None:

@@ -163,6 +163,34 @@ def test_compiled_training_ends_with_the_same_weights(tmp_path) -> None:
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
+class Blocks(torch.nn.Module):
+    """A stack of same-type blocks, as transformers have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> SimpleNamespace:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return SimpleNamespace(loss=torch.nn.functional.mse_loss(self.head(x).squeeze(-1), y))
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
+def test_compile_takes_each_block_of_a_stack(tmp_path) -> None:
+    plain, compiled = Blocks(), Blocks()
+    fit(job(tmp_path / "a", plain), train_cfg(), Accelerator(cpu=True))
+    seen = []
+    compiled.register_forward_hook(lambda m, i, o: seen.append([b._compiled_call_impl is not None for b in m.layers]))
+    fit(job(tmp_path / "b", compiled), train_cfg(compile=True), Accelerator(cpu=True))
+    assert seen and all(flags == [True, True, True] for flags in seen)  # while training, every block compiled
+    assert compiled._compiled_call_impl is None and all(b._compiled_call_impl is None for b in compiled.layers)
+    for (name, p), q in zip(plain.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
 class Unit(torch.nn.Module):
     """Every batch's (mean) loss is 1: what the loop logs is then the weight it gave the batch."""
 

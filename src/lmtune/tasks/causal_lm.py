@@ -11,12 +11,12 @@ from lmtune.data import DataError
 from lmtune.data.text import read_documents
 from lmtune.registry import register_task
 from lmtune.tasks import lm_common
-from lmtune.tasks.lm_common import GenerationOptions
+from lmtune.tasks.lm_common import DecoderOptions
 
 log = logging.getLogger("lmtune")
 
 
-class CausalLMOptions(GenerationOptions):
+class CausalLMOptions(DecoderOptions):
     name: Literal["causal_lm"] = "causal_lm"
     """Continue pre-training a decoder on raw text (domain adaptation); metric: perplexity."""
     documents: Literal["line", "blank_line"] = "line"

@@ -11,7 +11,7 @@ from lmtune.data import DataError, apply_row_checks, read_table, resolve_path
 from lmtune.data.text import read_documents
 from lmtune.registry import register_task
 from lmtune.tasks import lm_common
-from lmtune.tasks.lm_common import GenerationOptions
+from lmtune.tasks.lm_common import DecoderOptions
 
 log = logging.getLogger("lmtune")
 
@@ -21,7 +21,7 @@ DEFAULT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|
                     "eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
-class InstructOptions(GenerationOptions):
+class InstructOptions(DecoderOptions):
     name: Literal["instruct"] = "instruct"
     """Instruction tuning of a decoder on chat messages or instruction/input/output rows."""
     loss_on: Literal["assistant", "all"] = "assistant"

@@ -10,7 +10,7 @@ import string
 from typing import Any, Callable, Iterable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.data.text import pack
 
@@ -31,6 +31,20 @@ class GenerationOptions(BaseModel):
     """Generation with do_sample: nucleus sampling mass."""
     generation_batch_size: int = 16
     """Generation: prompts per batch (left padded)."""
+
+
+class DecoderOptions(GenerationOptions):
+    """Options shared by the causal-LM tasks."""
+
+    loss_chunk: int | None = 2048
+    """Training loss over the vocabulary this many tokens at a time (memory-lean: never all logits at once; see
+    lmtune.tasks.lm_loss); null = the model's own loss over full logits."""
+
+    @model_validator(mode="after")
+    def _check_chunk(self) -> "DecoderOptions":
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise ValueError(f"task.loss_chunk={self.loss_chunk}: must be at least 1 (or null)")
+        return self
 
 
 def count_targets(batch: dict) -> torch.Tensor:
@@ -58,6 +72,16 @@ class DecoderTask:
 
     def model_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def prepare_model(self, model: Any) -> None:
+        """Before training: the memory-lean loss (task.loss_chunk), where the model allows it."""
+        if self.options.loss_chunk is None:
+            return
+        from lmtune.tasks import lm_loss
+
+        problem = lm_loss.install(model, self.options.loss_chunk)
+        if problem:
+            log.warning("task.loss_chunk: the model's own loss is used: %s", problem)
 
 
 def pad_id(tokenizer: Any) -> int:

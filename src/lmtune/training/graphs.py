@@ -35,8 +35,6 @@ def unavailable(cfg: Any, accelerator: Any) -> str | None:
         return f"{accelerator.distributed_type.value} training (single device only)"
     if accelerator.mixed_precision == "fp16":
         return "fp16 loss scaling checks for overflow on the host"
-    if cfg.compile:
-        return "train.compile is on (recording compiled steps is not verified yet)"
     return None
 
 

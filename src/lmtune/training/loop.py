@@ -195,11 +195,7 @@ class _StageRun:
         self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.cache = self._feature_cache()  # after prepare: the model is on its device
-        if cfg.compile and self.cache is None:
-            # In place (nn.Module.compile): parameter names, state dicts and saving stay as they are. Shapes
-            # vary with dynamic padding; after the first change torch.compile marks them dynamic, so
-            # recompiles stay few (and bounded by torch._dynamo's recompile limit).
-            accelerator.unwrap_model(self.model).compile()
+        self.compiled = _compile(accelerator.unwrap_model(self.model)) if cfg.compile and self.cache is None else []
         if resume_from is not None:
             accelerator.load_state(str(resume_from / "state"))
             self.scheduler.load_state_dict(state.scheduler)
@@ -411,7 +407,8 @@ class _StageRun:
         if self.cache is not None:
             self.cache.remove()
         job.model = self.acc.unwrap_model(self.model)
-        job.model._compiled_call_impl = None  # train.compile covers training: evaluation and generation run plain
+        for module in self.compiled:  # train.compile covers training: evaluation and generation run plain
+            module._compiled_call_impl = None
         self.acc.free_memory()
         best = job.run_dir / "checkpoints" / "best.safetensors"
         self.acc.wait_for_everyone()
@@ -421,6 +418,24 @@ class _StageRun:
                 log.warning("stage %s never beat the %s of an earlier stage (%.4f at step %d): the weights of "
                             "that step are kept", name, job.metric, state.best_metric, state.best_step)
             load_weights(job.model, best)
+
+
+def _compile(model: Any) -> list[Any]:
+    """train.compile: each transformer block in place, or the whole model where it has no block stack.
+
+    In place (nn.Module.compile): parameter names, state dicts and saving stay as they are. The blocks of a stack
+    share their code, so one compilation serves them all (minutes less than compiling the whole model), and the
+    fused element-wise work inside them is most of what compiling gains. Shapes vary with dynamic padding; after
+    the first change torch.compile marks them dynamic, so recompiles stay few (and within its recompile limit)."""
+    from lmtune.models import ModelError, find_layers
+
+    try:
+        modules = list(find_layers(model)[1])
+    except ModelError:
+        modules = [model]
+    for module in modules:
+        module.compile()
+    return modules
 
 
 def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any) -> None:

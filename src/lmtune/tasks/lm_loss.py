@@ -1,0 +1,142 @@
+"""Memory-lean causal-LM loss: cross-entropy over the vocabulary a chunk of tokens at a time.
+
+A model's own loss materialises the logits of every token, [batch, length, vocabulary], then a float copy and
+its gradient: for a 150k vocabulary and 8 x 1024 tokens that is over 12 GB, more than the weights and optimizer of
+a 0.5B model. `install(model, chunk)` makes the output layer hand the hidden states through while the model trains
+and gives the model a loss function that, `chunk` tokens at a time, computes the logits, their cross-entropy and at
+once the gradients of the hidden states and of the output weights (so backward needs no second pass over the
+vocabulary: the same matrix products as the plain loss, in the same precision). Evaluation and generation (eval
+mode) see ordinary logits. Installing checks on a small input that the loss equals the model's own; a model that
+changes its logits after the output layer (soft-capping, scaling) keeps its own loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T + bias` against `targets` (-100 ignored), `chunk` rows at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int, count: torch.Tensor | None) -> torch.Tensor:
+        device = hidden.device.type
+        # Under autocast the products run in its dtype, as the output layer's would; logits are then upcast.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        keep = targets != -100
+        count = keep.sum() if count is None else torch.as_tensor(count, device=hidden.device)
+        count = count.clamp(min=1).float()
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(dtype)
+                kept = keep[start:start + chunk]
+                target = torch.where(kept, targets[start:start + chunk], 0)
+                logits = F.linear(h, w, b).float()
+                norm = torch.logsumexp(logits, -1)
+                picked = logits.gather(-1, target[:, None]).squeeze(-1)
+                total += ((norm - picked) * kept).sum()
+                if not grads:
+                    continue
+                probs = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+                probs.scatter_add_(-1, target[:, None], -torch.ones_like(probs[:, :1]))
+                probs.mul_((kept / count)[:, None])
+                g = probs.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = g @ w
+                if grad_weight is not None:
+                    grad_weight += (g.T @ h).float()
+                if grad_bias is not None:
+                    grad_bias += g.sum(0).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_output for g in (grad_hidden, grad_weight, grad_bias)]
+        return scaled[0], scaled[1], scaled[2], None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          targets: torch.Tensor, chunk: int, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token cross-entropy of the logits `hidden @ weight.T + bias` ([..., H] hidden states, [...] targets,
+    -100 ignored; over `count` targets when given), never holding more than `chunk` rows of logits."""
+    return _ChunkedCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, targets.flatten(), chunk, count)
+
+
+def install(model: Any, chunk: int) -> str | None:
+    """Give `model` (a transformers causal LM) the chunked loss while it trains; returns why not, or None."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"its output layer is a {type(head).__name__}, not a plain linear layer"
+    own_loss = model.loss_function
+    checking = [False]
+
+    def output_layer(hidden: torch.Tensor) -> torch.Tensor:
+        if head.training or checking[0]:
+            return hidden  # the loss below multiplies by the output weights, a chunk at a time
+        return F.linear(hidden, head.weight, head.bias)
+
+    def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                      num_items_in_batch: torch.Tensor | None = None, ignore_index: int = -100,
+                      shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if not (head.training or checking[0]):
+            return own_loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                            ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        targets = shift_labels.to(logits.device)
+        if ignore_index != -100:
+            targets = torch.where(targets == ignore_index, -100, targets)
+        return chunked_cross_entropy(logits, head.weight, head.bias, targets, chunk, num_items_in_batch)
+
+    head.forward = output_layer
+    model.loss_function = loss_function
+    problem = _differs(model, checking)
+    if problem:
+        uninstall(model)
+    return problem
+
+
+def uninstall(model: Any) -> None:
+    """Back to the model's own output layer and loss."""
+    head = model.get_output_embeddings()
+    if "forward" in vars(head):
+        del head.forward
+    if "_loss_function" in vars(model):
+        del model._loss_function
+
+
+def _differs(model: Any, checking: list[bool]) -> str | None:
+    """Compare the chunked loss with the model's own on a small random input (eval mode, no dropout)."""
+    param = next(model.parameters())
+    vocab = model.get_output_embeddings().out_features
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(vocab, 1000), (2, 12), generator=generator).to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = model(input_ids=ids, labels=ids).loss
+            checking[0] = True
+            chunked = model(input_ids=ids, labels=ids).loss
+    except Exception as error:  # noqa: BLE001  (any failure means: keep the model's own loss)
+        return f"the chunked loss failed on a test input ({type(error).__name__}: {error})"
+    finally:
+        checking[0] = False
+        model.train(was_training)
+    if not torch.allclose(own.float(), chunked.float(), rtol=1e-3, atol=1e-4):
+        return (f"the model's own loss differs on a test input ({float(own):.5f} vs {float(chunked):.5f}): "
+                "it changes the logits after its output layer")
+    return None

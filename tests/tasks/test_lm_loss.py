@@ -1,0 +1,112 @@
+"""The memory-lean causal-LM loss equals the model's own, in value and gradients; gradient checkpointing too."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmtune
+from lmtune.tasks import lm_loss
+from test_causal_lm import lm_config, load, other_geometry
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_cross_entropy_matches_plain_values_and_gradients(bias: bool) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    b = torch.randn(11, requires_grad=True) if bias else None
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, :2] = -100
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, b).flatten(0, 1),
+                                              targets.flatten(), ignore_index=-100)
+    (plain * 3).backward()
+    want = [t.grad.clone() for t in (hidden, weight, b) if t is not None]
+    for t in (hidden, weight, b):
+        if t is not None:
+            t.grad = None
+    chunked = lm_loss.chunked_cross_entropy(hidden, weight, b, targets, chunk=3)  # 10 rows: chunks of 3, 3, 3, 1
+    (chunked * 3).backward()
+    assert torch.allclose(chunked, plain, atol=1e-6)
+    for got, expected in zip([t.grad for t in (hidden, weight, b) if t is not None], want):
+        assert torch.allclose(got, expected, atol=1e-6)
+    # Over a given count (several micro-batches' targets): the sum of token losses divided by it.
+    summed = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, b).flatten(0, 1),
+                                               targets.flatten(), ignore_index=-100, reduction="sum")
+    over = lm_loss.chunked_cross_entropy(hidden, weight, b, targets, chunk=4, count=torch.tensor(20))
+    assert torch.allclose(over, summed / 20, atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", ["llama", "gpt2", "qwen2"])
+def test_installed_loss_trains_like_the_models_own(geometry: str, tiny_decoder_dir: Path) -> None:
+    tokenizer, model = load(tiny_decoder_dir)
+    if geometry != "llama":
+        model = other_geometry(geometry, len(tokenizer))
+    model.config.tie_word_embeddings = geometry != "qwen2"  # tied (Llama, GPT-2) and untied output weights
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    own = copy.deepcopy(model)
+    assert lm_loss.install(model, chunk=5) is None
+    ids = torch.randint(0, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    model.train()  # training: the output layer hands the hidden states to the chunked loss
+    assert model(input_ids=ids).logits.shape[-1] == model.config.hidden_size != model.config.vocab_size
+    for m in (model, own):
+        m.train()
+        m(input_ids=ids, labels=labels).loss.backward()
+    assert torch.allclose(model(input_ids=ids, labels=labels).loss, own(input_ids=ids, labels=labels).loss, atol=1e-5)
+    grads = dict(own.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, grads[name].grad, atol=1e-5), name
+    model.eval()  # evaluation and generation see real logits
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+    lm_loss.uninstall(model)
+    model.train()
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_install_keeps_the_own_loss_of_a_model_that_changes_its_logits() -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                           final_logit_softcapping=0.5))
+    problem = lm_loss.install(model, chunk=4)
+    assert problem and "changes the logits" in problem
+    model.train()
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == 50  # uninstalled
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r]
+
+
+def test_chunked_loss_and_gradient_checkpointing_train_as_the_plain_run(tiny_decoder_dir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    chunked = lm_loss.chunked_cross_entropy
+    monkeypatch.setattr(lm_loss, "chunked_cross_entropy", lambda *a, **k: calls.append(a[-2]) or chunked(*a, **k))
+    runs = {}
+    for name, task, train in (("plain", {"loss_chunk": None}, {}), ("chunked", {"loss_chunk": 5}, {}),
+                              ("checkpointed", {"loss_chunk": None}, {"gradient_checkpointing": True})):
+        cfg = lm_config(tiny_decoder_dir, tmp_path)
+        cfg["task"].update(task)
+        cfg["train"].update(epochs=1, **train)
+        cfg["eval"] = {}
+        cfg["output"]["name"] = name
+        calls.clear()
+        runs[name] = lmtune.train(cfg)
+        assert bool(calls) == (name == "chunked") and set(calls) <= {5}, name
+    plain = losses(runs["plain"].run_dir)
+    assert len(plain) >= 3 and plain[-1] < plain[0]
+    for name in ("chunked", "checkpointed"):
+        assert losses(runs[name].run_dir) == pytest.approx(plain, rel=1e-4), name
+        assert runs[name].metrics["test"]["perplexity"] == pytest.approx(runs["plain"].metrics["test"]["perplexity"],
+                                                                          rel=1e-4)
