@@ -21,8 +21,26 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator,
-                          set_seed)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments,
+                          default_data_collator, set_seed)
+
+
+class LogClock(TrainerCallback):
+    """When each log happened: tokens/s after the first quarter of the run, as benchmarks/decoder_throughput.py
+    measures lmtune's (the first steps' set-up left out)."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, **kwargs) -> None:
+        self.marks.append((state.global_step, time.perf_counter()))
+
+    def settled(self, tokens_per_step: int) -> float | None:
+        marks = [m for m in self.marks[:-1]]  # the last log is the end-of-training summary
+        if len(marks) < 4:
+            return None
+        (s0, t0), (s1, t1) = marks[len(marks) // 4], marks[-1]
+        return round((s1 - s0) * tokens_per_step / (t1 - t0), 1)
 
 
 def main() -> None:
@@ -61,8 +79,9 @@ def main() -> None:
         per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs, max_steps=args.max_steps,
         seed=args.seed, bf16=bf16, report_to="none", logging_steps=10, save_strategy="no",
         gradient_checkpointing=args.gradient_checkpointing)
+    clock = LogClock()
     trainer = Trainer(model=model, args=training_args, train_dataset=blocks, processing_class=tokenizer,
-                      data_collator=default_data_collator)
+                      data_collator=default_data_collator, callbacks=[clock])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train_result = trainer.train()
@@ -74,6 +93,7 @@ def main() -> None:
     results = {
         "system": "hf-trainer", "model": args.model, "bf16": bf16, "blocks": len(blocks), "steps": steps,
         "train_seconds": round(seconds, 2), "real_tokens_per_second": round(tokens / seconds, 1),
+        "settled_tokens_per_second": clock.settled(args.batch_size * args.block_size),
         "last_logged_loss": losses[-1] if losses else None, "peak_memory_mb": peak,
         "wall_seconds": round(time.perf_counter() - started, 2),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},

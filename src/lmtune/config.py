@@ -159,10 +159,11 @@ class TrainConfig(Section):
     num_workers: int = 0
     """DataLoader worker processes."""
     compile: bool = False
-    """Compile the model with torch.compile (in place; not for stages on cached features). Small models are
-    bound by Python and kernel-launch overhead, which compiling cuts; the first steps pay the compile time."""
+    """Compile each transformer block with torch.compile (in place, shapes dynamic; not for stages on cached
+    features; evaluation runs plain). Fuses the element-wise work around the matrix products: a 0.5B decoder
+    trains 1.45x faster once compiled, after a start of 20-70 s on a slow host CPU: for long runs."""
     cuda_graphs: bool = True
-    """On one CUDA device (bf16 or fp32, not with `compile`), record each batch shape's training step
+    """On one CUDA device (bf16 or fp32), record each batch shape's training step
     (forward, backward, clipping, AdamW) as a CUDA graph on its second occurrence and replay it from then on: a
     small model's step is bound by kernel-launch overhead, which replaying removes. Steps that cannot be recorded
     run eagerly (logged). Costs memory: the recorded steps' activations stay reserved."""

@@ -175,6 +175,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
               count_targets=getattr(task, "count_targets", None))
     started = time.perf_counter()
     state = fit(job, cfg.train, accelerator, resume=resume)
+    if hasattr(task, "release_model"):
+        task.release_model()
     train_seconds = sum(state.stage_seconds.values())
     model = session.model = job.model
 

@@ -103,6 +103,8 @@ def test_chunked_loss_and_gradient_checkpointing_train_as_the_plain_run(tiny_dec
         cfg["output"]["name"] = name
         calls.clear()
         runs[name] = lmtune.train(cfg)
+        saved = json.loads((runs[name].run_dir / "model" / "config.json").read_text())
+        assert saved.get("use_cache", True) is True  # no cache while training only
         assert bool(calls) == (name == "chunked") and set(calls) <= {5}, name
     plain = losses(runs["plain"].run_dir)
     assert len(plain) >= 3 and plain[-1] < plain[0]

@@ -182,10 +182,17 @@ class Blocks(torch.nn.Module):
 def test_compile_takes_each_block_of_a_stack(tmp_path) -> None:
     plain, compiled = Blocks(), Blocks()
     fit(job(tmp_path / "a", plain), train_cfg(), Accelerator(cpu=True))
-    seen = []
+    seen, evaluated = [], []
     compiled.register_forward_hook(lambda m, i, o: seen.append([b._compiled_call_impl is not None for b in m.layers]))
-    fit(job(tmp_path / "b", compiled), train_cfg(compile=True), Accelerator(cpu=True))
+
+    def evaluate(model: Blocks) -> dict:
+        evaluated.append([b._compiled_call_impl is not None for b in model.layers])
+        return {"score": 0.0}
+
+    fit(job(tmp_path / "b", compiled, evaluate=evaluate), train_cfg(compile=True, load_best=False),
+        Accelerator(cpu=True))
     assert seen and all(flags == [True, True, True] for flags in seen)  # while training, every block compiled
+    assert evaluated and all(flags == [False, False, False] for flags in evaluated)  # evaluation runs plain
     assert compiled._compiled_call_impl is None and all(b._compiled_call_impl is None for b in compiled.layers)
     for (name, p), q in zip(plain.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

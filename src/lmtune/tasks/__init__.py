@@ -32,6 +32,8 @@ Optional, for tasks that need them:
   `Predictor.predict` instead of `encode` -> forward -> `postprocess`; `inputs` come from `from_texts`).
 - `score_generations(ds, generate) -> dict | None`: metrics of generations for the raw examples `ds`
   (from `load_splits`/`load_eval_file`); `generate(inputs) -> list[dict]` wraps the model.
+- `prepare_model(model)` / `release_model()`: called before and after training (the causal-LM tasks turn the
+  key/value cache off and install their memory-lean loss, then undo both).
 - `encode_report`: a dict filled by `encode` (dropped / truncated examples), added to the data report.
 """
 

@@ -18,6 +18,32 @@ import torch
 import torch.nn.functional as F
 
 
+def _chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, target: torch.Tensor, kept: torch.Tensor,
+           count: torch.Tensor, grad_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: summed token losses, and the gradient of the mean loss w.r.t. the logits (in h's dtype); adds
+    the output weights' gradient into `grad_weight`. Compiled on CUDA: one pass over the logits instead of five."""
+    logits = F.linear(h, w, b).float()
+    norm = torch.logsumexp(logits, -1)
+    picked = logits.gather(-1, target[:, None]).squeeze(-1)
+    loss = ((norm - picked) * kept).sum()
+    probs = torch.exp(logits - norm[:, None]).scatter_add(-1, target[:, None], -torch.ones_like(picked)[:, None])
+    grad = (probs * (kept / count)[:, None]).to(h.dtype)
+    if grad_weight is not None:
+        grad_weight.add_(grad.T @ h)
+    return loss, grad
+
+
+_compiled_chunk: list[Any] = []
+
+
+def _chunk_function(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return _chunk
+    if not _compiled_chunk:
+        _compiled_chunk.append(torch.compile(_chunk, dynamic=True))
+    return _compiled_chunk[0]
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T + bias` against `targets` (-100 ignored), `chunk` rows at a time."""
 
@@ -32,40 +58,28 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         keep = targets != -100
         count = keep.sum() if count is None else torch.as_tensor(count, device=hidden.device)
         count = count.clamp(min=1).float()
-        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        step = _chunk_function(hidden.device)
         with torch.autocast(device, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start:start + chunk].to(dtype)
                 kept = keep[start:start + chunk]
                 target = torch.where(kept, targets[start:start + chunk], 0)
-                logits = F.linear(h, w, b).float()
-                norm = torch.logsumexp(logits, -1)
-                picked = logits.gather(-1, target[:, None]).squeeze(-1)
-                total += ((norm - picked) * kept).sum()
-                if not grads:
-                    continue
-                probs = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
-                probs.scatter_add_(-1, target[:, None], -torch.ones_like(probs[:, :1]))
-                probs.mul_((kept / count)[:, None])
-                g = probs.to(dtype)
+                loss, grad = step(hidden[start:start + chunk].to(dtype), w, b, target, kept, count, grad_weight)
+                total += loss
                 if grad_hidden is not None:
-                    grad_hidden[start:start + chunk] = g @ w
-                if grad_weight is not None:
-                    grad_weight += (g.T @ h).float()
+                    grad_hidden[start:start + chunk] = grad @ w
                 if grad_bias is not None:
-                    grad_bias += g.sum(0).float()
+                    grad_bias += grad.sum(0).float()
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return total / count
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_output for g in (grad_hidden, grad_weight, grad_bias)]
-        return scaled[0], scaled[1], scaled[2], None, None, None
+        grads = [None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors]  # each used once
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

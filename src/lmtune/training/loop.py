@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import numbers
@@ -378,7 +379,14 @@ class _StageRun:
         if self.cache is not None:
             self.cache.current = None
         info, started = state.stages[self.stage.name], time.perf_counter()
-        stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
+        compiled = [(m, m._compiled_call_impl) for m in self.compiled]
+        for module, _ in compiled:  # evaluated plain: compiling for inference too would stall the run again
+            module._compiled_call_impl = None
+        try:
+            stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
+        finally:
+            for module, call in compiled:
+                module._compiled_call_impl = call
         state.stage_done = stop
         info["eval_seconds"] = round(info.get("eval_seconds", 0.0) + time.perf_counter() - started, 2)
         state.scheduler = {k: [float(x) for x in v] if isinstance(v, list) and any(map(torch.is_tensor, v)) else v
@@ -409,6 +417,8 @@ class _StageRun:
         job.model = self.acc.unwrap_model(self.model)
         for module in self.compiled:  # train.compile covers training: evaluation and generation run plain
             module._compiled_call_impl = None
+        if len(self.compiled) > 1 and hasattr(job.model, "disable_input_require_grads"):
+            job.model.disable_input_require_grads()
         self.acc.free_memory()
         best = job.run_dir / "checkpoints" / "best.safetensors"
         self.acc.wait_for_everyone()
@@ -433,8 +443,14 @@ def _compile(model: Any) -> list[Any]:
         modules = list(find_layers(model)[1])
     except ModelError:
         modules = [model]
+    if len(modules) > 1 and hasattr(model, "enable_input_require_grads"):
+        # With frozen embeddings (adapters, top layers) the first block's input would not require grad and the
+        # others' would: two compilations. The embeddings' output requiring grad costs one extra product.
+        model.enable_input_require_grads()
     for module in modules:
-        module.compile()
+        # Dynamic from the start: the batch shapes vary (dynamic padding, the short last batch of an epoch, met
+        # anywhere in a shuffled epoch), and each recompilation of a block stalls training for seconds.
+        module.compile(dynamic=True)
     return modules
 
 
@@ -461,6 +477,10 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     state = read_loop_state(last) if resume else LoopState()
     logs = MetricsLog(job.run_dir, accelerator, truncate_after=state.step if resume else None)
     train_rows = _TrainRows.of(job, cfg)
+    # The training rows (Python objects when held in memory) and the model live until the end: frozen, the
+    # collector's full passes no longer walk them (seconds of stalls over a run with millions of token ids).
+    gc.collect()
+    gc.freeze()
     try:
         for index in range(state.stage, len(job.stages)):
             resume_from = last if resume and index == state.stage else None
@@ -470,5 +490,6 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
             if index + 1 < len(job.stages):
                 state.stage, state.stage_done = index + 1, False
     finally:
+        gc.unfreeze()
         logs.close()
     return state
