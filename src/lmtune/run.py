@@ -159,12 +159,12 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     before = session.score_generations(splits["test"]) if generate_test else None
     method = METHODS[cfg.method.name]
     info = TaskInfo(head_names=head_names(model, new_weights), epochs=cfg.train.epochs)
-    if hasattr(task, "prepare_model"):  # e.g. the causal-LM tasks' memory-lean loss
-        task.prepare_model(model)
     if cfg.train.gradient_checkpointing:
         _checkpoint_activations(model)
     if hasattr(method, "prepare"):  # methods that wrap the model (peft adapters)
         model = session.model = method.prepare(model, info, cfg.method)
+    if hasattr(task, "prepare_model"):  # e.g. the causal-LM tasks' memory-lean loss, on the wrapped model
+        task.prepare_model(model)
     stages = method.apply(model, info, cfg.method)
     metric = cfg.eval.metric or task.default_metric
     has_validation = "validation" in features and len(features["validation"]) > 0
@@ -174,9 +174,11 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
               callbacks=list(callbacks or []), loss=_training_loss(cfg, task),
               count_targets=getattr(task, "count_targets", None))
     started = time.perf_counter()
-    state = fit(job, cfg.train, accelerator, resume=resume)
-    if hasattr(task, "release_model"):
-        task.release_model()
+    try:
+        state = fit(job, cfg.train, accelerator, resume=resume)
+    finally:
+        if hasattr(task, "release_model"):
+            task.release_model()
     train_seconds = sum(state.stage_seconds.values())
     model = session.model = job.model
 

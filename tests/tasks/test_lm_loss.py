@@ -51,7 +51,8 @@ def test_installed_loss_trains_like_the_models_own(geometry: str, tiny_decoder_d
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     own = copy.deepcopy(model)
-    assert lm_loss.install(model, chunk=5) is None
+    undo = lm_loss.install(model, chunk=5)
+    assert callable(undo), undo
     ids = torch.randint(0, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, :4] = -100
@@ -66,7 +67,7 @@ def test_installed_loss_trains_like_the_models_own(geometry: str, tiny_decoder_d
         assert torch.allclose(param.grad, grads[name].grad, atol=1e-5), name
     model.eval()  # evaluation and generation see real logits
     assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
-    lm_loss.uninstall(model)
+    undo()
     model.train()
     assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
 
@@ -83,6 +84,34 @@ def test_install_keeps_the_own_loss_of_a_model_that_changes_its_logits() -> None
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == 50  # uninstalled
 
 
+def test_no_grad_and_compiled_chunks_match_the_plain_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 13, (3, 7))
+    targets[1, :3] = -100
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).flatten(0, 1),
+                                              targets.flatten(), ignore_index=-100)
+    with torch.no_grad():  # no gradient buffers, same value
+        assert torch.allclose(lm_loss.chunked_cross_entropy(hidden, weight, None, targets, chunk=4), plain, atol=1e-6)
+    plain.backward()
+    want = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    if __import__("shutil").which("cc") is None:
+        pytest.skip("torch.compile on the CPU needs a C compiler")
+    # The compiled chunk function CUDA runs (in-place gradient accumulation inside compiled code), here on the CPU.
+    compiled = torch.compile(lm_loss._chunk, dynamic=True)
+    monkeypatch.setattr(lm_loss, "_chunk_function", lambda device: compiled)
+    lm_loss.chunked_cross_entropy(hidden, weight, None, targets, chunk=4).backward()  # chunks of 4 and 1 rows
+    assert torch.allclose(hidden.grad, want[0], atol=1e-5) and torch.allclose(weight.grad, want[1], atol=1e-5)
+
+
+def test_fp16_output_weights_keep_the_models_own_loss(tiny_decoder_dir: Path) -> None:
+    _, model = load(tiny_decoder_dir)
+    problem = lm_loss.install(model.half(), chunk=4)
+    assert isinstance(problem, str) and "fp16" in problem
+
+
 def losses(run_dir: Path) -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r]
@@ -95,20 +124,44 @@ def test_chunked_loss_and_gradient_checkpointing_train_as_the_plain_run(tiny_dec
     monkeypatch.setattr(lm_loss, "chunked_cross_entropy", lambda *a, **k: calls.append(a[-2]) or chunked(*a, **k))
     runs = {}
     for name, task, train in (("plain", {"loss_chunk": None}, {}), ("chunked", {"loss_chunk": 5}, {}),
-                              ("checkpointed", {"loss_chunk": None}, {"gradient_checkpointing": True})):
+                              ("checkpointed", {"loss_chunk": None}, {"gradient_checkpointing": True}),
+                              ("lora_plain", {"loss_chunk": None}, {"lr": 1e-2}), ("lora", {"loss_chunk": 5}, {"lr": 1e-2})):
         cfg = lm_config(tiny_decoder_dir, tmp_path)
         cfg["task"].update(task)
         cfg["train"].update(epochs=1, **train)
         cfg["eval"] = {}
         cfg["output"]["name"] = name
+        if name.startswith("lora"):
+            cfg["method"] = {"name": "lora", "dropout": 0.0}
         calls.clear()
         runs[name] = lmtune.train(cfg)
-        saved = json.loads((runs[name].run_dir / "model" / "config.json").read_text())
-        assert saved.get("use_cache", True) is True  # no cache while training only
-        assert bool(calls) == (name == "chunked") and set(calls) <= {5}, name
+        saved = runs[name].run_dir / "model" / "config.json"  # (adapter runs save the adapter only)
+        assert not saved.exists() or json.loads(saved.read_text()).get("use_cache", True) is True  # off in training
+        assert bool(calls) == (name in ("chunked", "lora")) and set(calls) <= {5}, name
     plain = losses(runs["plain"].run_dir)
     assert len(plain) >= 3 and plain[-1] < plain[0]
     for name in ("chunked", "checkpointed"):
         assert losses(runs[name].run_dir) == pytest.approx(plain, rel=1e-4), name
         assert runs[name].metrics["test"]["perplexity"] == pytest.approx(runs["plain"].metrics["test"]["perplexity"],
                                                                           rel=1e-4)
+    # Under peft (LoRA wraps the model first; the loss is installed on the wrapped model, tied output layer).
+    assert losses(runs["lora"].run_dir) == pytest.approx(losses(runs["lora_plain"].run_dir), rel=1e-4)
+
+
+def test_lora_with_a_trained_untied_output_layer_keeps_the_models_own_loss(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """peft trains a copy of an untied output layer (modules_to_save): the chunked loss would bypass that copy."""
+    from helpers import make_tiny_decoder
+
+    folder = make_tiny_decoder(tmp_path / "untied", tied=False)
+    runs = {}
+    for chunk in (None, 5):
+        cfg = lm_config(folder, tmp_path)
+        cfg["task"]["loss_chunk"] = chunk
+        cfg["method"] = {"name": "lora", "dropout": 0.0}
+        cfg["train"].update(epochs=1, lr=1e-2)
+        cfg["eval"] = {}
+        cfg["output"]["name"] = f"untied-{chunk}"
+        runs[chunk] = lmtune.train(cfg)
+    assert "task.loss_chunk: the model's own loss is used" in caplog.text
+    assert losses(runs[5].run_dir) == pytest.approx(losses(runs[None].run_dir), rel=1e-5)

@@ -74,25 +74,26 @@ class DecoderTask:
         return {}
 
     def prepare_model(self, model: Any) -> None:
-        """Before training: no key/value cache (a training forward would fill one for nothing, and compiled
-        layers would recompile for each layer's entry), and the memory-lean loss (task.loss_chunk) where the model
-        allows it. `release_model` undoes both."""
+        """Before training (after a method has wrapped the model): no key/value cache (a training forward would
+        fill one for nothing, and compiled layers would recompile for each layer's entry), and the memory-lean
+        loss (task.loss_chunk) where the model allows it. `release_model` undoes both."""
         from lmtune.tasks import lm_loss
 
-        self._prepared = (model, model.config.use_cache)
-        model.config.use_cache = False
+        undo: Any = None
         if self.options.loss_chunk is not None:
-            problem = lm_loss.install(model, self.options.loss_chunk)
-            if problem:
-                log.warning("task.loss_chunk: the model's own loss is used: %s", problem)
+            undo = lm_loss.install(model, self.options.loss_chunk)
+            if isinstance(undo, str):
+                log.warning("task.loss_chunk: the model's own loss is used: %s", undo)
+                undo = None
+        self._prepared = (model.config, model.config.use_cache, undo)
+        model.config.use_cache = False
 
     def release_model(self) -> None:
         """After training: the model's own cache setting and loss (evaluation and generation need neither change)."""
-        from lmtune.tasks import lm_loss
-
-        model, use_cache = self._prepared
-        model.config.use_cache = use_cache
-        lm_loss.uninstall(model)
+        config, use_cache, undo = self._prepared
+        config.use_cache = use_cache
+        if undo is not None:
+            undo()
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -12,7 +12,7 @@ changes its logits after the output layer (soft-capping, scaling) keeps its own 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,15 +86,31 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           targets: torch.Tensor, chunk: int, count: torch.Tensor | None = None) -> torch.Tensor:
     """Mean token cross-entropy of the logits `hidden @ weight.T + bias` ([..., H] hidden states, [...] targets,
     -100 ignored; over `count` targets when given), never holding more than `chunk` rows of logits."""
+    if not torch.is_grad_enabled():  # nothing will call backward: no gradient buffers
+        with torch.autocast(hidden.device.type, enabled=False):
+            dtype = _compute_dtype(hidden.device.type, weight)
+            logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+        kept = targets != -100
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+        return losses.sum() / (kept.sum() if count is None else torch.as_tensor(count)).clamp(min=1)
     return _ChunkedCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, targets.flatten(), chunk, count)
 
 
-def install(model: Any, chunk: int) -> str | None:
-    """Give `model` (a transformers causal LM) the chunked loss while it trains; returns why not, or None."""
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
+def _compute_dtype(device: str, weight: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def install(model: Any, chunk: int) -> Callable[[], None] | str:
+    """Give `model` (a transformers causal LM, possibly wrapped by peft) the chunked loss while it trains.
+
+    Returns a function that undoes it, or why it cannot apply (the model keeps its own loss then)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # e.g. peft's wrapper of a trained copy (modules_to_save), adapters
         return f"its output layer is a {type(head).__name__}, not a plain linear layer"
-    own_loss = model.loss_function
+    if head.weight.dtype == torch.float16:
+        return "fp16 output weights (the chunked gradients would underflow before loss scaling)"
+    own_loss = base.loss_function
     checking = [False]
 
     def output_layer(hidden: torch.Tensor) -> torch.Tensor:
@@ -105,9 +121,12 @@ def install(model: Any, chunk: int) -> str | None:
     def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       num_items_in_batch: torch.Tensor | None = None, ignore_index: int = -100,
                       shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        own = {"num_items_in_batch": num_items_in_batch, "ignore_index": ignore_index, "shift_labels": shift_labels}
         if not (head.training or checking[0]):
-            return own_loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
-                            ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+            return own_loss(logits, labels, vocab_size, **own, **kwargs)
+        if _compute_dtype(logits.device.type, head.weight) == torch.float16:
+            # fp16 autocast: gradients computed in the forward would underflow before the loss scale reaches them.
+            return own_loss(F.linear(logits, head.weight, head.bias), labels, vocab_size, **own, **kwargs)
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         targets = shift_labels.to(logits.device)
@@ -115,27 +134,23 @@ def install(model: Any, chunk: int) -> str | None:
             targets = torch.where(targets == ignore_index, -100, targets)
         return chunked_cross_entropy(logits, head.weight, head.bias, targets, chunk, num_items_in_batch)
 
+    def undo() -> None:
+        vars(head).pop("forward", None)
+        vars(base).pop("_loss_function", None)
+
     head.forward = output_layer
-    model.loss_function = loss_function
-    problem = _differs(model, checking)
+    base.loss_function = loss_function
+    problem = _differs(model, head, checking)
     if problem:
-        uninstall(model)
-    return problem
+        undo()
+        return problem
+    return undo
 
 
-def uninstall(model: Any) -> None:
-    """Back to the model's own output layer and loss."""
-    head = model.get_output_embeddings()
-    if "forward" in vars(head):
-        del head.forward
-    if "_loss_function" in vars(model):
-        del model._loss_function
-
-
-def _differs(model: Any, checking: list[bool]) -> str | None:
+def _differs(model: Any, head: torch.nn.Linear, checking: list[bool]) -> str | None:
     """Compare the chunked loss with the model's own on a small random input (eval mode, no dropout)."""
     param = next(model.parameters())
-    vocab = model.get_output_embeddings().out_features
+    vocab = head.out_features
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(vocab, 1000), (2, 12), generator=generator).to(param.device)
     was_training = model.training

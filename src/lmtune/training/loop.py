@@ -22,7 +22,7 @@ from transformers import get_scheduler
 from lmtune.config import TrainConfig
 from lmtune.training.batching import eval_batches, in_memory, steps_per_epoch, to_device, train_batches
 from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
-from lmtune.training import feature_cache
+from lmtune.training import compiling, feature_cache
 from lmtune.training import graphs
 from lmtune.training.graphs import StepGraphs, optimizer_mode
 from lmtune.training.losses import mean_targets_per_batch, window_scales
@@ -196,7 +196,7 @@ class _StageRun:
         self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.cache = self._feature_cache()  # after prepare: the model is on its device
-        self.compiled = _compile(accelerator.unwrap_model(self.model)) if cfg.compile and self.cache is None else []
+        self.compiled = compiling.blocks(accelerator.unwrap_model(self.model)) if cfg.compile and self.cache is None else []
         if resume_from is not None:
             accelerator.load_state(str(resume_from / "state"))
             self.scheduler.load_state_dict(state.scheduler)
@@ -379,14 +379,8 @@ class _StageRun:
         if self.cache is not None:
             self.cache.current = None
         info, started = state.stages[self.stage.name], time.perf_counter()
-        compiled = [(m, m._compiled_call_impl) for m in self.compiled]
-        for module, _ in compiled:  # evaluated plain: compiling for inference too would stall the run again
-            module._compiled_call_impl = None
-        try:
+        with compiling.plain(self.compiled):  # compiling for inference too would stall the run again
             stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
-        finally:
-            for module, call in compiled:
-                module._compiled_call_impl = call
         state.stage_done = stop
         info["eval_seconds"] = round(info.get("eval_seconds", 0.0) + time.perf_counter() - started, 2)
         state.scheduler = {k: [float(x) for x in v] if isinstance(v, list) and any(map(torch.is_tensor, v)) else v
@@ -415,10 +409,7 @@ class _StageRun:
         if self.cache is not None:
             self.cache.remove()
         job.model = self.acc.unwrap_model(self.model)
-        for module in self.compiled:  # train.compile covers training: evaluation and generation run plain
-            module._compiled_call_impl = None
-        if len(self.compiled) > 1 and hasattr(job.model, "disable_input_require_grads"):
-            job.model.disable_input_require_grads()
+        compiling.release(self.compiled, job.model)  # train.compile covers training: evaluation, generation plain
         self.acc.free_memory()
         best = job.run_dir / "checkpoints" / "best.safetensors"
         self.acc.wait_for_everyone()
@@ -428,30 +419,6 @@ class _StageRun:
                 log.warning("stage %s never beat the %s of an earlier stage (%.4f at step %d): the weights of "
                             "that step are kept", name, job.metric, state.best_metric, state.best_step)
             load_weights(job.model, best)
-
-
-def _compile(model: Any) -> list[Any]:
-    """train.compile: each transformer block in place, or the whole model where it has no block stack.
-
-    In place (nn.Module.compile): parameter names, state dicts and saving stay as they are. The blocks of a stack
-    share their code, so one compilation serves them all (minutes less than compiling the whole model), and the
-    fused element-wise work inside them is most of what compiling gains. Shapes vary with dynamic padding; after
-    the first change torch.compile marks them dynamic, so recompiles stay few (and within its recompile limit)."""
-    from lmtune.models import ModelError, find_layers
-
-    try:
-        modules = list(find_layers(model)[1])
-    except ModelError:
-        modules = [model]
-    if len(modules) > 1 and hasattr(model, "enable_input_require_grads"):
-        # With frozen embeddings (adapters, top layers) the first block's input would not require grad and the
-        # others' would: two compilations. The embeddings' output requiring grad costs one extra product.
-        model.enable_input_require_grads()
-    for module in modules:
-        # Dynamic from the start: the batch shapes vary (dynamic padding, the short last batch of an epoch, met
-        # anywhere in a shuffled epoch), and each recompilation of a block stalls training for seconds.
-        module.compile(dynamic=True)
-    return modules
 
 
 def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any) -> None:
