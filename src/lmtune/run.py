@@ -25,6 +25,10 @@ class RunResult:
     metrics: dict[str, Any]
 
 
+# Options a resumed run may change: where outputs go, and how fast the same steps run (not what they compute).
+RESUME_MAY_CHANGE: dict[str, Any] = {"output": True, "train": {"cuda_graphs", "compile", "num_workers"}}
+
+
 def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
     root = Path(cfg.output.dir)
     if cfg.output.name:
@@ -40,9 +44,10 @@ def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
         if not (run_dir / "checkpoints" / "last").is_dir():
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
         saved = load_config(run_dir / "config.yaml")
-        if saved.model_dump(exclude={"output"}) != cfg.model_dump(exclude={"output"}):
+        if saved.model_dump(exclude=RESUME_MAY_CHANGE) != cfg.model_dump(exclude=RESUME_MAY_CHANGE):
             raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
-                             f"({run_dir / 'config.yaml'}); resume with that config")
+                             f"({run_dir / 'config.yaml'}); resume with that config (only output.* and "
+                             f"train.{', train.'.join(sorted(RESUME_MAY_CHANGE['train']))} may change)")
     else:
         clear_run_dir(run_dir, cfg.output.overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
