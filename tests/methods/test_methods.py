@@ -83,6 +83,22 @@ def test_lp_ft_probes_then_fine_tunes(tiny_config, tiny_model_dir) -> None:
     assert {r["stage"] for r in records if "eval/accuracy" in r} == {"probe", "fine-tune"}
 
 
+def test_lp_ft_probe_may_train_the_pooler(tiny_model_dir) -> None:
+    model, info = tiny_classifier(tiny_model_dir)
+    pooler = {n for n, _ in model.named_parameters() if n.startswith("bert.pooler.")}
+    assert pooler
+    for probe_pooler in (False, True):
+        probe, _ = METHODS["lp_ft"].apply(model, info, METHODS["lp_ft"].Options(probe_pooler=probe_pooler))
+        assert (pooler <= set(probe.trainable)) == probe_pooler
+        assert not any(".encoder." in n or ".embeddings." in n for n in probe.trainable)
+
+
+def test_lp_ft_probe_with_the_pooler_still_trains_on_cached_features(tiny_config, tiny_model_dir) -> None:
+    result = lmtune.train({**tiny_config, "method": {"name": "lp_ft", "probe_epochs": 1, "epochs": 1,
+                                                     "probe_pooler": True}})
+    assert result.metrics["stages"]["probe"]["feature_cache"] is True
+
+
 def test_layerwise_decay_sets_rates_by_depth(tiny_model_dir) -> None:
     model, info = tiny_classifier(tiny_model_dir)
     options = METHODS["full"].Options(layer_decay=0.5, head_lr=1e-3)

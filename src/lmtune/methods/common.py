@@ -103,3 +103,13 @@ def l2sp_penalty(model: Any, names: list[str], strength: float) -> Callable[[Any
         return 0.5 * strength * total
 
     return penalty
+
+
+def pooler_names(model: Any) -> set[str]:
+    """Parameters of the backbone's pooler (found as the base model's `pooler` module), if it has one."""
+    base = getattr(model, "base_model", None)
+    pooler = getattr(base, "pooler", None)
+    if not isinstance(pooler, torch.nn.Module):
+        return set()
+    owned = {id(p) for p in pooler.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in owned}
