@@ -38,7 +38,8 @@ class LpFt:
         if not head:
             raise no_head_error(model, "lp_ft")
         if options.probe_pooler:
-            head += [n for n, _ in model.named_parameters() if n in pooler_names(model) and n not in head]
+            pooler = pooler_names(model)
+            head += [n for n, _ in model.named_parameters() if n in pooler and n not in head]
         probe = Stage("probe", [ParamGroup(head, lr=options.probe_lr)], epochs=options.probe_epochs,
                       cache_features=options.cache_features)
         return [probe] + fine_tune_stages(model, info, options, "fine-tune", lr=options.lr, epochs=options.epochs)

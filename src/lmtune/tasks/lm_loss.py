@@ -49,18 +49,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int, count: torch.Tensor | None) -> torch.Tensor:
+                targets: torch.Tensor, chunk: int, count: torch.Tensor | None, grads: bool) -> torch.Tensor:
         device = hidden.device.type
         # Under autocast the products run in its dtype, as the output layer's would; logits are then upcast.
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        dtype = _compute_dtype(device, weight)
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         keep = targets != -100
         count = keep.sum() if count is None else torch.as_tensor(count, device=hidden.device)
         count = count.clamp(min=1).float()
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        needs = [grads and need for need in ctx.needs_input_grad[:3]]
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         step = _chunk_function(hidden.device)
         with torch.autocast(device, enabled=False):
@@ -79,21 +80,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         grads = [None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors]  # each used once
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, chunk: int, count: torch.Tensor | None = None) -> torch.Tensor:
     """Mean token cross-entropy of the logits `hidden @ weight.T + bias` ([..., H] hidden states, [...] targets,
     -100 ignored; over `count` targets when given), never holding more than `chunk` rows of logits."""
-    if not torch.is_grad_enabled():  # nothing will call backward: no gradient buffers
-        with torch.autocast(hidden.device.type, enabled=False):
-            dtype = _compute_dtype(hidden.device.type, weight)
-            logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
-        kept = targets != -100
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
-        return losses.sum() / (kept.sum() if count is None else torch.as_tensor(count)).clamp(min=1)
-    return _ChunkedCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, targets.flatten(), chunk, count)
+    # Without grad mode nothing will call backward: no gradient buffers (needs_input_grad ignores grad mode).
+    return _ChunkedCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, targets.flatten(), chunk, count,
+                                      torch.is_grad_enabled())
 
 
 def _compute_dtype(device: str, weight: torch.Tensor) -> torch.dtype:
