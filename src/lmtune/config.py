@@ -142,8 +142,10 @@ class TrainConfig(Section):
     target tokens; `dataset` divides their summed loss by the mean target count per step over the training
     set, so every token weighs the same whichever batch it lands in (with length-grouped batches a batch of
     short rows otherwise gives each of its tokens more weight). Other tasks: no effect."""
-    pad_to_multiple_of: int = 8
-    """Pad each batch to a multiple of this many tokens (tensor-core friendly)."""
+    pad_to_multiple_of: int | None = None
+    """Pad each batch to a multiple of this many tokens (tensor-core friendly). Default: 8 on a CPU; on a GPU
+    the max length / 8, rounded up to a multiple of 8 (at most 8 batch widths: each new width costs an eager
+    step and a CUDA-graph recording; SQuAD at 384 tokens trained in 10.6 s with widths of 64 vs 19.2 s with 8)."""
     eval_every: int | None = None
     """Evaluate (and checkpoint) every N optimizer steps; null = at the end of every epoch."""
     log_every: int = 10
@@ -174,7 +176,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "pad_to_multiple_of": self.pad_to_multiple_of}
+                    "log_every": self.log_every, "pad_to_multiple_of": self.pad_to_multiple_of or 1}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"train.{name}={value}: must be at least 1")

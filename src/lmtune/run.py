@@ -88,6 +88,14 @@ def count_params(model: Any, names: set[str]) -> tuple[int, int]:
     return sum(params[n].numel() for n in names), sum(p.numel() for p in params.values())
 
 
+def pad_multiple(configured: int | None, max_length: int, device: str) -> int:
+    """train.pad_to_multiple_of, or its default: 8 on a CPU; on a GPU coarse enough for at most 8 batch widths
+    up to `max_length` (each width is an eager step, a CUDA-graph recording and new kernel plans)."""
+    if configured:
+        return configured
+    return 8 if device != "cuda" else 8 * -(-max_length // 64)
+
+
 class Session:
     """A task with its tokenizer and model, ready to encode inputs and run them (training or a saved run)."""
 
@@ -96,7 +104,8 @@ class Session:
 
         self.cfg, self.task, self.tokenizer, self.model, self.accelerator = cfg, task, tokenizer, model, accelerator
         self.max_length = models.max_length(cfg.model, tokenizer, model.config)
-        self.collate = task.collate(tokenizer, cfg.train.pad_to_multiple_of)
+        multiple = pad_multiple(cfg.train.pad_to_multiple_of, self.max_length, accelerator.device.type)
+        self.collate = task.collate(tokenizer, multiple, max_width=-(-self.max_length // 8) * 8)
         self.batch_size = cfg.eval.batch_size or 2 * cfg.train.batch_size
 
     def encode(self, ds: Any) -> Any:

@@ -11,8 +11,9 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def pad_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, pad_to_multiple_of: int = 1,
-               side: str | None = None) -> dict[str, Any]:
-    """Pad the model inputs of `rows` (lists of ints) to one width, a multiple of `pad_to_multiple_of`.
+               side: str | None = None, max_width: int | None = None) -> dict[str, Any]:
+    """Pad the model inputs of `rows` (lists of ints) to one width, a multiple of `pad_to_multiple_of`
+    (but no wider than `max_width` or the longest row, whichever is more).
 
     Same result as `tokenizer.pad(..., padding=True, return_tensors="pt")` (tested), several times faster:
     the collate runs once per training step, and for small models it is a large share of the step.
@@ -22,7 +23,7 @@ def pad_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, pad_to_multiple_o
 
     side = side or tokenizer.padding_side
     lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
-    width = int(-(-lengths.max() // pad_to_multiple_of) * pad_to_multiple_of)
+    width = batch_width(int(lengths.max()), pad_to_multiple_of, max_width)
     pads = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
             "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
     keys = [k for k in INPUT_KEYS if k in rows[0]]
@@ -42,3 +43,9 @@ def pad_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, pad_to_multiple_o
             out[real] = 1
         batch[key] = torch.from_numpy(out)
     return batch
+
+
+def batch_width(longest: int, multiple: int, max_width: int | None = None) -> int:
+    """`longest` rounded up to a multiple of `multiple`, capped at `max_width` (never below `longest`)."""
+    width = -(-longest // multiple) * multiple
+    return width if max_width is None else max(longest, min(width, max_width))

@@ -85,8 +85,8 @@ class CausalLM(lm_common.DecoderTask):
         random.Random(self.seed).shuffle(docs)  # replay spread through the rows, not all at the end
         return lm_common.packed_dataset(docs, max_length)
 
-    def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
-        return lm_common.collate_rows(tokenizer, pad_to_multiple_of)
+    def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
+        return lm_common.collate_rows(tokenizer, pad_to_multiple_of, max_width)
 
     # ---- outputs ---------------------------------------------------------------------------------
     def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:

@@ -218,11 +218,11 @@ class Classification:
 
         return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
 
-    def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
+    def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
         multi = self.options.multi_label
 
         def collate(rows: list[dict]) -> dict:
-            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of)
+            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of, max_width=max_width)
             if "labels" in rows[0]:
                 batch["labels"] = torch.tensor([r["labels"] for r in rows],
                                                dtype=torch.float32 if multi else torch.long)

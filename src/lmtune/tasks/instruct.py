@@ -242,8 +242,8 @@ class Instruct(lm_common.DecoderTask):
         self.encode_report["replay"] = {"documents": len(chosen), "tokens": tokens, "task_tokens": task_tokens,
                                         "share": round(tokens / max(1, tokens + task_tokens), 4)}
 
-    def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
-        return lm_common.collate_rows(tokenizer, pad_to_multiple_of)
+    def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
+        return lm_common.collate_rows(tokenizer, pad_to_multiple_of, max_width)
 
     # ---- outputs ---------------------------------------------------------------------------------
     def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from lmtune.data.padding import batch_width
 from lmtune.data.text import pack
 
 log = logging.getLogger("lmtune")
@@ -182,7 +183,8 @@ def choose_replay(task_tokens: int, replay: list[list[int]], ratio: float, seed:
     return chosen
 
 
-def collate_rows(tokenizer: Any, pad_to_multiple_of: int) -> Callable[[list[dict]], dict]:
+def collate_rows(tokenizer: Any, pad_to_multiple_of: int,
+                 max_width: int | None = None) -> Callable[[list[dict]], dict]:
     """Batches of token rows, right padded; rows may carry `position_ids` (packed documents) and `labels`.
 
     Packed rows get a 4D block-diagonal causal mask [B, 1, L, L] (True = may attend) built from their
@@ -195,7 +197,7 @@ def collate_rows(tokenizer: Any, pad_to_multiple_of: int) -> Callable[[list[dict
 
     def collate(rows: list[dict]) -> dict:
         longest = max(len(r["input_ids"]) for r in rows)
-        width = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+        width = batch_width(longest, pad_to_multiple_of, max_width)
         packed = "position_ids" in rows[0]
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)

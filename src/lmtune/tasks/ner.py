@@ -301,11 +301,11 @@ class Ner:
             self._encoded = (ds, features)
         return features
 
-    def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
+    def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
         self._pad_left = tokenizer.padding_side == "left"
 
         def collate(rows: list[dict]) -> dict:
-            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of)
+            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of, max_width=max_width)
             if "labels" in rows[0]:
                 width = batch["input_ids"].shape[1]
                 labels = torch.full((len(rows), width), -100, dtype=torch.long)

@@ -216,11 +216,11 @@ class QuestionAnswering:
         out["length"] = [len(ids) for ids in enc["input_ids"]]
         return out
 
-    def collate(self, tokenizer: Any, pad_to_multiple_of: int) -> Any:
+    def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
         def collate(rows: list[dict]) -> dict:
             # Always padded on the right, so that token positions (labels, character offsets) are the
             # ones of the unpadded window whichever side the tokenizer pads.
-            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of, side="right")
+            batch = pad_inputs(rows, tokenizer, pad_to_multiple_of, side="right", max_width=max_width)
             if "start_positions" in rows[0]:
                 batch["start_positions"] = torch.tensor([r["start_positions"] for r in rows])
                 batch["end_positions"] = torch.tensor([r["end_positions"] for r in rows])
