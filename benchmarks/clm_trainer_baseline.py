@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from itertools import chain
@@ -26,8 +27,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerC
 
 
 class LogClock(TrainerCallback):
-    """When each log happened: tokens/s after the first quarter of the run, as benchmarks/decoder_throughput.py
-    measures lmtune's (the first steps' set-up left out)."""
+    """When each log happened: the median tokens/s between logs after the first quarter of the run, as
+    benchmarks/decoder_throughput.py measures lmtune's (set-up, recompilations and other stalls left out)."""
 
     def __init__(self) -> None:
         self.marks: list[tuple[int, float]] = []
@@ -39,8 +40,9 @@ class LogClock(TrainerCallback):
         marks = [m for m in self.marks[:-1]]  # the last log is the end-of-training summary
         if len(marks) < 4:
             return None
-        (s0, t0), (s1, t1) = marks[len(marks) // 4], marks[-1]
-        return round((s1 - s0) * tokens_per_step / (t1 - t0), 1)
+        marks = marks[len(marks) // 4:]
+        rates = [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if t1 > t0]
+        return round(statistics.median(rates) * tokens_per_step, 1) if rates else None
 
 
 def main() -> None:

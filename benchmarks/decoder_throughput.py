@@ -12,8 +12,8 @@ batch size, learning rate (2e-5, linear decay, no warmup, no weight decay) and o
 - every `--variant NAME=OVERRIDES` (default `full` and `lora`, both with
   `train.compile=true`): lmtune's causal_lm task (documents packed into
   1024-token rows, no attention across documents, memory-lean chunked loss), with those comma-separated overrides.
-Prints real tokens/s (whole training time: compilation and graph recording included; "settled": after the first
-quarter of the log), MFU (6 x matrix-multiplied parameters per token: weights only), peak GPU memory and the last
+Prints real tokens/s (whole training time: compilation and graph recording included; "settled": the median rate
+between logs after the first quarter of the log, so one-off stalls do not count), MFU (6 x matrix-multiplied parameters per token: weights only), peak GPU memory and the last
 logged training loss (parity: the same data and schedule give about the same curve; lmtune does not predict a
 document's first token from the previous document), and the ratios to the Trainer and to lmtune's `full`.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,14 +53,15 @@ def write_documents(path: Path, words: list[str], tokens: int, median: int, rng:
 
 
 def logged(run_dir: Path, tokens_per_step: float) -> tuple[float | None, float | None]:
-    """The last logged training loss, and tokens/s from the log after its first quarter (compilation, recording
-    and the first steps left out: the rate a long run settles at)."""
+    """The last logged training loss, and the median tokens/s between logs after the log's first quarter
+    (compilation, recording, the first steps and one-off stalls left out: the rate a long run settles at)."""
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     records = [r for r in map(json.loads, lines) if "train/loss" in r]
     if len(records) < 4:
         return (records[-1]["train/loss"] if records else None), None
-    first, last = records[len(records) // 4], records[-1]
-    return last["train/loss"], round((last["step"] - first["step"]) * tokens_per_step / (last["time"] - first["time"]), 1)
+    marks = records[len(records) // 4:]
+    rates = [(b["step"] - a["step"]) / (b["time"] - a["time"]) for a, b in zip(marks, marks[1:]) if b["time"] > a["time"]]
+    return records[-1]["train/loss"], round(statistics.median(rates) * tokens_per_step, 1) if rates else None
 
 
 def main() -> None:
