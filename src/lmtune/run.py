@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lmtune.config import ConfigError, RunConfig, load_config
+from lmtune.data.padding import batch_width
 from lmtune.registry import METHODS, TASKS
 
 log = logging.getLogger("lmtune")
@@ -105,7 +106,7 @@ class Session:
         self.cfg, self.task, self.tokenizer, self.model, self.accelerator = cfg, task, tokenizer, model, accelerator
         self.max_length = models.max_length(cfg.model, tokenizer, model.config)
         multiple = pad_multiple(cfg.train.pad_to_multiple_of, self.max_length, accelerator.device.type)
-        self.collate = task.collate(tokenizer, multiple, max_width=-(-self.max_length // 8) * 8)
+        self.collate = task.collate(tokenizer, multiple, max_width=batch_width(self.max_length, 8))
         self.batch_size = cfg.eval.batch_size or 2 * cfg.train.batch_size
 
     def encode(self, ds: Any) -> Any:
