@@ -43,6 +43,21 @@ def test_score_is_the_max_over_gold_answers() -> None:
     assert em == 0.0 and f == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("prediction, answers", [
+    ("The Broncos!", ["Denver Broncos", "the broncos", "A"]),
+    ("", ["the", "An"]),                     # nothing left of the golds: the empty answer is the reference
+    ("", ["Paris", "the"]),
+    ("paris, france", ["Paris", "France", "Paris (France)"]),
+    ("Café", ["CAFÉ", "cafe"]),
+    ("x", []),
+])
+def test_score_matches_the_pairwise_definition(prediction: str, answers: list[str]) -> None:
+    """score normalises each answer once; the result is the official max over (prediction, gold) pairs."""
+    golds = gold_answers(answers)
+    assert score(prediction, answers) == (max(exact_match(prediction, g) for g in golds),
+                                         pytest.approx(max(f1(prediction, g) for g in golds)))
+
+
 def test_gold_answers_that_normalise_to_nothing_mean_no_answer() -> None:
     assert gold_answers(["the", "A"]) == [""]
     assert gold_answers([]) == [""]

@@ -9,14 +9,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_PUNCTUATION = set(string.punctuation)
+_DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 
 
 def normalize_answer(text: str) -> str:
     """Lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace (the official order)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_DROP_PUNCTUATION)).split())
 
 
 def exact_match(prediction: str, gold: str) -> float:
@@ -25,7 +24,10 @@ def exact_match(prediction: str, gold: str) -> float:
 
 def f1(prediction: str, gold: str) -> float:
     """Token-overlap F1 of the normalised answers; two empty answers agree (the v2.0 script's rule)."""
-    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    return _f1_tokens(normalize_answer(prediction).split(), normalize_answer(gold).split())
+
+
+def _f1_tokens(pred_tokens: list[str], gold_tokens: list[str]) -> float:
     if not pred_tokens or not gold_tokens:
         return float(pred_tokens == gold_tokens)
     same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
@@ -44,8 +46,12 @@ def gold_answers(answers: Sequence[str]) -> list[str]:
 
 def score(prediction: str, answers: Sequence[str]) -> tuple[float, float]:
     """(exact match, F1) of one prediction: the best over the gold answers, each in [0, 1]."""
-    golds = gold_answers(answers)
-    return max(exact_match(prediction, g) for g in golds), max(f1(prediction, g) for g in golds)
+    # Each answer normalised once (the official script normalises per pair: same result, several times the work).
+    golds = [normalize_answer(a) for a in answers]
+    golds = [g for g in golds if g] or [""]
+    pred = normalize_answer(prediction)
+    pred_tokens = pred.split()
+    return float(pred in golds), max(_f1_tokens(pred_tokens, g.split()) for g in golds)
 
 
 def squad_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Iterable, Literal
 
@@ -293,7 +294,7 @@ class QuestionAnswering:
                 scalars[f"best_{key}"], scalars[f"best_{key}_threshold"] = value, threshold
             details["no_answer_threshold"] = self.options.no_answer_threshold
         ids = features["id"][:]
-        wrong = [(a, r) for a, r in zip(answers, refs) if score(a["answer"], r)[1] < 1][:10]
+        wrong = list(itertools.islice(((a, r) for a, r in zip(answers, refs) if score(a["answer"], r)[1] < 1), 10))
         details["wrong_examples"] = [{"id": ids[a["window"]], "prediction": a["answer"], "answers": r}
                                      for a, r in wrong]
         if loss is not None:
