@@ -18,7 +18,7 @@ from lmtune.config import load_config
 from lmtune.data import DataError
 from lmtune.data.conll import NerReadOptions, TagError, read_ner, to_bio
 from lmtune.registry import TASKS
-from lmtune.tasks.ner import owned_ranges, plan_windows, split_words
+from lmtune.tasks.ner import entity_scores, owned_ranges, plan_windows, split_words
 
 # Easy synthetic NER: every word has one tag, so a tiny model learns it in seconds.
 LEXICON = {"B-PER": ["doctor", "actor"], "I-PER": ["people", "thing"], "B-LOC": ["night", "day"],
@@ -397,3 +397,27 @@ def test_cli_predict_mixes_raw_and_pretokenized_rows(trained, tmp_path: Path) ->
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [(e["type"], e["text"]) for e in rows[0]["entities"]] == [("PER", "doctor people")]
     assert [(e["type"], e["start"], e["end"]) for e in rows[1]["entities"]] == [("LOC", 8, 13), ("LOC", 15, 19)]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_entity_scores_equal_seqeval_report(strict: bool) -> None:
+    """One read of each side's entities gives seqeval's classification_report, messy tag sequences included
+    (I- without B-, type switches inside a chunk, empty sentences, a type never predicted or never true)."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    rng = random.Random(3)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "I-MISC"]
+    y_true = [[rng.choice(tags[:7]) for _ in range(rng.randint(0, 12))] for _ in range(300)]
+    y_pred = [[t if rng.random() < 0.7 else rng.choice(tags) for t in row] for row in y_true]
+    micro, per_type = entity_scores(y_true, y_pred, ["LOC", "MISC", "ORG", "PER"], strict)
+    mode = {"mode": "strict", "scheme": IOB2} if strict else {}
+    report = classification_report(y_true, y_pred, output_dict=True, zero_division=0, **mode)
+    expected = report["micro avg"]
+    assert micro == pytest.approx({"precision": expected["precision"], "recall": expected["recall"],
+                                   "f1": expected["f1-score"], "support": expected["support"]})
+    for kind, row in per_type.items():
+        ref = report.get(kind, {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0})
+        assert row == pytest.approx({"precision": ref["precision"], "recall": ref["recall"],
+                                     "f1": ref["f1-score"], "support": ref["support"]}), kind
+    assert 0 < micro["f1"] < 1 and per_type["MISC"]["support"] == 0
