@@ -10,8 +10,8 @@ clipping 1.0 and fused AdamW, as lmtune's step does. Variants: `eager` (fp32 wei
 `nocudnn` (cuDNN attention off), `blocks` (each layer compiled with dynamic shapes, as train.compile does),
 `blocks-static`, `whole` (the whole model compiled for this one shape), `lnbf16` (eager, but the layer norms take
 and give bf16 under autocast: no fp32 residual stream, no casts before the products). Prints wall ms per step over
-20 steps after 3 warm-up steps (host-bound where above the GPU time), the GPU's kernel time per step from the profiler, and MFU
-(6 x matrix-multiplied parameters x real tokens over 989 TFLOP/s).
+20 steps after 3 warm-up steps (host-bound where above the GPU time), the GPU's kernel time per step from the
+profiler, and MFU (6 x matrix-multiplied parameters x real tokens over 989 TFLOP/s).
 """
 
 from __future__ import annotations
