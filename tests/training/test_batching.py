@@ -58,6 +58,20 @@ def test_eval_batches_sorted_and_complete() -> None:
     assert [lens[i] for i in flat] == sorted(lens, reverse=True)
 
 
+def test_eval_batches_fill_shorter_rows_up_to_the_longest_batch_tokens() -> None:
+    lens = [100] * 10 + [50] * 40 + [10] * 500 + [1] * 3
+    batches = eval_batches(lens, 8)
+    sizes = [len(b) for b in batches]
+    assert sizes[0] == 8 and all(s >= 8 for s in sizes[:-1])
+    # No batch holds more tokens than the first (8 rows of 100): 50-token rows come 16 at a time, 10-token ones 80.
+    assert all(max(lens[i] for i in b) * len(b) <= 800 for b in batches)
+    assert 16 in sizes and 80 in sizes
+    assert sorted(i for b in batches for i in b) == list(range(len(lens)))
+    shards = [eval_batches(lens, 8, rank=r, world_size=2) for r in range(2)]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(len(lens)))
+    assert eval_batches([], 8) == []
+
+
 def test_steps_per_epoch_counts_partial_windows() -> None:
     assert steps_per_epoch(100, 8, 1) == 13
     assert steps_per_epoch(100, 8, 4) == 4

@@ -36,9 +36,18 @@ def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: 
 
 
 def eval_batches(lengths: Sequence[int], batch_size: int, *, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """Evaluation batches sorted by length (least padding); callers restore the original order."""
+    """Evaluation batches sorted by length (least padding); callers restore the original order.
+
+    The first batch holds `batch_size` of the longest rows; each later one at least `batch_size` rows and at most
+    as many tokens as the first, so short rows come many to a batch: fewer forward passes (each costs a small
+    model more host time than GPU time), in no more memory than the longest batch takes."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    budget = batch_size * max(lengths[order[0]], 1) if order else 0
+    batches, start = [], 0
+    while start < len(order):
+        size = max(batch_size, budget // max(lengths[order[start]], 1))
+        batches.append(order[start:start + size])
+        start += size
     return batches[rank::world_size]
 
 
