@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from side_by_side import device, run  # benchmarks/ is on the path: scripts run from there
+from side_by_side import describe, device, run, time_split  # benchmarks/ is on the path: scripts run from there
 
 
 def main() -> None:
@@ -56,7 +56,8 @@ def main() -> None:
         "lmtune": {"test_f1": ours["test"]["f1"], "test_precision": ours["test"]["precision"],
                    "test_recall": ours["test"]["recall"], "validation_f1": ours["validation"]["f1"],
                    "train_seconds": ours["train_seconds"], "wall_seconds": lmtune_wall, "steps": ours["steps"],
-                   "best_step": ours["selection"]["best_step"], "test_words_scored": ours["test"]["words"]},
+                   "best_step": ours["selection"]["best_step"], "test_words_scored": ours["test"]["words"],
+                   "time_split": time_split(ours)},
         "hf_trainer": {"test_f1": theirs["test"]["f1"], "test_precision": theirs["test"]["precision"],
                        "test_recall": theirs["test"]["recall"], "validation_f1": theirs["validation"]["f1"],
                        "train_seconds": theirs["train_seconds"], "wall_seconds": trainer_wall, "steps": theirs["steps"],
@@ -70,7 +71,8 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['test_f1']:.4f} | {r['test_precision']:.4f} | {r['test_recall']:.4f} | "
               f"{r['validation_f1']:.4f} | {r['train_seconds']:.1f} | {r['wall_seconds']:.1f} | {r['steps']} |")
-    print(f"\nF1 difference (lmtune - trainer): {result['f1_difference']:+.4f}; "
+    print("\n" + describe(rows["lmtune"]["time_split"]))
+    print(f"F1 difference (lmtune - trainer): {result['f1_difference']:+.4f}; "
           f"train time ratio (lmtune / trainer): {result['train_time_ratio']:.3f}")
     print(json.dumps(result))
     if args.out:

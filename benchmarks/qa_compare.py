@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from side_by_side import describe, time_split  # noqa: E402 - benchmarks/ is on the path: scripts run from there
+
 
 def run_lmtune(config: str, overrides: list[str], out: Path) -> None:
     """In a child process: train with lmtune and write what the comparison needs."""
@@ -40,6 +42,7 @@ def run_lmtune(config: str, overrides: list[str], out: Path) -> None:
                "test_questions": test["examples"], "test_windows": test["windows"],
                "train_questions": m["data"]["rows"]["train"], "steps": m["steps"],
                "best_step": m["selection"]["best_step"], "train_seconds": m["train_seconds"],
+               "time_split": time_split(m),
                "train_tokens_per_second": m["train_tokens_per_second"], "groups": m["data"].get("groups"),
                "run_dir": str(result.run_dir)}
     out.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -141,6 +144,8 @@ def print_table(results: list[dict]) -> None:
           f"{mean['train'] / mean['t_train']:.2f}, wall ratio {mean['wall'] / mean['t_wall']:.2f}")
     print("lmtune's train s includes its per-epoch validation passes and checkpoints; the Trainer's has no "
           "evaluation or saving during training.")
+    for r in results:
+        print(f"seed {r['seed']}: {describe(r['lmtune']['time_split'])}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,21 @@ def run(command: list[str]) -> float:
     return round(time.perf_counter() - started, 1)
 
 
+def time_split(metrics: dict) -> dict[str, float]:
+    """Where lmtune's train_seconds went (from its metrics.json): validation passes (best-checkpoint writes
+    included), resumable checkpoints, CUDA graph recordings, and the training steps (the rest)."""
+    stages = metrics.get("stages", {}).values()
+    split = {name: round(sum(s.get(f"{name}_seconds", 0.0) for s in stages), 2)
+             for name in ("eval", "checkpoint", "graph_recording")}
+    split["steps"] = round(metrics["train_seconds"] - sum(split.values()), 2)
+    return split
+
+
+def describe(split: dict[str, float]) -> str:
+    return ("lmtune's train s: steps {steps}, validation {eval}, checkpoints {checkpoint}, graph recording "
+            "{graph_recording}").format(**split)
+
+
 def device() -> str:
     import torch
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from side_by_side import device, run  # benchmarks/ is on the path: scripts run from there
+from side_by_side import describe, device, run, time_split  # benchmarks/ is on the path: scripts run from there
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
     ours = json.loads((work / "lmtune" / "metrics.json").read_text())
     rows["lmtune"] = {"accuracy": ours["test"]["accuracy"], "train_seconds": ours["train_seconds"],
                       "real_tokens_per_second": ours["train_tokens_per_second"], "steps": ours["steps"],
-                      "wall_seconds": wall,
+                      "wall_seconds": wall, "time_split": time_split(ours),
                       "peak_memory_mb": max((s.get("peak_memory_mb") or 0 for s in ours["stages"].values()),
                                             default=None) or None}
     variants = [("hf_trainer", [])] + ([("hf_trainer_dynamic", ["--dynamic-padding"])] if args.dynamic_padding else [])
@@ -78,7 +78,8 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['accuracy']:.4f} | {r['train_seconds']:.1f} | {r['real_tokens_per_second']:.0f} | "
               f"{r['mfu']:.1%} | {r['peak_memory_mb'] or 0:.0f} | {r['steps']} | {r['wall_seconds']:.1f} |")
-    print("\nlmtune's speed-up in train time: " + ", ".join(f"{v}x vs {k}" for k, v in result["speed_up"].items()))
+    print("\n" + describe(rows["lmtune"]["time_split"]))
+    print("lmtune's speed-up in train time: " + ", ".join(f"{v}x vs {k}" for k, v in result["speed_up"].items()))
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
