@@ -199,7 +199,8 @@ class EvalConfig(Section):
     metric: str | None = None
     """Metric that selects the best checkpoint and drives early stopping; default: the task's main metric."""
     batch_size: int | None = None
-    """Examples per evaluation batch; default: twice train.batch_size."""
+    """Examples per evaluation batch (default: twice train.batch_size); batches of shorter rows take more of them,
+    up to the padded tokens of a batch of the longest rows."""
     test: bool = True
     """Evaluate the final model on the test split and report it."""
     general_text: str | None = None

@@ -105,8 +105,8 @@ class Session:
 
         self.cfg, self.task, self.tokenizer, self.model, self.accelerator = cfg, task, tokenizer, model, accelerator
         self.max_length = models.max_length(cfg.model, tokenizer, model.config)
-        multiple = pad_multiple(cfg.train.pad_to_multiple_of, self.max_length, accelerator.device.type)
-        self.collate = task.collate(tokenizer, multiple, max_width=batch_width(self.max_length, 8))
+        self.multiple = pad_multiple(cfg.train.pad_to_multiple_of, self.max_length, accelerator.device.type)
+        self.collate = task.collate(tokenizer, self.multiple, max_width=batch_width(self.max_length, 8))
         self.batch_size = cfg.eval.batch_size or 2 * cfg.train.batch_size
 
     def encode(self, ds: Any) -> Any:
@@ -115,7 +115,8 @@ class Session:
     def outputs(self, features: Any, model: Any | None = None) -> Any:
         from lmtune.training.loop import iterate_outputs
 
-        return iterate_outputs(model or self.model, features, self.collate, self.batch_size, self.accelerator)
+        return iterate_outputs(model or self.model, features, self.collate, self.batch_size, self.accelerator,
+                               self.multiple)
 
     def evaluate(self, features: Any, model: Any | None = None) -> tuple[dict[str, float], dict[str, Any]]:
         return self.task.evaluate(self.outputs(features, model), features)
@@ -187,7 +188,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
               evaluate=(lambda m: session.evaluate(features["validation"], m)[0]) if has_validation else None,
               metric=metric, greater_is_better=task.greater_is_better(metric), run_dir=run_dir,
               callbacks=list(callbacks or []), loss=_training_loss(cfg, task),
-              count_targets=getattr(task, "count_targets", None))
+              count_targets=getattr(task, "count_targets", None), pad_multiple=session.multiple)
     started = time.perf_counter()
     try:
         state = fit(job, cfg.train, accelerator, resume=resume)

@@ -35,17 +35,23 @@ def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: 
     return batches[rank::world_size][:per_rank]
 
 
-def eval_batches(lengths: Sequence[int], batch_size: int, *, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+def eval_batches(lengths: Sequence[int], batch_size: int, *, multiple: int = 1, rank: int = 0,
+                 world_size: int = 1) -> list[list[int]]:
     """Evaluation batches sorted by length (least padding); callers restore the original order.
 
     The first batch holds `batch_size` of the longest rows; each later one at least `batch_size` rows and at most
-    as many tokens as the first, so short rows come many to a batch: fewer forward passes (each costs a small
-    model more host time than GPU time), in no more memory than the longest batch takes."""
+    as many padded tokens as the first (rows padded to a multiple of `multiple`, as the collate pads them), so
+    short rows come many to a batch: fewer forward passes (each costs a small model more host time than GPU
+    time), in no more memory than the longest batch takes."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    budget = batch_size * max(lengths[order[0]], 1) if order else 0
+
+    def padded(i: int) -> int:
+        return max(1, -(-lengths[i] // multiple) * multiple)
+
+    budget = batch_size * padded(order[0]) if order else 0
     batches, start = [], 0
     while start < len(order):
-        size = max(batch_size, budget // max(lengths[order[start]], 1))
+        size = max(batch_size, budget // padded(order[start]))
         batches.append(order[start:start + size])
         start += size
     return batches[rank::world_size]

@@ -50,6 +50,7 @@ class Job:
     # batch -> number of targets its (mean) loss averages over; given, a step's loss is the mean over every
     # target of its accumulation window (token-level LM losses) instead of the mean of its batches' means.
     count_targets: Callable[[dict], torch.Tensor] | None = None
+    pad_multiple: int = 8  # what `collate` pads batch widths to (sizes evaluation batches by padded tokens)
 
 
 # Inputs of a step that are not model arguments: the loss weight, the window share, served cached features.
@@ -81,20 +82,21 @@ def set_trainable(model: Any, names: set[str]) -> tuple[int, int]:
     return trainable, total
 
 
-def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int,
-                    accelerator: Any) -> Iterator[tuple[list[int], Any, dict]]:
+def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any,
+                    pad_multiple: int = 8) -> Iterator[tuple[list[int], Any, dict]]:
     """Forward passes over `dataset` in length-sorted batches: yields (row indices, outputs, batch).
 
     With several processes each runs its share and every process receives all results (on the CPU),
     so metrics are computed over the whole set everywhere.
     """
     world = accelerator.num_processes
-    batches = eval_batches(dataset["length"][:], batch_size, rank=accelerator.process_index, world_size=world)
+    batches = eval_batches(dataset["length"][:], batch_size, multiple=pad_multiple, rank=accelerator.process_index,
+                           world_size=world)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda")
     cache = feature_cache.find(model)
     if cache is not None:  # a stage with a frozen, cached trunk is evaluating: serve this set from memory too
-        ensure_cached(cache, model, dataset, collate, batch_size, accelerator)
+        ensure_cached(cache, model, dataset, collate, batch_size, accelerator, pad_multiple)
     was_training = model.training
     model.eval()
     results = []
@@ -236,7 +238,7 @@ class _StageRun:
             log.info("stage %s: features not cached: %s", self.stage.name, cache)
             return None
         ensure_cached(cache, model, self.job.train_set, self.job.collate, 2 * self.cfg.batch_size,
-                      self.acc)
+                      self.acc, self.job.pad_multiple)
         return cache
 
     def run(self) -> None:
@@ -421,13 +423,14 @@ class _StageRun:
             load_weights(job.model, best)
 
 
-def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any) -> None:
+def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any,
+                  pad_multiple: int = 8) -> None:
     """Fill the feature cache for `dataset` (all rows, frozen trunk in eval mode) unless already there."""
     key = dataset._fingerprint
     if key in cache.tables:
         return
     lengths = dataset["length"][:]
-    batches = eval_batches(lengths, batch_size)
+    batches = eval_batches(lengths, batch_size, multiple=pad_multiple)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     was_training = model.training
     model.eval()
