@@ -220,3 +220,30 @@ def test_label_smoothing_raises_the_training_loss_of_a_fitted_model(tiny_config)
     floor = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))  # 0.325
     assert losses["plain"][-1] < floor <= min(losses["smoothed"]) + 1e-4, losses
     assert smoothed.metrics["test"]["accuracy"] >= 0.9  # the model still learns the task
+
+
+def test_evaluation_batches_are_sized_by_the_width_the_collate_pads_to(tiny_config: dict) -> None:
+    """Session.width must be the collate's own width rule (multiple and cap included): evaluation batches of short
+    rows are sized by it, and a wrong rule would let them hold more padded tokens than the longest batch."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from lmtune.registry import TASKS
+    from lmtune.run import Session
+    from lmtune.training.batching import eval_batches
+
+    tiny_config["model"]["max_length"] = 60
+    tiny_config["train"]["pad_to_multiple_of"] = 48  # rounds 57 up to 96: the cap (64) must apply
+    cfg = load_config(tiny_config)
+    task = TASKS["classification"](cfg.task, cfg.data)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_config["model"]["name"])
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    session = Session(cfg, task, tokenizer, model, SimpleNamespace(device=torch.device("cpu")))
+    lengths = [57] * 4 + [20] * 50 + [3] * 200
+    rows = [{"input_ids": [5] * n, "attention_mask": [1] * n, "labels": 0} for n in lengths]
+    widths = {n: session.collate([rows[lengths.index(n)]])["input_ids"].shape[1] for n in set(lengths)}
+    assert widths == {n: session.width(n) for n in widths} == {57: 64, 20: 48, 3: 48}
+    batches = eval_batches(lengths, 4, width=session.width)
+    padded = [len(b) * session.collate([rows[i] for i in b])["input_ids"].shape[1] for b in batches]
+    assert padded[0] == 4 * 64 and max(padded) <= padded[0] and len(batches) < len(lengths) / 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -105,8 +106,10 @@ class Session:
 
         self.cfg, self.task, self.tokenizer, self.model, self.accelerator = cfg, task, tokenizer, model, accelerator
         self.max_length = models.max_length(cfg.model, tokenizer, model.config)
-        self.multiple = pad_multiple(cfg.train.pad_to_multiple_of, self.max_length, accelerator.device.type)
-        self.collate = task.collate(tokenizer, self.multiple, max_width=batch_width(self.max_length, 8))
+        multiple = pad_multiple(cfg.train.pad_to_multiple_of, self.max_length, accelerator.device.type)
+        widest = batch_width(self.max_length, 8)
+        self.collate = task.collate(tokenizer, multiple, max_width=widest)
+        self.width = functools.partial(batch_width, multiple=multiple, max_width=widest)  # as the collate pads
         self.batch_size = cfg.eval.batch_size or 2 * cfg.train.batch_size
 
     def encode(self, ds: Any) -> Any:
@@ -116,7 +119,7 @@ class Session:
         from lmtune.training.loop import iterate_outputs
 
         return iterate_outputs(model or self.model, features, self.collate, self.batch_size, self.accelerator,
-                               self.multiple)
+                               width=self.width)
 
     def evaluate(self, features: Any, model: Any | None = None) -> tuple[dict[str, float], dict[str, Any]]:
         return self.task.evaluate(self.outputs(features, model), features)
@@ -188,7 +191,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
               evaluate=(lambda m: session.evaluate(features["validation"], m)[0]) if has_validation else None,
               metric=metric, greater_is_better=task.greater_is_better(metric), run_dir=run_dir,
               callbacks=list(callbacks or []), loss=_training_loss(cfg, task),
-              count_targets=getattr(task, "count_targets", None), pad_multiple=session.multiple)
+              count_targets=getattr(task, "count_targets", None), width=session.width)
     started = time.perf_counter()
     try:
         state = fit(job, cfg.train, accelerator, resume=resume)

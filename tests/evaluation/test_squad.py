@@ -43,17 +43,20 @@ def test_score_is_the_max_over_gold_answers() -> None:
     assert em == 0.0 and f == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("prediction, answers", [
-    ("The Broncos!", ["Denver Broncos", "the broncos", "A"]),
-    ("", ["the", "An"]),                     # nothing left of the golds: the empty answer is the reference
-    ("", ["Paris", "the"]),
-    ("paris, france", ["Paris", "France", "Paris (France)"]),
-    ("Café", ["CAFÉ", "cafe"]),
-    ("x", []),
+@pytest.mark.parametrize("prediction, answers, expected", [
+    ("The Broncos!", ["Denver Broncos", "the broncos", "A"], (1.0, 1.0)),
+    ("", ["the", "An"], (1.0, 1.0)),          # nothing left of the golds: the empty answer is the reference
+    ("", ["Paris", "the"], (0.0, 0.0)),
+    ("paris, france", ["Paris", "France", "Paris (France)"], (1.0, 1.0)),
+    ("Café", ["CAFÉ", "cafe"], (1.0, 1.0)),
+    ("Broncos of Denver", ["Denver", "Broncos team"], (0.0, 0.5)),  # vs "Denver": P 1/3, R 1; vs "Broncos team": 2/5
+    ("x", [], (0.0, 0.0)),
 ])
-def test_score_matches_the_pairwise_definition(prediction: str, answers: list[str]) -> None:
+def test_score_by_hand_and_as_the_pairwise_definition(prediction: str, answers: list[str],
+                                                       expected: tuple[float, float]) -> None:
     """score normalises each answer once; the result is the official max over (prediction, gold) pairs."""
     golds = gold_answers(answers)
+    assert score(prediction, answers) == pytest.approx(expected)
     assert score(prediction, answers) == (max(exact_match(prediction, g) for g in golds),
                                          pytest.approx(max(f1(prediction, g) for g in golds)))
 

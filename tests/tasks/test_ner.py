@@ -294,6 +294,19 @@ def test_metrics_match_hand_computed_seqeval(tokenizer) -> None:
     assert details["mode"] == "strict"
 
 
+def test_evaluation_loss_is_the_mean_over_tagged_words(tokenizer) -> None:
+    """Each batch's loss is a mean over its tagged words; batches of different sizes weigh by those words."""
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-LOC", "I-LOC", "O", "B-PER"]]
+    words = [["doctors", "people", "the", "night"], ["a", "day", "week", "the", "actor"]]
+    ner, features = encode(tokenizer, list(zip(words, gold)))
+    outputs = [(b, out, {}) for b, out, _ in fake_outputs(features, gold, ner.labels, batch_size=1)]
+    for (_, out, batch), tagged, loss in zip(outputs, (4, 5), (1.0, 2.0)):
+        out.loss = torch.tensor(loss)
+        batch["labels"] = torch.tensor([[-100] + [0] * tagged + [-100] * 3])
+    scalars, _ = ner.evaluate(iter(outputs), features)
+    assert scalars["loss"] == pytest.approx((4 * 1.0 + 5 * 2.0) / 9)
+
+
 # ---- training, prediction, pipeline --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ner_files(tmp_path_factory) -> dict[str, Path]:
@@ -409,7 +422,7 @@ def test_entity_scores_equal_seqeval_report(strict: bool) -> None:
     rng = random.Random(3)
     tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "I-MISC"]
     y_true = [[rng.choice(tags[:7]) for _ in range(rng.randint(0, 12))] for _ in range(300)]
-    y_pred = [[t if rng.random() < 0.7 else rng.choice(tags) for t in row] for row in y_true]
+    y_pred = [[t if rng.random() < 0.7 else rng.choice(tags + ["B-MISC"]) for t in row] for row in y_true]
     micro, per_type = entity_scores(y_true, y_pred, ["LOC", "MISC", "ORG", "PER"], strict)
     mode = {"mode": "strict", "scheme": IOB2} if strict else {}
     report = classification_report(y_true, y_pred, output_dict=True, zero_division=0, **mode)
@@ -420,4 +433,9 @@ def test_entity_scores_equal_seqeval_report(strict: bool) -> None:
         ref = report.get(kind, {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0})
         assert row == pytest.approx({"precision": ref["precision"], "recall": ref["recall"],
                                      "f1": ref["f1-score"], "support": ref["support"]}), kind
-    assert 0 < micro["f1"] < 1 and per_type["MISC"]["support"] == 0
+    assert 0 < micro["f1"] < 1 and per_type["MISC"]["support"] == 0 and per_type["MISC"]["precision"] == 0
+    # Nothing to find and nothing found: all zero (seqeval's zero_division=0), not an error.
+    assert entity_scores([["O"], []], [["O"], []], [], strict)[0] == {"precision": 0, "recall": 0, "f1": 0,
+                                                                      "support": 0}
+    with pytest.raises(ValueError, match="length"):
+        entity_scores([["O", "O"]], [["O"]], ["PER"], strict)

@@ -70,10 +70,12 @@ def test_eval_batches_fill_shorter_rows_up_to_the_longest_batch_tokens() -> None
     shards = [eval_batches(lens, 8, rank=r, world_size=2) for r in range(2)]
     assert sorted(i for s in shards for b in s for i in b) == list(range(len(lens)))
     assert eval_batches([], 8) == []
-    # Sized by padded tokens, as the collate pads (here to 64): the first batch is 8 x 128 padded tokens, and
+    # Sized by padded tokens, as the collate pads (here to multiples of 64): the first batch is 8 x 128 padded tokens, and
     # 10-token rows take 64 each, so 16 to a batch (not the 102 their real length would allow).
-    padded = eval_batches([100] * 8 + [10] * 100, 8, multiple=64)
+    padded = eval_batches([100] * 8 + [10] * 100, 8, width=lambda longest: -(-longest // 64) * 64)
     assert [len(b) for b in padded] == [8] + [16] * 6 + [4]
+    # At most 16 x batch_size rows, however short (bounds the per-row host work of a batch).
+    assert max(len(b) for b in eval_batches([100] * 8 + [1] * 1000, 8)) == 128
 
 
 def test_steps_per_epoch_counts_partial_windows() -> None:

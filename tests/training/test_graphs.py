@@ -175,7 +175,7 @@ def test_token_counts_reach_recorded_steps_as_tensors(tmp_path, recorded) -> Non
         return {"n": torch.tensor([r["n"] for r in part])}
 
     j = loop.Job(model=Unit(), stages=[Stage("all", [ParamGroup(["w"])])], train_set=rows, collate=collate_n,
-                 evaluate=None, metric="score", greater_is_better=True, run_dir=tmp_path,
+                 evaluate=None, metric="score", greater_is_better=True, run_dir=tmp_path, width=int,
                  count_targets=lambda batch: batch["n"].sum())
     fit(j, train_cfg(batch_size=1, log_every=1, epochs=2, loss_normalization="dataset", cuda_graphs=True),
         Accelerator(cpu=True))

@@ -39,7 +39,8 @@ def collate(rows: list[dict]) -> dict:
 def job(tmp_path, model: Toy, stages: list[Stage] | None = None, evaluate=None) -> Job:
     names = [n for n, _ in model.named_parameters()]
     return Job(model=model, stages=stages or [Stage("all", [ParamGroup(names)])], train_set=toy_data(),
-               collate=collate, evaluate=evaluate, metric="score", greater_is_better=True, run_dir=tmp_path)
+               collate=collate, evaluate=evaluate, metric="score", greater_is_better=True, run_dir=tmp_path,
+               width=int)
 
 
 def train_cfg(**kw) -> TrainConfig:
@@ -228,7 +229,8 @@ def test_token_loss_normalised_by_the_batch_or_the_dataset_mean(tmp_path, normal
     assert mean_targets_per_batch(list(rows), collate_n, count, batch_size=2, chunk=1) == 4.0
     model = Unit()
     j = Job(model=model, stages=[Stage("all", [ParamGroup(["w"])])], train_set=rows, collate=collate_n,
-            evaluate=None, metric="score", greater_is_better=True, run_dir=tmp_path, count_targets=count)
+            evaluate=None, metric="score", greater_is_better=True, run_dir=tmp_path, width=int,
+            count_targets=count)
     fit(j, train_cfg(batch_size=1, log_every=1, loss_normalization=normalization), Accelerator(cpu=True))
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in logged if "train/loss" in r]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -314,4 +315,5 @@ def text_perplexity(model: Any, tokenizer: Any, texts: list[str], max_length: in
     from lmtune.training.loop import iterate_outputs
 
     features = encode_documents(texts, tokenizer, max_length)
-    return perplexity(iterate_outputs(model, features, collate_rows(tokenizer, 8), batch_size, accelerator))
+    return perplexity(iterate_outputs(model, features, collate_rows(tokenizer, 8), batch_size, accelerator,
+                                      width=functools.partial(batch_width, multiple=8)))

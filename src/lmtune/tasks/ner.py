@@ -328,7 +328,7 @@ class Ner:
         pred = [np.full(n, self.labels.index("O"), dtype=np.int64) for n in n_words]
         score = [np.ones(n, dtype=np.float32) for n in n_words]
         loss_sum, count = 0.0, 0
-        for indices, out, _ in outputs:
+        for indices, out, batch in outputs:
             best, arg = torch.softmax(out.logits.float(), dim=-1).max(dim=-1)
             best, arg = best.cpu().numpy(), arg.cpu().numpy()
             for b, r in enumerate(indices):
@@ -340,9 +340,10 @@ class Ner:
                 sentence = meta["sentence"][r]
                 pred[sentence][wid[keep]] = arg[b, positions]
                 score[sentence][wid[keep]] = best[b, positions]
-            if getattr(out, "loss", None) is not None:
-                loss_sum += float(out.loss) * len(indices)
-                count += len(indices)
+            if getattr(out, "loss", None) is not None:  # a mean over the batch's tagged words: weighted by them
+                words = int(self.count_targets(batch))
+                loss_sum += float(out.loss) * words
+                count += words
         return pred, score, (loss_sum / count if count else None)
 
     def _gold(self, features: Any, n: int) -> list[list[int]]:
@@ -403,6 +404,8 @@ def entity_scores(y_true: list[list[str]], y_pred: list[list[str]], types: Itera
     """seqeval's micro average and per-type rows (precision, recall, f1, support; 0 where undefined), from the
     entities of each side read once: seqeval's classification_report reads them again for every average it
     prints (ten passes over the tags, seconds on a CoNLL validation set)."""
+    if [len(s) for s in y_true] != [len(s) for s in y_pred]:
+        raise ValueError("entity_scores: true and predicted tags differ in length for some sentence")
     true, predicted = _entity_sets(y_true, strict), _entity_sets(y_pred, strict)
 
     def counts(kind: str) -> tuple[int, int, int]:  # correct, predicted, true entities of one type
@@ -410,7 +413,7 @@ def entity_scores(y_true: list[list[str]], y_pred: list[list[str]], types: Itera
         return len(t & p), len(p), len(t)
 
     per_type = {kind: _prf(*counts(kind)) for kind in types}
-    micro = _prf(*np.sum([counts(k) for k in {*true, *predicted, *types}], axis=0, dtype=np.int64))
+    micro = _prf(*[sum(c) for c in zip(*(counts(k) for k in {*true, *predicted, *types}))] or [0, 0, 0])
     return micro, per_type
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -35,23 +35,20 @@ def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: 
     return batches[rank::world_size][:per_rank]
 
 
-def eval_batches(lengths: Sequence[int], batch_size: int, *, multiple: int = 1, rank: int = 0,
-                 world_size: int = 1) -> list[list[int]]:
+def eval_batches(lengths: Sequence[int], batch_size: int, *, width: Callable[[int], int] | None = None,
+                 rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """Evaluation batches sorted by length (least padding); callers restore the original order.
 
-    The first batch holds `batch_size` of the longest rows; each later one at least `batch_size` rows and at most
-    as many padded tokens as the first (rows padded to a multiple of `multiple`, as the collate pads them), so
-    short rows come many to a batch: fewer forward passes (each costs a small model more host time than GPU
-    time), in no more memory than the longest batch takes."""
+    The first batch holds `batch_size` of the longest rows; each later one at least `batch_size` rows (at most 16
+    times that) and at most as many padded tokens as the first, `width(longest row)` being the width the collate
+    pads a batch to. Short rows come many to a batch: fewer forward passes (each costs a small model more host
+    time than GPU time), in no more memory than the longest batch takes."""
+    width = width or (lambda longest: longest)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-
-    def padded(i: int) -> int:
-        return max(1, -(-lengths[i] // multiple) * multiple)
-
-    budget = batch_size * padded(order[0]) if order else 0
+    budget = batch_size * max(1, width(lengths[order[0]])) if order else 0
     batches, start = [], 0
     while start < len(order):
-        size = max(batch_size, budget // padded(order[start]))
+        size = min(16 * batch_size, max(batch_size, budget // max(1, width(lengths[order[start]]))))
         batches.append(order[start:start + size])
         start += size
     return batches[rank::world_size]

@@ -43,6 +43,7 @@ class Job:
     metric: str                                          # selection metric, a key of evaluate()
     greater_is_better: bool
     run_dir: Path
+    width: Callable[[int], int]  # longest row -> the width `collate` pads its batch to (sizes evaluation batches)
     # Called with the loop state after every optimizer step; `state.evals`/`state.last_eval` tell a callback
     # that an evaluation just happened (a pruner reads them). An exception raised here stops the run.
     callbacks: list[Callable[[LoopState], None]] = field(default_factory=list)
@@ -50,7 +51,6 @@ class Job:
     # batch -> number of targets its (mean) loss averages over; given, a step's loss is the mean over every
     # target of its accumulation window (token-level LM losses) instead of the mean of its batches' means.
     count_targets: Callable[[dict], torch.Tensor] | None = None
-    pad_multiple: int = 8  # what `collate` pads batch widths to (sizes evaluation batches by padded tokens)
 
 
 # Inputs of a step that are not model arguments: the loss weight, the window share, served cached features.
@@ -82,21 +82,21 @@ def set_trainable(model: Any, names: set[str]) -> tuple[int, int]:
     return trainable, total
 
 
-def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any,
-                    pad_multiple: int = 8) -> Iterator[tuple[list[int], Any, dict]]:
+def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any, *,
+                    width: Callable[[int], int]) -> Iterator[tuple[list[int], Any, dict]]:
     """Forward passes over `dataset` in length-sorted batches: yields (row indices, outputs, batch).
 
     With several processes each runs its share and every process receives all results (on the CPU),
     so metrics are computed over the whole set everywhere.
     """
     world = accelerator.num_processes
-    batches = eval_batches(dataset["length"][:], batch_size, multiple=pad_multiple, rank=accelerator.process_index,
+    batches = eval_batches(dataset["length"][:], batch_size, width=width, rank=accelerator.process_index,
                            world_size=world)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda")
     cache = feature_cache.find(model)
     if cache is not None:  # a stage with a frozen, cached trunk is evaluating: serve this set from memory too
-        ensure_cached(cache, model, dataset, collate, batch_size, accelerator, pad_multiple)
+        ensure_cached(cache, model, dataset, collate, batch_size, accelerator, width=width)
     was_training = model.training
     model.eval()
     results = []
@@ -238,7 +238,7 @@ class _StageRun:
             log.info("stage %s: features not cached: %s", self.stage.name, cache)
             return None
         ensure_cached(cache, model, self.job.train_set, self.job.collate, 2 * self.cfg.batch_size,
-                      self.acc, self.job.pad_multiple)
+                      self.acc, width=self.job.width)
         return cache
 
     def run(self) -> None:
@@ -423,14 +423,14 @@ class _StageRun:
             load_weights(job.model, best)
 
 
-def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any,
-                  pad_multiple: int = 8) -> None:
+def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any, *,
+                  width: Callable[[int], int]) -> None:
     """Fill the feature cache for `dataset` (all rows, frozen trunk in eval mode) unless already there."""
     key = dataset._fingerprint
     if key in cache.tables:
         return
     lengths = dataset["length"][:]
-    batches = eval_batches(lengths, batch_size, multiple=pad_multiple)
+    batches = eval_batches(lengths, batch_size, width=width)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     was_training = model.training
     model.eval()
