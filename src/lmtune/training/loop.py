@@ -100,12 +100,16 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
     was_training = model.training
     model.eval()
     results = []
-    with torch.inference_mode(), accelerator.autocast():
+    # On a terminal only (disable=None): a long pass on a CPU shows its progress, logs stay free of bar lines.
+    bar = tqdm(total=sum(map(len, batches)), desc="evaluating", unit="row", leave=False, dynamic_ncols=True,
+               disable=None if accelerator.is_local_main_process else True)
+    with bar, torch.inference_mode(), accelerator.autocast():
         for indices, batch in zip(batches, loader):
             on_device = to_device(batch, accelerator.device)
             if cache is not None:
                 cache.current = cache.serve(dataset._fingerprint, indices, batch["attention_mask"])
             out = model(**on_device)
+            bar.update(len(indices))
             if world == 1:
                 yield indices, out, batch
             else:
