@@ -439,8 +439,16 @@ def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch
     was_training = model.training
     model.eval()
     cache.current = None
-    with accelerator.autocast():
-        cache.build(key, zip(batches, loader), lambda b: model(**to_device(b, accelerator.device)), len(dataset),
+    bar = tqdm(total=len(dataset), desc="caching features", unit="row", leave=False, dynamic_ncols=True,
+               disable=None if accelerator.is_local_main_process else True)  # on a terminal only
+
+    def counted() -> Iterator[tuple[list[int], dict]]:
+        for rows, batch in zip(batches, loader):
+            yield rows, batch
+            bar.update(len(rows))
+
+    with bar, accelerator.autocast():
+        cache.build(key, counted(), lambda b: model(**to_device(b, accelerator.device)), len(dataset),
                     sum(lengths), accelerator.device)
     model.train(was_training)
 
