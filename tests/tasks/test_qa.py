@@ -413,3 +413,39 @@ def test_squad_example_reads_the_shared_data() -> None:
     written = json.loads((EXAMPLES / "squad_split.json").read_text(encoding="utf-8"))
     assert report["rows"] == written["questions"] and report["skipped_rows"] == {"train": 0}
     assert report["groups"]["test"] == written["test"] and report["overlap_with_train"] == {"test": 0, "validation": 0}
+
+
+def test_candidate_spans_equal_the_pair_by_pair_reading() -> None:
+    """The vectorised span search gives the spans, best scores and first-met order of reading pair by pair."""
+    import numpy as np
+
+    from lmtune.tasks.qa import _candidate_spans
+
+    def by_pairs(windows, n_best, max_len):
+        spans = {}
+        for start_logits, end_logits, char_starts, char_ends in windows:
+            context = np.flatnonzero(char_starts >= 0)
+            if not len(context):
+                continue
+            tops = context[np.argsort(-start_logits[context], kind="stable")[:n_best]]
+            tope = context[np.argsort(-end_logits[context], kind="stable")[:n_best]]
+            for a in tops:
+                for b in tope:
+                    if 0 <= b - a < max_len:
+                        key, value = (int(char_starts[a]), int(char_ends[b])), float(start_logits[a] + end_logits[b])
+                        if value > spans.get(key, -np.inf):
+                            spans[key] = value
+        return spans
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        windows = []
+        for w in range(rng.integers(1, 4)):  # overlapping windows of one context: shared character offsets
+            n, offset = 30, 5 * w
+            char_starts = np.r_[[-1] * 3, np.arange(offset, offset + n) * 4]
+            logits = rng.integers(-3, 3, (2, len(char_starts))).astype(np.float32)  # many ties
+            windows.append((logits[0], logits[1], char_starts, char_starts + 3))
+        windows.append((np.zeros(4, np.float32), np.zeros(4, np.float32), -np.ones(4, int), -np.ones(4, int)))
+        got, want = _candidate_spans(windows, 5, 6), by_pairs(windows, 5, 6)
+        assert list(got.items()) == list(want.items()), trial
+    assert _candidate_spans([], 5, 6) == {}

@@ -339,8 +339,9 @@ def _ragged(column: Any) -> list[np.ndarray]:
 def _candidate_spans(windows: list[tuple[Any, Any, Any, Any]], n_best: int,
                      max_answer_length: int) -> dict[tuple[int, int], float]:
     """Character spans -> best start+end logit over the windows: the n_best starts and ends among each
-    window's context tokens, paired when the end does not precede the start and the span is short enough."""
-    spans: dict[tuple[int, int], float] = {}
+    window's context tokens, paired when the end does not precede the start and the span is short enough.
+    In the order each span is first met (window by window, start by start), which ranks equal scores."""
+    starts, ends, scores = [], [], []
     for start_logits, end_logits, char_starts, char_ends in windows:
         context = np.flatnonzero(char_starts >= 0)
         if not len(context):
@@ -348,10 +349,17 @@ def _candidate_spans(windows: list[tuple[Any, Any, Any, Any]], n_best: int,
         top_starts = context[np.argsort(-start_logits[context], kind="stable")[:n_best]]
         top_ends = context[np.argsort(-end_logits[context], kind="stable")[:n_best]]
         length = top_ends[None, :] - top_starts[:, None]
-        scores = start_logits[top_starts][:, None] + end_logits[top_ends][None, :]
-        for i, j in zip(*np.nonzero((length >= 0) & (length < max_answer_length))):
-            key = (int(char_starts[top_starts[i]]), int(char_ends[top_ends[j]]))
-            score = float(scores[i, j])
-            if score > spans.get(key, -np.inf):
-                spans[key] = score
-    return spans
+        i, j = np.nonzero((length >= 0) & (length < max_answer_length))
+        starts.append(char_starts[top_starts[i]])
+        ends.append(char_ends[top_ends[j]])
+        scores.append(start_logits[top_starts[i]] + end_logits[top_ends[j]])
+    if not scores:
+        return {}
+    start, end, score = np.concatenate(starts), np.concatenate(ends), np.concatenate(scores)
+    met = np.arange(len(score))
+    order = np.lexsort((met, end, start))  # spans grouped, each group in the order met
+    start, end, score, met = start[order], end[order], score[order], met[order]
+    first = np.flatnonzero(np.r_[True, (start[1:] != start[:-1]) | (end[1:] != end[:-1])])
+    best = np.maximum.reduceat(score, first)
+    keep = np.argsort(met[first], kind="stable")
+    return dict(zip(zip(start[first][keep].tolist(), end[first][keep].tolist()), best[keep].tolist()))
