@@ -163,7 +163,8 @@ class TrainConfig(Section):
     compile: bool = False
     """Compile each transformer block with torch.compile (in place, shapes dynamic; not for stages on cached
     features; evaluation runs plain). Fuses the element-wise work around the matrix products: a 0.5B decoder
-    trains 1.45x faster once compiled, after a start of 20-70 s on a slow host CPU: for long runs."""
+    trains 1.45x faster once compiled, after a start of 20-70 s on a slow host CPU: for long runs. A one-row last
+    batch joins the batch before it (a batch of one row would compile everything again)."""
     cuda_graphs: bool = True
     """On one CUDA device (bf16 or fp32), record each batch shape's training step
     (forward, backward, clipping, AdamW) as a CUDA graph on its second occurrence and replay it from then on: a

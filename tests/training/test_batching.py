@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from lmtune.training.batching import eval_batches, steps_per_epoch, train_batches
 
 
@@ -96,3 +98,20 @@ def test_small_training_sets_are_served_from_python_rows(monkeypatch) -> None:
     assert rows[2] == {"input_ids": [5, 6], "labels": 0}
     monkeypatch.setattr(batching, "IN_MEMORY_TOKENS", 5)  # 6 tokens: too many, the dataset itself serves
     assert batching.in_memory(ds, lengths) is ds
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_single_row_last_batch_is_folded_for_compiled_runs(grouped: bool) -> None:
+    """A compiled model recompiles for a batch of one row; with fold_single it joins the batch before it, and
+    steps_per_epoch counts the same batches."""
+    lens = lengths(33)
+    plain = train_batches(lens, 8, seed=1, epoch=0, group_by_length=grouped)
+    folded = train_batches(lens, 8, seed=1, epoch=0, group_by_length=grouped, fold_single=True)
+    assert sorted(map(len, plain)) == [1, 8, 8, 8, 8] and sorted(map(len, folded)) == [8, 8, 8, 9]
+    assert sorted(i for b in folded for i in b) == list(range(33))
+    assert steps_per_epoch(33, 8, 1) == 5 and steps_per_epoch(33, 8, 1, fold_single=True) == len(folded) == 4
+    assert steps_per_epoch(34, 8, 1, fold_single=True) == 5 and steps_per_epoch(1, 8, 1, fold_single=True) == 1
+    for world in (2, 3):  # every process still gets the same number of batches, as steps_per_epoch says
+        shards = [train_batches(lens, 4, seed=1, epoch=0, group_by_length=grouped, rank=r, world_size=world,
+                                fold_single=True) for r in range(world)]
+        assert {len(s) for s in shards} == {steps_per_epoch(33, 4, 1, world_size=world, fold_single=True)}

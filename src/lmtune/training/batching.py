@@ -9,14 +9,15 @@ import torch
 
 
 def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, group_by_length: bool,
-                  rank: int = 0, world_size: int = 1) -> list[list[int]]:
+                  rank: int = 0, world_size: int = 1, fold_single: bool = False) -> list[list[int]]:
     """The batches (lists of row indices) this process trains on in `epoch`.
 
     The order depends only on (seed, epoch), never on global RNG state, so a resumed run can rebuild the
     exact order and skip what it already saw. With grouping, indices are shuffled, cut into megabatches of
     50 batches, sorted by length inside each megabatch (little padding), and the batches shuffled again
     so lengths still vary from step to step. The longest batch goes first so an out-of-memory error
-    shows up at step 1, not hours in.
+    shows up at step 1, not hours in. With `fold_single`, a last batch of one row joins the one before it: a
+    compiled model specialises on dimensions of size 1, so that batch alone would compile everything again.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
@@ -25,6 +26,9 @@ def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: 
         order = [i for s in range(0, len(order), mega)
                  for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if fold_single and len(batches) > 1 and len(batches[-1]) == 1:
+        single = batches.pop()
+        batches[-1] = batches[-1] + single
     if group_by_length and len(batches) > 1:
         longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
         first = batches.pop(longest)
@@ -59,8 +63,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world_size: int = 1,
+                    fold_single: bool = False) -> int:
     batches = math.ceil(n_rows / batch_size)
+    if fold_single and batches > 1 and n_rows % batch_size == 1:  # see train_batches
+        batches -= 1
     if world_size > 1:
         batches //= world_size
     return max(1, math.ceil(batches / grad_accum))

@@ -159,7 +159,7 @@ def _evaluate(job: Job, model: Any, state: LoopState, cfg: TrainConfig, accelera
 
 
 def _stage_length(stage: Any, cfg: TrainConfig, n_rows: int, world_size: int) -> tuple[int, int]:
-    per_epoch = steps_per_epoch(n_rows, cfg.batch_size, cfg.grad_accum, world_size)
+    per_epoch = steps_per_epoch(n_rows, cfg.batch_size, cfg.grad_accum, world_size, fold_single=cfg.compile)
     epochs = stage.epochs or cfg.epochs
     total = stage.max_steps or cfg.max_steps or per_epoch * epochs
     return total, math.ceil(total / per_epoch)
@@ -262,7 +262,8 @@ class _StageRun:
         while not stop and state.epoch < self.epochs:
             batches = train_batches(self.lengths, cfg.batch_size, seed=cfg.seed + 7919 * self.index,
                                     epoch=state.epoch, group_by_length=cfg.group_by_length,
-                                    rank=self.acc.process_index, world_size=self.acc.num_processes)
+                                    rank=self.acc.process_index, world_size=self.acc.num_processes,
+                                    fold_single=cfg.compile)
             if not batches:
                 raise ValueError(f"no training batches: {len(self.job.train_set)} rows over "
                                  f"{self.acc.num_processes} processes")
