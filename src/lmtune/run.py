@@ -28,7 +28,8 @@ class RunResult:
 
 
 # Options a resumed run may change: where outputs go, and how fast the same steps run (not what they compute).
-RESUME_MAY_CHANGE: dict[str, Any] = {"output": True, "train": {"cuda_graphs", "compile", "num_workers"}}
+# Not train.compile: compiled runs fold a one-row last batch into the one before it (other batches, other steps).
+RESUME_MAY_CHANGE: dict[str, Any] = {"output": True, "train": {"cuda_graphs", "num_workers"}}
 
 
 def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:

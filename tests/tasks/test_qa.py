@@ -444,8 +444,15 @@ def test_candidate_spans_equal_the_pair_by_pair_reading() -> None:
             n, offset = 30, 5 * w
             char_starts = np.r_[[-1] * 3, np.arange(offset, offset + n) * 4]
             logits = rng.integers(-3, 3, (2, len(char_starts))).astype(np.float32)  # many ties
+            if trial % 5 == 1:  # a diverged model: NaN and -inf logits are never a best span
+                logits[rng.integers(0, 2, 8), rng.integers(0, len(char_starts), 8)] = rng.choice([np.nan, -np.inf])
             windows.append((logits[0], logits[1], char_starts, char_starts + 3))
         windows.append((np.zeros(4, np.float32), np.zeros(4, np.float32), -np.ones(4, int), -np.ones(4, int)))
         got, want = _candidate_spans(windows, 5, 6), by_pairs(windows, 5, 6)
         assert list(got.items()) == list(want.items()), trial
     assert _candidate_spans([], 5, 6) == {}
+    # Context but no pair that fits (every top end before every top start): no spans, as pair by pair.
+    cs = np.arange(6) * 4
+    start_last, end_first = np.r_[0, 0, 0, 0, 0, 9.0], np.r_[9.0, 0, 0, 0, 0, 0]
+    late_starts = (start_last.astype(np.float32), end_first.astype(np.float32), cs, cs + 3)
+    assert _candidate_spans([late_starts], 1, 6) == by_pairs([late_starts], 1, 6) == {}

@@ -111,6 +111,9 @@ def test_a_single_row_last_batch_is_folded_for_compiled_runs(grouped: bool) -> N
     assert sorted(i for b in folded for i in b) == list(range(33))
     assert steps_per_epoch(33, 8, 1) == 5 and steps_per_epoch(33, 8, 1, fold_single=True) == len(folded) == 4
     assert steps_per_epoch(34, 8, 1, fold_single=True) == 5 and steps_per_epoch(1, 8, 1, fold_single=True) == 1
+    # Batches of one row throughout: nothing to fold (a 2-row batch would be the odd shape out).
+    ones = train_batches(lens[:5], 1, seed=1, epoch=0, group_by_length=grouped, fold_single=True)
+    assert [len(b) for b in ones] == [1] * 5 and steps_per_epoch(5, 1, 1, fold_single=True) == 5
     for world in (2, 3):  # every process still gets the same number of batches, as steps_per_epoch says
         shards = [train_batches(lens, 4, seed=1, epoch=0, group_by_length=grouped, rank=r, world_size=world,
                                 fold_single=True) for r in range(world)]

@@ -356,6 +356,10 @@ def _candidate_spans(windows: list[tuple[Any, Any, Any, Any]], n_best: int,
     if not scores:
         return {}
     start, end, score = np.concatenate(starts), np.concatenate(ends), np.concatenate(scores)
+    finite = score > -np.inf  # as a strict "better than nothing yet": no NaN or -inf score is ever kept
+    start, end, score = start[finite], end[finite], score[finite]
+    if not len(score):
+        return {}
     met = np.arange(len(score))
     order = np.lexsort((met, end, start))  # spans grouped, each group in the order met
     start, end, score, met = start[order], end[order], score[order], met[order]

@@ -26,7 +26,7 @@ def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: 
         order = [i for s in range(0, len(order), mega)
                  for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if fold_single and len(batches) > 1 and len(batches[-1]) == 1:
+    if fold_single and batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:
         single = batches.pop()
         batches[-1] = batches[-1] + single
     if group_by_length and len(batches) > 1:
@@ -66,7 +66,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world_size: int = 1,
                     fold_single: bool = False) -> int:
     batches = math.ceil(n_rows / batch_size)
-    if fold_single and batches > 1 and n_rows % batch_size == 1:  # see train_batches
+    if fold_single and batch_size > 1 and batches > 1 and n_rows % batch_size == 1:  # see train_batches
         batches -= 1
     if world_size > 1:
         batches //= world_size

@@ -103,20 +103,22 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
     # On a terminal only (disable=None): a long pass on a CPU shows its progress, logs stay free of bar lines.
     bar = tqdm(total=sum(map(len, batches)), desc="evaluating", unit="row", leave=False, dynamic_ncols=True,
                disable=None if accelerator.is_local_main_process else True)
-    with bar, torch.inference_mode(), accelerator.autocast():
-        for indices, batch in zip(batches, loader):
-            on_device = to_device(batch, accelerator.device)
-            if cache is not None:
-                cache.current = cache.serve(dataset._fingerprint, indices, batch["attention_mask"])
-            out = model(**on_device)
-            bar.update(len(indices))
-            if world == 1:
-                yield indices, out, batch
-            else:
-                results.append((indices, {k: v.float().cpu() for k, v in out.items()}, batch))
-    if cache is not None:
-        cache.current = None
-    model.train(was_training)
+    try:  # a consumer that stops early or fails still gets the model back as it was
+        with bar, torch.inference_mode(), accelerator.autocast():
+            for indices, batch in zip(batches, loader):
+                on_device = to_device(batch, accelerator.device)
+                if cache is not None:
+                    cache.current = cache.serve(dataset._fingerprint, indices, batch["attention_mask"])
+                out = model(**on_device)
+                bar.update(len(indices))
+                if world == 1:
+                    yield indices, out, batch
+                else:
+                    results.append((indices, {k: v.float().cpu() for k, v in out.items()}, batch))
+    finally:
+        if cache is not None:
+            cache.current = None
+        model.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -267,6 +269,9 @@ class _StageRun:
             if not batches:
                 raise ValueError(f"no training batches: {len(self.job.train_set)} rows over "
                                  f"{self.acc.num_processes} processes")
+            if state.batch >= len(batches):  # a checkpoint's position the rebuilt epoch does not have
+                raise RuntimeError(f"resumed at batch {state.batch} of an epoch of {len(batches)} batches: the "
+                                   "checkpoint was written with other batches (data or batch settings changed)")
             # A private generator keeps DataLoader from drawing on the global RNG (resume must replay it).
             loader = DataLoader(self.rows, batch_sampler=batches[state.batch:], collate_fn=self.job.collate,
                                 num_workers=cfg.num_workers, pin_memory=self.acc.device.type == "cuda",
