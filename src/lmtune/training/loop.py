@@ -100,9 +100,7 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
     was_training = model.training
     model.eval()
     results = []
-    # On a terminal only (disable=None): a long pass on a CPU shows its progress, logs stay free of bar lines.
-    bar = tqdm(total=sum(map(len, batches)), desc="evaluating", unit="row", leave=False, dynamic_ncols=True,
-               disable=None if accelerator.is_local_main_process else True)
+    bar = _terminal_bar(sum(map(len, batches)), "evaluating", accelerator)
     try:  # a consumer that stops early or fails still gets the model back as it was
         with bar, torch.inference_mode(), accelerator.autocast():
             for indices, batch in zip(batches, loader):
@@ -433,6 +431,13 @@ class _StageRun:
             load_weights(job.model, best)
 
 
+def _terminal_bar(rows: int, desc: str, accelerator: Any) -> Any:
+    """A progress bar of rows, on a terminal only (disable=None): a long pass on a CPU shows its progress, logs stay
+    free of bar lines, other processes show none."""
+    return tqdm(total=rows, desc=desc, unit="row", leave=False, dynamic_ncols=True,
+                disable=None if accelerator.is_local_main_process else True)
+
+
 def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any, *,
                   width: Callable[[int], int]) -> None:
     """Fill the feature cache for `dataset` (all rows, frozen trunk in eval mode) unless already there."""
@@ -445,8 +450,7 @@ def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch
     was_training = model.training
     model.eval()
     cache.current = None
-    bar = tqdm(total=len(dataset), desc="caching features", unit="row", leave=False, dynamic_ncols=True,
-               disable=None if accelerator.is_local_main_process else True)  # on a terminal only
+    bar = _terminal_bar(len(dataset), "caching features", accelerator)
 
     def counted() -> Iterator[tuple[list[int], dict]]:
         for rows, batch in zip(batches, loader):
