@@ -53,6 +53,13 @@ def test_impossible_combinations_give_one_clear_message() -> None:
 def test_all_problems_reported_together() -> None:
     message = error_of({**BASE, "train": {"lrr": 1, "epochs": "x"}})
     assert "train.lrr" in message and "train.epochs" in message
+    # several broken values of one section, each on its own line
+    message = error_of(BASE, ["train.lr=-1", "train.epochs=0", "data.test_size=1.5", "model.max_length=2"])
+    for problem in ("train.lr=-1.0", "train.epochs=0", "data.test_size=1.5", "model.max_length=2"):
+        assert f"\n  - {problem}" in message
+    # a wrong method does not hide the other sections' problems
+    message = error_of(BASE, ["method.name=lorra", "train.epochs=0", "data.nope=1"])
+    assert "unknown method 'lorra'" in message and "train.epochs=0" in message and "data.nope" in message
 
 
 def test_override_syntax_errors() -> None:
@@ -101,3 +108,19 @@ def test_a_search_section_is_left_to_lmtune_search(tmp_path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**BASE, "search": {"space": {"train.lr": {"type": "float"}}}}))
     assert load_config(path).train.lr == 5e-5
+
+
+def test_ls_fields_lists_every_field_with_its_description() -> None:
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+    from lmtune.config import ReplayConfig
+    from lmtune.methods import METHODS
+
+    result = CliRunner().invoke(app, ["ls", "--fields"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "sample from [low, high]" in result.output  # text in brackets is not taken for markup
+    assert "data.replay" in result.output and ReplayConfig.model_fields["ratio"].description[:40] in result.output
+    for name, method in METHODS.items():
+        for field, info in method.Options.model_fields.items():
+            assert info.description, f"method {name}: field {field} has no description"

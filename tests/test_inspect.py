@@ -72,3 +72,19 @@ def test_profile_of_ner_and_pairs(tiny_model_dir) -> None:
     result, lengths = profile({"train": pairs}, tokenizer, 64)
     assert lengths["train"].tolist() == [6]  # [CLS] good film [SEP] bad [SEP]
     assert result["duplicates"]["within"]["train"]["rows"] == 0
+
+
+def test_profile_of_chats_counts_every_turn(tiny_model_dir) -> None:
+    import datasets
+    from transformers import AutoTokenizer
+
+    from lmtune.inspect_data import profile, segments
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chats = datasets.Dataset.from_dict({
+        "messages": [[{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"}], None],
+        "replay_text": [None, "bad film ."]})
+    assert segments(chats) == [("good film\npositive",), ("bad film .",)]
+    result, lengths = profile({"train": chats}, tokenizer, 64)
+    assert result["label_kind"] == "none" and result["labels"]["train"] == {}
+    assert lengths["train"].tolist() == [5, 5]  # [CLS] good film positive [SEP]; [CLS] bad film . [SEP]

@@ -369,9 +369,12 @@ def list_things(fields: bool = typer.Option(False, "--fields", help="Also list e
         table.add_row("example", str(path.relative_to(EXAMPLES.parent)), _first_comment(path))
     console.print(table)
     if fields:
+        from rich.markup import escape
+
+        from lmtune.config import ReplayConfig
         from lmtune.search import ParamSpace, SearchConfig
 
-        sections = {**SECTIONS, **{f"task ({n})": o.Options for n, o in TASKS.items()},
+        sections = {**SECTIONS, "data.replay": ReplayConfig, **{f"task ({n})": o.Options for n, o in TASKS.items()},
                     **{f"method ({n})": o.Options for n, o in METHODS.items()},
                     "search (lmtune search)": SearchConfig, "search.space.<field>": ParamSpace}
         for section, model in sections.items():
@@ -379,7 +382,8 @@ def list_things(fields: bool = typer.Option(False, "--fields", help="Also list e
             for column in ("field", "default", "description"):
                 t.add_column(column)
             for name, field in model.model_fields.items():
-                t.add_row(name, "(required)" if field.is_required() else repr(field.default), field.description or "")
+                default = "(required)" if field.is_required() else repr(field.default)
+                t.add_row(name, escape(default), escape(field.description or ""))  # "[low, high]" is no markup
             console.print(t)
 
 

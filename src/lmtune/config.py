@@ -17,6 +17,12 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
 
+def _report(problems: list[str]) -> None:
+    """A section's own checks raise once with all their problems (shown as separate lines of the config error)."""
+    if problems:
+        raise ValueError("\n  - ".join(problems))
+
+
 class Section(BaseModel):
     # Field docstrings become descriptions (`lmtune ls`, --help); unknown keys are errors.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
@@ -36,10 +42,12 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        problems = []
         if self.max_length is not None and self.max_length < 8:
-            raise ValueError(f"model.max_length={self.max_length} is too small (at least 8 tokens)")
+            problems.append(f"model.max_length={self.max_length} is too small (at least 8 tokens)")
         if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ValueError(f"model.dropout={self.dropout}: must be in [0, 1)")
+            problems.append(f"model.dropout={self.dropout}: must be in [0, 1)")
+        _report(problems)
         return self
 
 
@@ -60,9 +68,11 @@ class DataConfig(Section):
     train: str | None = None
     """Training file (csv, tsv, jsonl, json, parquet, optionally .gz) or `builtin:NAME/FILE`."""
     validation: str | None = None
-    """Validation file; when absent, `validation_size` of train is split off (stratified, seeded)."""
+    """Validation file; when absent, `validation_size` of train is split off (seeded; stratified by label for
+    single-label classification)."""
     test: str | None = None
-    """Test file; when absent, `test_size` of train is split off (stratified, seeded)."""
+    """Test file; when absent, `test_size` of train is split off (seeded; stratified by label for single-label
+    classification)."""
     format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = None
     """File format; default: from the file extension."""
     text_column: str = "text"
@@ -82,28 +92,32 @@ class DataConfig(Section):
     test_size: float = 0.1
     """Fraction (0-1) or row count of train split off as test when no test file is given; 0 = no test."""
     split_by: str | None = None
-    """Split validation/test off by whole groups of this column (e.g. article title), not by row; sizes count groups."""
+    """Split validation/test off by whole groups of this column (e.g. article title), not by row; sizes count groups.
+    Classification and QA: any column; NER: `document` (CoNLL files); not for the causal-LM tasks."""
     max_train_samples: int | None = None
-    """Train on a stratified, seeded subset of this many rows (a manageable part of a big dataset)."""
+    """Train on a seeded subset of this many rows (a manageable part of a big dataset; stratified by label for
+    single-label classification)."""
     max_eval_samples: int | None = None
-    """Evaluate on a stratified, seeded subset of this many validation/test rows."""
+    """Evaluate on a seeded subset of this many validation/test rows (stratified as max_train_samples)."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """What to do with a bad row (empty text, missing/unknown label): stop with an error, or skip and count it."""
     unescape_html: bool = False
-    """Turn HTML entities such as `&#039;` into characters before tokenizing (scraped reviews)."""
+    """Classification: turn HTML entities such as `&#039;` into characters before tokenizing (scraped reviews)."""
     replay: ReplayConfig | None = None
     """Causal-LM tasks: mix general text into training to reduce forgetting, e.g. {path: wiki.txt, ratio: 0.2}."""
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        problems = []
         for name in ("validation_size", "test_size"):
             value = getattr(self, name)
             if value < 0 or (value >= 1 and value != int(value)):
-                raise ValueError(f"data.{name}={value}: give a fraction in [0, 1) or a whole row count")
+                problems.append(f"data.{name}={value}: give a fraction in [0, 1) or a whole row count")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"data.{name}={value}: must be at least 1 (or left out for all rows)")
+                problems.append(f"data.{name}={value}: must be at least 1 (or left out for all rows)")
+        _report(problems)
         return self
 
 
@@ -178,21 +192,20 @@ class TrainConfig(Section):
     def _check(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "log_every": self.log_every, "pad_to_multiple_of": self.pad_to_multiple_of or 1}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"train.{name}={value}: must be at least 1")
+        problems = [f"train.{name}={value}: must be at least 1" for name, value in positive.items() if value < 1]
         if self.lr <= 0:
-            raise ValueError(f"train.lr={self.lr}: must be positive")
+            problems.append(f"train.lr={self.lr}: must be positive")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+            problems.append(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"train.label_smoothing={self.label_smoothing}: must be in [0, 1)")
+            problems.append(f"train.label_smoothing={self.label_smoothing}: must be in [0, 1)")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            raise ValueError(f"train.seeds={self.seeds}: give distinct seeds (or null for the one train.seed)")
+            problems.append(f"train.seeds={self.seeds}: give distinct seeds (or null for the one train.seed)")
         for name in ("max_steps", "eval_every", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"train.{name}={value}: must be at least 1 (or null)")
+                problems.append(f"train.{name}={value}: must be at least 1 (or null)")
+        _report(problems)
         return self
 
 
@@ -332,6 +345,12 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
             return RunConfig.model_validate({**rest, "task": task, "method": method})
         except ValidationError as err:
             errors += _format_errors(err, (), RunConfig)
+    else:  # the task or method is wrong: still check each other section on its own
+        for key, value in rest.items():
+            try:
+                SECTIONS[key].model_validate(value if value is not None else {})
+            except ValidationError as err:
+                errors += _format_errors(err, (key,), SECTIONS[key])
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(errors)))
 
 

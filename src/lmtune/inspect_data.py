@@ -20,8 +20,13 @@ _DUPLICATE_EXAMPLES = 3
 
 
 def segments(ds: Any) -> list[tuple[str, ...]]:
-    """Each example's texts as the task feeds them to the tokenizer: (text[, pair]), (question, context), (words,)."""
+    """Each example's texts as the task feeds them to the tokenizer: (text[, pair]), (question, context), (words,),
+    a chat's turns joined by newlines (its template's role markers not counted)."""
     columns = ds.column_names
+    if "messages" in columns:  # instruct; replay documents mixed into training have no messages
+        return [("\n".join(turn["content"] for turn in chat),) if chat is not None else (text,)
+                for chat, text in zip(ds["messages"][:], ds["replay_text"][:] if "replay_text" in columns
+                                      else [""] * len(ds))]
     if "tokens" in columns:  # NER: the given words, joined by spaces
         return [(" ".join(tokens),) for tokens in ds["tokens"][:]]
     if "question" in columns and "context" in columns:
@@ -203,7 +208,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
     for where, d in {**result["duplicates"]["within"], **result["duplicates"]["across"]}.items():
         shown = [e["text"] if isinstance(e, dict) else e for e in d["examples"]]
         dups.add_row(where, str(d["rows"]), str(d["texts"]), " | ".join(_cut(t) for t in shown))
-    return [main, labels, dups]
+    return [main, labels, dups] if names else [main, dups]  # unlabelled text (LM tasks): no counts table
 
 
 def _quantiles(s: dict[str, float]) -> str:

@@ -68,6 +68,17 @@ def test_bitfit_is_partial_bias(tiny_config, tiny_model_dir) -> None:
     assert diff and all(k.endswith("bias") for k in diff)
 
 
+def test_bitfit_refuses_a_model_without_biases_even_with_a_head(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from helpers import make_tiny_decoder
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_decoder(tmp_path / "llama", tied=False))
+    info = TaskInfo(head_names=["lm_head.weight"])  # an untied output layer counts as the head
+    with pytest.raises(ValueError, match="has no such parameters to train \\(it has no biases\\)"):
+        METHODS["bitfit"].apply(model, info, METHODS["bitfit"].Options())
+
+
 def test_lp_ft_probes_then_fine_tunes(tiny_config, tiny_model_dir) -> None:
     # Selected by loss: accuracy saturates at 1.0 in the probe already, and a fine-tune that only ties
     # it would (rightly) not replace the probe's weights as the best.

@@ -113,6 +113,14 @@ def test_read_documents_txt_and_blank_line(tmp_path: Path) -> None:
         read_documents(str(bad))
 
 
+def test_split_by_is_refused_not_ignored(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(train=str(tmp_path / "t.txt"), split_by="title")
+    with pytest.raises(DataError, match="data.split_by: this task splits documents off at random"):
+        lm_common.read_splits(lambda path, skipped: None, cfg, seed=0)
+
+
 def lm_config(model_dir: Path, tmp_path: Path, **data) -> dict:
     train = tmp_path / "train.txt"
     train.write_text("\n".join(DOCS * 8) + "\n", encoding="utf-8")

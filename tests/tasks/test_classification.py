@@ -171,8 +171,9 @@ def test_split_by_keeps_groups_out_of_training(tmp_path: Path) -> None:
     rows = "text,label,author\n" + "".join(f"good film {i},pos,a{i % 5}\nbad film {i},neg,a{i % 5}\n" for i in range(20))
     cfg = {"data": {"train": str(write(tmp_path / "t.csv", rows)), "test_size": 1, "validation_size": 0.25,
                     "split_by": "author"}}
-    splits, _ = task_for(cfg).load_splits(seed=0)
+    splits, report = task_for(cfg).load_splits(seed=0)
     authors = {name: set(ds["author"][:]) for name, ds in splits.items()}
+    assert report["groups"] == {name: sorted(a) for name, a in authors.items()}  # listed in metrics.json
     assert len(authors["test"]) == 1 and len(authors["validation"]) == 1 and len(authors["train"]) == 3
     assert not authors["train"] & (authors["test"] | authors["validation"])
     assert len(splits["test"]) == 8 and sum(len(ds) for ds in splits.values()) == 40

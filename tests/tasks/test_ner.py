@@ -188,6 +188,7 @@ def test_split_by_document_keeps_documents_whole(tmp_path: Path) -> None:
     held_out = set(splits["validation"]["document"][:])
     assert len(held_out) == 1 and not held_out & set(splits["train"]["document"][:])
     assert len(splits["validation"]) == next(iter(held_out)) + 1  # document d holds d + 2 sentences
+    assert report["groups"]["validation"] == sorted(held_out) and len(report["groups"]["train"]) == 3
     cfg["data"]["split_by"] = "title"
     with pytest.raises(DataError, match="only be grouped by 'document'"):
         task(cfg).load_splits(seed=0)

@@ -6,6 +6,7 @@ import logging
 import math
 import numbers
 from collections.abc import Hashable
+from typing import Any
 
 import datasets
 import numpy as np
@@ -88,6 +89,18 @@ def split_off_groups(
 def group_values(ds: datasets.Dataset, column: str) -> list:
     """The distinct values of ``column`` in ``ds``, sorted (e.g. the article titles a split holds)."""
     return sorted(set(ds.select_columns([column]).to_dict()[column]), key=lambda v: (str(type(v)), v))
+
+
+MAX_LISTED_GROUPS = 200  # metrics.json lists each split's groups up to this many, else counts them
+
+
+def listed_groups(splits: dict[str, datasets.Dataset], column: str | None) -> dict[str, Any]:
+    """The groups (data.split_by values) each split holds, for the run's data report; splits read from their own
+    file without the column are left out."""
+    if not column:
+        return {}
+    groups = {k: group_values(v, column) for k, v in splits.items() if column in v.column_names}
+    return {k: g if len(g) <= MAX_LISTED_GROUPS else len(g) for k, g in groups.items()}
 
 
 def stratified_subset(

@@ -41,7 +41,7 @@ class Partial:
             body = [n for n in p.backbone if n.endswith("bias")]
         else:
             body = [n for layer in p.layers for n in layer] + p.rest
-        if not body and not p.head:
+        if not body:  # e.g. BitFit on a model without biases (Llama): training the head alone is method `head`
             raise ValueError(f"method partial (train={options.train}): this {type(model).__name__} has no such "
                              "parameters to train" + (" (it has no biases)" if options.train == "bias" else ""))
         groups = [ParamGroup(body, lr=options.lr), ParamGroup(p.head, lr=options.head_lr or options.lr)]
@@ -56,5 +56,6 @@ class BitFit:
         name: Literal["bitfit"] = "bitfit"  # type: ignore[assignment]
         """BitFit: train only the biases of the backbone, and the new head."""
         train: Literal["bias"] = "bias"
+        """Always bias: every bias of the backbone trains, with the head."""
 
     apply = Partial.apply

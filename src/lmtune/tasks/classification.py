@@ -11,8 +11,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lmtune.config import DataConfig
-from lmtune.data import (DataError, apply_row_checks, count_overlap, pad_inputs, read_table, require_columns,
-                         resolve_path, split_off, split_off_groups, stratified_subset)
+from lmtune.data import (DataError, apply_row_checks, count_overlap, listed_groups, pad_inputs, read_table,
+                         require_columns, resolve_path, split_off, split_off_groups, stratified_subset)
 from lmtune.registry import register_task
 
 log = logging.getLogger("lmtune")
@@ -155,6 +155,8 @@ class Classification:
         report["rows"] = {k: len(v) for k, v in splits.items()}
         report["labels"] = self.labels
         report["label_counts"] = {k: self._counts(v) for k, v in splits.items()}
+        if cfg.split_by:
+            report["groups"] = listed_groups(splits, cfg.split_by)
         if not self.options.multi_label:
             self.majority = max(report["label_counts"]["train"].items(), key=lambda kv: kv[1])[0]
         return splits, report

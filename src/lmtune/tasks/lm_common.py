@@ -136,6 +136,9 @@ def read_splits(read: Callable[[str, list[str]], Any], cfg: Any, seed: int) -> t
 
     if not cfg.train:
         raise DataError("data.train", "no training file given (set data.train)")
+    if cfg.split_by:
+        raise DataError("data.split_by", "this task splits documents off at random; splitting by group is for "
+                                         "classification, NER and QA (set data.validation / data.test files instead)")
     skipped: dict[str, list[str]] = {"train": []}
     train = read(cfg.train, skipped["train"])
     splits: dict[str, Any] = {}

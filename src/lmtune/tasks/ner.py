@@ -11,7 +11,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.config import DataConfig
-from lmtune.data import DataError, count_overlap, pad_inputs, split_off, split_off_groups, stratified_subset
+from lmtune.data import (DataError, count_overlap, listed_groups, pad_inputs, split_off, split_off_groups,
+                         stratified_subset)
 from lmtune.data.conll import NerReadOptions, read_ner, tag_types
 from lmtune.registry import register_task
 
@@ -223,6 +224,8 @@ class Ner:
         report["tokens"] = {k: sum(map(len, v["tokens"][:])) for k, v in splits.items()}
         report["labels"] = self.labels
         report["entities"] = {k: self._count(v) for k, v in splits.items()}
+        if cfg.split_by:
+            report["groups"] = listed_groups(splits, cfg.split_by)
         return splits, report
 
     def _count(self, ds: Any) -> dict[str, int]:

@@ -11,14 +11,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.config import DataConfig
-from lmtune.data import (DataError, count_overlap, group_values, pad_inputs, split_off, split_off_groups,
+from lmtune.data import (DataError, count_overlap, listed_groups, pad_inputs, split_off, split_off_groups,
                          stratified_subset)
 from lmtune.data.squad import COLUMNS, read_squad
 from lmtune.evaluation.squad import best_no_answer_threshold, score, squad_metrics
 from lmtune.registry import register_task
 
 log = logging.getLogger("lmtune")
-_MAX_LISTED_GROUPS = 200  # metrics.json lists the groups of each split up to this many
 
 
 class QAOptions(BaseModel):
@@ -111,8 +110,7 @@ class QuestionAnswering:
         report["rows"] = {k: len(v) for k, v in splits.items()}
         report["unanswerable"] = {k: int(sum(v["is_impossible"][:])) for k, v in splits.items()}
         if cfg.split_by:
-            groups = {k: group_values(v, cfg.split_by) for k, v in splits.items()}
-            report["groups"] = {k: g if len(g) <= _MAX_LISTED_GROUPS else len(g) for k, g in groups.items()}
+            report["groups"] = listed_groups(splits, cfg.split_by)
         return splits, report
 
     def load_eval_file(self, path: str) -> Any:
