@@ -43,3 +43,14 @@ def test_method_specs_with_options() -> None:
         ("full", {}), ("lora", {"lr": 5e-4, "r": 16}), ("bitfit", {"lr": 1e-3})]
     with pytest.raises(ValueError, match="not key=value"):
         parse_methods("lora(r16)")
+
+
+def test_every_method_is_checked_before_the_first_run(tiny_config, tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(config), "-m", "head,lorra,lora(r=4 lrr=1e-3)", "-o", str(out)])
+    assert result.exit_code != 0
+    message = " ".join(result.output.split())
+    assert "unknown method 'lorra'" in message and "method.lrr" in message
+    assert not out.exists()  # nothing trained, nothing written

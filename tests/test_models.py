@@ -31,6 +31,18 @@ def test_unknown_name_is_not_downloaded(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "empty"))
 
 
+def test_a_folder_without_tokenizer_files_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from lmtune.models import TOKENIZER_FILES, load_tokenizer
+
+    folder = tmp_path / "weights-only"
+    shutil.copytree(tiny_model_dir, folder)
+    for name in TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ModelError, match="has no tokenizer files"):
+        load_tokenizer(ModelConfig(name=str(folder)))
+    assert load_tokenizer(ModelConfig(name=str(tiny_model_dir))).is_fast  # the full folder loads
+
+
 def test_pickled_weights_need_opt_in(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 

@@ -177,6 +177,18 @@ def test_existing_run_directory_is_not_overwritten(tiny_config) -> None:
         lmtune.train(tiny_config)
 
 
+def test_a_run_that_failed_on_its_data_does_not_block_the_next(tiny_config, tmp_path) -> None:
+    from lmtune.data import DataError
+
+    good = tiny_config["data"]["train"]
+    tiny_config["train"]["max_steps"] = 1
+    tiny_config["data"]["train"] = str(tmp_path / "missing.csv")
+    with pytest.raises(DataError):
+        lmtune.train(tiny_config)
+    tiny_config["data"]["train"] = good  # fixed: the same output.name trains without overwrite
+    assert lmtune.train(tiny_config).metrics["steps"] == 1
+
+
 def test_several_seeds_write_a_run_each_and_their_spread(tiny_config, tmp_path) -> None:
     import statistics
 

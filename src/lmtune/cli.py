@@ -336,13 +336,15 @@ def _short(value: Any) -> str:
 def export_model(run: Path = typer.Argument(..., help="Run directory."),
                  output: Path = typer.Option(..., "--output", "-o", help="Folder to write the model to."),
                  merge: bool = typer.Option(True, "--merge/--no-merge",
-                                            help="Merge adapters (LoRA ...) into the weights.")) -> None:
+                                            help="Merge adapters (LoRA ...) into the weights."),
+                 overwrite: bool = typer.Option(False, "--overwrite",
+                                                help="Replace an existing, non-empty output folder.")) -> None:
     """Write a run's model as a plain Hugging Face folder (adapters merged)."""
     _setup_logging()
     from lmtune.run import export
 
     try:
-        folder = export(run, output, merge=merge)
+        folder = export(run, output, merge=merge, overwrite=overwrite)
     except _user_errors() as err:
         _fail(err)
     console.print(f"model written to {folder}")

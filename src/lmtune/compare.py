@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmtune.config import load_config
+from lmtune.config import ConfigError, load_config
 from lmtune.seeds import describe
 
 log = logging.getLogger("lmtune")
@@ -62,22 +62,29 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
     base = load_config(config, overrides)
     metric = base.eval.metric  # resolved per run below when left to the task
     folder = Path(output or Path(base.output.dir) / f"compare-{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}")
-    folder.mkdir(parents=True, exist_ok=True)
     seeds = seeds or [base.train.seed]
-    rows: list[dict[str, Any]] = []
-    for method, options in methods:
-        label = _label(method, options)
+    plan, errors = [], []
+    for method, options in methods:  # every run's config checked before the first one trains
         for seed in seeds:
             raw = base.model_dump(mode="json")
             raw["method"] = _method_section(raw["method"], method, options)
             raw["train"]["seed"] = seed
-            run_name = f"{method}-{len(rows)}-seed{seed}" if options else f"{method}-seed{seed}"
+            run_name = f"{method}-{len(plan)}-seed{seed}" if options else f"{method}-seed{seed}"
             raw["output"].update(dir=str(folder), name=run_name, overwrite=True)
-            log.info("compare: %s, seed %d", label, seed)
-            result = train(raw)
-            metric = result.metrics["selection"]["metric"]
-            rows.append({"method": label, "seed": seed, "run": str(result.run_dir),
-                         **_summary(result.metrics, metric)})
+            try:
+                load_config(raw)
+            except ConfigError as err:
+                errors.append(f"{_label(method, options)}: {err}")
+            plan.append((_label(method, options), seed, raw))
+    if errors:
+        raise ConfigError("compare: " + "\n".join(dict.fromkeys(errors)))
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for label, seed, raw in plan:
+        log.info("compare: %s, seed %d", label, seed)
+        result = train(raw)
+        metric = result.metrics["selection"]["metric"]
+        rows.append({"method": label, "seed": seed, "run": str(result.run_dir), **_summary(result.metrics, metric)})
     (folder / "runs.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     table = aggregate(rows)
     write_table(table, folder, metric)

@@ -108,11 +108,19 @@ def _check_weight_format(folder: Path, cfg: ModelConfig) -> None:
                          "loaded; convert them to safetensors or set model.allow_pickle=true if you trust them")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
 def load_tokenizer(cfg: ModelConfig, folder: Path | None = None) -> Any:
     """The configured model's tokenizer, or the one saved in `folder` (a run's model, adapter runs too)."""
     from transformers import AutoTokenizer
 
     folder = folder or resolve_model(cfg.name)
+    if Path(folder).is_dir() and not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer that turns every word into the unknown token
+        raise ModelError(f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the "
+                         "tokenizer of the model it came from into that folder")
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"{folder}: lmtune needs a fast (Rust) tokenizer; this one is {type(tokenizer).__name__}")

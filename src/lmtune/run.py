@@ -58,9 +58,12 @@ def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
 
 
 def clear_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Make way for a new run: an existing folder is an error unless output.overwrite allows removing it."""
+    """Make way for a new run: an existing folder is an error unless output.overwrite allows removing it, or it holds
+    only the config of a run that stopped before training (bad data, a missing model): that one is replaced."""
     if run_dir.exists():
-        if not overwrite:
+        if {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
+            log.info("replacing %s: it holds only the config of a run that stopped before training", run_dir)
+        elif not overwrite:
             raise FileExistsError(f"run directory {run_dir} exists; choose another output.name, set "
                                   "output.overwrite=true, or pass --resume")
         shutil.rmtree(run_dir)
@@ -376,17 +379,28 @@ def is_adapter(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def export(run_dir: str | Path, output: str | Path, merge: bool = True) -> Path:
-    """Write the run's model as a plain HF folder; adapters are merged into the weights (`merge`)."""
+def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrite: bool = False) -> Path:
+    """Write the run's model as a plain HF folder; adapters are merged into the weights (`merge`).
+
+    An existing non-empty `output` folder is replaced only with `overwrite`; a file, the run directory or a folder
+    holding it never is."""
     from lmtune.training.checkpoint import replace_dir
 
+    output = Path(output)
+    if output.exists():
+        if not output.is_dir():
+            raise ValueError(f"{output} is a file; export writes a folder: choose another --output")
+        if Path(run_dir).resolve().is_relative_to(output.resolve()):
+            raise ValueError(f"{output} holds the run {run_dir} itself: choose another --output")
+        if any(output.iterdir()) and not overwrite:
+            raise ValueError(f"{output} exists and is not empty: choose another --output, or pass --overwrite to "
+                             "replace it")
     session = Predictor(run_dir).session
     model = session.model
     if is_adapter(model):
         if not merge:
             raise ValueError(f"{run_dir} holds an adapter: export it with --merge")
         model = model.merge_and_unload()
-    output = Path(output)
     tmp = output.with_name(output.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -90,6 +90,20 @@ def test_cli_export(lora_run, tmp_path) -> None:
     result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(tmp_path / "plain")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "plain" / "config.json").is_file()
+    # Nothing the user has is replaced unasked: a non-empty folder, a file, the run itself.
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n")
+    for target, message in ((notes, "is not empty"), (data, "is a file"), (lora_run.run_dir, "holds the run"),
+                            (lora_run.run_dir.parent, "holds the run")):
+        result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(target)])
+        assert result.exit_code != 0 and message in " ".join(result.output.split()), result.output
+    assert (notes / "notes.txt").read_text() == "keep me" and data.read_text() == "text,label\n"
+    assert (lora_run.run_dir / "metrics.json").is_file()
+    result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(notes), "--overwrite"])
+    assert result.exit_code == 0 and (notes / "config.json").is_file() and not (notes / "notes.txt").exists()
 
 
 @pytest.mark.parametrize("variant", ["dora", "ia3", "prompt_tuning"])

@@ -136,6 +136,26 @@ def lm_config(model_dir: Path, tmp_path: Path, **data) -> dict:
             "output": {"dir": str(tmp_path / "runs"), "name": "lm", "overwrite": True}}
 
 
+@pytest.mark.parametrize("method", ["head", "lp_ft"])
+def test_head_methods_on_an_untied_decoder_train_its_output_layer(method: str, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors.torch import load_file
+
+    from helpers import make_tiny_decoder
+
+    model_dir = make_tiny_decoder(tmp_path / "untied", tied=False)
+    cfg = lm_config(model_dir, tmp_path)
+    cfg["eval"] = {}
+    cfg["method"] = {"name": method, **({"probe_epochs": 1, "epochs": 1} if method == "lp_ft" else {})}
+    with caplog.at_level("INFO", logger="lmtune"):
+        result = lmtune.train(cfg)
+    assert "features not cached: the batches carry no per-token padding mask" in caplog.text
+    before, after = load_file(str(model_dir / "model.safetensors")), load_file(str(result.run_dir / "model" / "model.safetensors"))
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    if method == "head":
+        assert all(torch.equal(v, after[k]) for k, v in before.items() if k != "lm_head.weight")
+
+
 def test_domain_adaptation_lowers_perplexity_and_measures_forgetting(tiny_decoder_dir: Path, tmp_path: Path) -> None:
     result = lmtune.train(lm_config(tiny_decoder_dir, tmp_path,
                                     replay={"path": str(tmp_path / "general.txt"), "ratio": 0.2}))

@@ -237,7 +237,11 @@ class _StageRun:
         from lmtune.models import find_layers
 
         model = self.acc.unwrap_model(self.model)
-        cache = feature_cache.install(model, find_layers(model)[0], self.stage.trainable)
+        mask = self.job.collate([self.job.train_set[0]]).get("attention_mask")
+        if mask is None or mask.ndim != 2:  # packed causal-LM rows carry a block mask, not one row of flags
+            cache = "the batches carry no per-token padding mask (packed rows)"
+        else:
+            cache = feature_cache.install(model, find_layers(model)[0], self.stage.trainable)
         if isinstance(cache, str):
             log.info("stage %s: features not cached: %s", self.stage.name, cache)
             return None
