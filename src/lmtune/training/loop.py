@@ -138,7 +138,13 @@ def _evaluate(job: Job, model: Any, state: LoopState, cfg: TrainConfig, accelera
     metrics = job.evaluate(accelerator.unwrap_model(model))
     logs.write(state.step, stage_name, {f"eval/{k}": v for k, v in metrics.items()})
     if job.metric not in metrics:
-        raise KeyError(f"eval.metric {job.metric!r} is not among the evaluated metrics {sorted(metrics)}")
+        import difflib
+
+        from lmtune.config import ConfigError
+
+        near = difflib.get_close_matches(job.metric, list(metrics), n=1, cutoff=0.5)
+        raise ConfigError(f"eval.metric {job.metric!r} is not a metric of this task"
+                          + (f"; did you mean {near[0]!r}?" if near else f" (its metrics: {', '.join(sorted(metrics))})"))
     value = float(metrics[job.metric])
     state.evals += 1
     state.last_eval = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}  # JSON-safe
