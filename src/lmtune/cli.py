@@ -58,7 +58,10 @@ def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in metrics.items():
+    # One level of nesting is shown too (an instruct run's `generation` scores as generation/accuracy ...).
+    flat = {**metrics, **{f"{key}/{k}": v for key, inner in metrics.items() if isinstance(inner, dict)
+                          for k, v in inner.items()}}
+    for key, value in flat.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     return table
