@@ -122,7 +122,9 @@ def test_a_later_stage_that_never_improves_ends_with_the_earlier_best_and_says_s
 
 
 def test_metric_missing_from_evaluation_is_an_error(tmp_path) -> None:
-    with pytest.raises(KeyError, match="eval.metric 'score'"):
+    from lmtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval.metric 'score' is not a metric of this task \(its metrics: accuracy\)"):
         fit(job(tmp_path, Toy(), evaluate=lambda m: {"accuracy": 1.0}), train_cfg(), Accelerator(cpu=True))
 
 
