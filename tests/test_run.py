@@ -71,6 +71,8 @@ def test_load_predict_and_eval_agree_with_training(trained) -> None:
     preds = predictor.predict(["wonderful great drug", "horrible worst drug", {"text": "love it, best"}])
     assert [p["label"] for p in preds] == ["positive", "negative", "positive"]
     assert abs(sum(preds[0]["scores"].values()) - 1) < 1e-4
+    with pytest.raises(lmtune.data.DataError, match=r"row 2, field 'text': no `text` field \(fields found: review, id\)"):
+        predictor.predict(["fine", {"review": "the training file's column", "id": 7}])
     test_file = load_config(trained.run_dir / "config.yaml").data.test
     metrics = lmtune.evaluate(trained.run_dir, test_file)
     assert metrics["rows"] == 32

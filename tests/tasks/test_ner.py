@@ -365,6 +365,8 @@ def test_predict_spans_with_character_offsets(trained) -> None:
     assert [(e["start"], e["end"]) for e in out[2]["entities"]] == [(5, 10)]
     with pytest.raises(DataError, match="empty or missing text"):
         predictor.predict(["   "])
+    with pytest.raises(DataError, match=r"input, row 2, field 'text': no `text` field \(fields found: sentence\)"):
+        predictor.predict(["fine", {"sentence": "the column of another file"}])
 
 
 def test_pipeline_and_eval_agree_with_predict(trained) -> None:

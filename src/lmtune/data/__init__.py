@@ -1,6 +1,7 @@
 """Generic, task-independent data reading: files to datasets, row checks, splits and subsets."""
 
 from lmtune.data.checks import apply_row_checks
+from lmtune.data.errors import no_text
 from lmtune.data.padding import pad_inputs
 from lmtune.data.readers import DataError, read_table, require_columns, resolve_path
 from lmtune.data.splits import (count_overlap, group_values, listed_groups, split_off, split_off_groups,
@@ -12,6 +13,7 @@ __all__ = [
     "count_overlap",
     "group_values",
     "listed_groups",
+    "no_text",
     "pad_inputs",
     "read_table",
     "require_columns",

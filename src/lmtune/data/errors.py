@@ -41,5 +41,13 @@ class DataError(ValueError):
         return (_rebuild_data_error, (self.path, self.message, self.row, self.field, self.unit))
 
 
+def no_text(record: object, row: int) -> DataError:
+    """A prediction input without usable text: say whether the text was empty or which fields the row had."""
+    if isinstance(record, dict) and "text" not in record:
+        found = ", ".join(map(str, record)) or "none"
+        return DataError("input", f"no `text` field (fields found: {found})", row=row, field="text")
+    return DataError("input", "empty or missing text", row=row, field="text")
+
+
 def _rebuild_data_error(path, message, row, field, unit) -> DataError:
     return DataError(path, message, row=row, field=field, unit=unit)

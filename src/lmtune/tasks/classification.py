@@ -11,8 +11,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lmtune.config import DataConfig
-from lmtune.data import (DataError, apply_row_checks, count_overlap, listed_groups, pad_inputs, read_table,
-                         require_columns, resolve_path, split_off, split_off_groups, stratified_subset)
+from lmtune.data import (DataError, apply_row_checks, count_overlap, listed_groups, no_text, pad_inputs,
+                         read_table, require_columns, resolve_path, split_off, split_off_groups,
+                         stratified_subset)
 from lmtune.registry import register_task
 
 log = logging.getLogger("lmtune")
@@ -184,7 +185,7 @@ class Classification:
         rows = [r if isinstance(r, dict) else {"text": r} for r in records]
         for i, row in enumerate(rows, 1):
             if not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise DataError("input", "empty or missing text", row=i, field="text")
+                raise no_text(row, i)
         columns = {"text": [self._clean(r["text"]) for r in rows]}
         if self.data.text_pair_column:
             columns["text_pair"] = [self._clean(str(r.get("text_pair", ""))) for r in rows]

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.config import DataConfig
-from lmtune.data import (DataError, count_overlap, listed_groups, pad_inputs, split_off, split_off_groups,
+from lmtune.data import (DataError, count_overlap, listed_groups, no_text, pad_inputs, split_off, split_off_groups,
                          stratified_subset)
 from lmtune.data.conll import NerReadOptions, read_ner, tag_types
 from lmtune.registry import register_task
@@ -136,7 +136,7 @@ def _predict_input(record: Any, row: int) -> dict[str, Any]:
         return {"text": text, "tokens": tokens, "spans": spans}
     text = record.get("text") if isinstance(record, dict) else record
     if not isinstance(text, str) or not text.strip():
-        raise DataError("input", "empty or missing text", row=row, field="text")
+        raise no_text(record, row)
     tokens, spans = split_words(text)
     return {"text": text, "tokens": tokens, "spans": spans}
 
