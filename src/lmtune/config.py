@@ -380,6 +380,9 @@ def override(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return apply_overrides(_switch_sections(raw, overrides), overrides)
 
 
+_SAID: set[str] = set()
+
+
 def _switch_sections(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """An override naming another method (or task) starts that section afresh: the file's options were
     written for the method it named and mostly do not exist on another one."""
@@ -389,7 +392,9 @@ def _switch_sections(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any
             current = raw.get(section)
             name = current.get("name") if isinstance(current, dict) else current
             if key.strip() == f"{section}.name" and name is not None and str(parse_value(value)) != str(name):
-                logging.getLogger("lmtune").info("%s.name=%s replaces the config's %s section (%s)", section,
-                                                 value, section, name)
+                note = f"{section}.name={value} replaces the config's {section} section ({name})"
+                if note not in _SAID:  # the CLI resolves the config to print it, then the run resolves it again
+                    _SAID.add(note)
+                    logging.getLogger("lmtune").info(note)
                 raw[section] = {}
     return raw
