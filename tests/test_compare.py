@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
@@ -54,3 +55,18 @@ def test_every_method_is_checked_before_the_first_run(tiny_config, tmp_path) -> 
     message = " ".join(result.output.split())
     assert "unknown method 'lorra'" in message and "method.lrr" in message
     assert not out.exists()  # nothing trained, nothing written
+
+
+def test_compare_folder_is_output_name_and_not_reused_silently(tiny_config, tmp_path) -> None:
+    tiny_config["train"]["epochs"] = 1
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    folder = Path(tiny_config["output"]["dir"]) / "side-by-side"
+    result = CliRunner().invoke(app, ["compare", str(config), "-m", "head", "output.name=side-by-side"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "compare.csv").is_file() and len(list(folder.glob("head-seed*/metrics.json"))) == 1
+    result = CliRunner().invoke(app, ["compare", str(config), "-m", "head", "output.name=side-by-side"])
+    assert result.exit_code != 0 and "output.overwrite" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["compare", str(config), "-m", "head", "output.name=side-by-side",
+                                      "output.overwrite=true"])
+    assert result.exit_code == 0, result.output

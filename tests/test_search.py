@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -100,12 +101,14 @@ def test_search_cli_and_best_yaml_trains(tiny_config, tmp_path) -> None:
     space.write_text(yaml.safe_dump({"search": {"trials": 2, "pruner": "none", "space": {
         "train.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True},
         "method.name": {"type": "categorical", "choices": ["full", "bitfit"]}}}}))
-    out = tmp_path / "s"
-    result = CliRunner().invoke(app, ["search", str(config), "--space", str(space), "--output", str(out)])
+    out = Path(tiny_config["output"]["dir"]) / "tuned"  # output.name names the search folder
+    result = CliRunner().invoke(app, ["search", str(config), "--space", str(space), "output.name=tuned"])
     assert result.exit_code == 0, result.output
     assert "best" in result.output and (out / "plots" / "importances.png").is_file()
-    result = CliRunner().invoke(app, ["train", str(out / "best.yaml"), "output.name=from-best"])
+    result = CliRunner().invoke(app, ["train", str(out / "best.yaml")])
     assert result.exit_code == 0, result.output
+    # best.yaml's run gets its own folder next to the search's, not the search's own (which it would replace)
+    assert (out.parent / "tuned-best" / "metrics.json").is_file() and (out / "search.db").is_file()
 
 
 def test_unknown_space_key_fails_before_any_trial(tiny_config, tmp_path) -> None:

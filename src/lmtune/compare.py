@@ -61,7 +61,11 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
 
     base = load_config(config, overrides)
     metric = base.eval.metric  # resolved per run below when left to the task
-    folder = Path(output or Path(base.output.dir) / f"compare-{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    folder = Path(output or Path(base.output.dir) / (base.output.name
+                                                     or f"compare-{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"))
+    if folder.is_dir() and any(folder.iterdir()) and not base.output.overwrite:
+        raise ConfigError(f"compare: {folder} exists and is not empty; choose another output.name or --output, "
+                          "or set output.overwrite=true to train into it again")
     seeds = seeds or [base.train.seed]
     plan, errors = [], []
     for method, options in methods:  # every run's config checked before the first one trains

@@ -47,14 +47,23 @@ def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
         if not (run_dir / "checkpoints" / "last").is_dir():
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
         saved = load_config(run_dir / "config.yaml")
-        if saved.model_dump(exclude=RESUME_MAY_CHANGE) != cfg.model_dump(exclude=RESUME_MAY_CHANGE):
+        changed = _differences(saved.model_dump(exclude=RESUME_MAY_CHANGE), cfg.model_dump(exclude=RESUME_MAY_CHANGE))
+        if changed:
             raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
-                             f"({run_dir / 'config.yaml'}); resume with that config (only output.* and "
-                             f"train.{', train.'.join(sorted(RESUME_MAY_CHANGE['train']))} may change)")
+                             f"({run_dir / 'config.yaml'}): {'; '.join(changed)}. Resume with that config (only "
+                             f"output.* and train.{', train.'.join(sorted(RESUME_MAY_CHANGE['train']))} may change)")
     else:
         clear_run_dir(run_dir, cfg.output.overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _differences(saved: Any, now: Any, path: str = "") -> list[str]:
+    """'train.lr: 2e-05 -> 3e-05' for every leaf that differs between two config dumps."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for key in dict.fromkeys([*saved, *now])
+                for d in _differences(saved.get(key), now.get(key), f"{path}.{key}" if path else key)]
+    return [] if saved == now else [f"{path}: {saved!r} -> {now!r}"]
 
 
 def clear_run_dir(run_dir: Path, overwrite: bool) -> None:

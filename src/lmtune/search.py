@@ -287,7 +287,7 @@ def search(config: str | Path, overrides: list[str] | None = None, *, space: str
     metric = (spec.metric or base.eval.metric or task.default_metric).removeprefix("eval/")
     direction = spec.direction or ("maximize" if task.greater_is_better(metric) else "minimize")
     stem = Path(config).stem
-    folder = Path(output or Path(base.output.dir) / f"{stem}-search")
+    folder = Path(output or Path(base.output.dir) / (base.output.name or f"{stem}-search"))
     folder.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(folder / 'search.db').resolve()}"
     study = _open_study(stem, url, storage is None, direction, spec,
@@ -327,6 +327,8 @@ def write_outputs(study: Any, raw: dict, overrides: list[str], spec: SearchConfi
     if best is not None:
         params = {key: best[key] for key in spec.space if key in best}
         tuned = override(yaml.safe_load(yaml.safe_dump(raw)), overrides + _assignments(params))
+        if name := (tuned.get("output") or {}).get("name"):  # that name is the search's folder: the run needs its own
+            tuned["output"]["name"] = f"{name}-best"
         header = (f"# best of {len(rows)} trials of {config.name} (trial {best['number']}: validation {metric} "
                   f"{best['value']:.4g}); train it with `lmtune train {folder / 'best.yaml'}`\n")
         write_text(folder / "best.yaml", header + yaml.safe_dump(tuned, sort_keys=False))
