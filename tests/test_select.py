@@ -134,6 +134,7 @@ def test_causal_lm_gets_perplexity_through_the_cli(candidates, tiny_llama, tiny_
     assert 30 < llama["perplexity"] < 3000 and llama["word_perplexity"] > llama["perplexity"]
     assert "perplexity" not in bert and 0 <= llama["probe"]["score"] <= 1
     assert "fits this data best" in result.output
+    assert "perplexity/word" in result.output  # off a terminal the table is not squeezed into 80 columns
 
 
 def test_ner_probe_on_word_features(candidates, tiny_llama, tmp_path) -> None:

@@ -17,7 +17,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune pretrained language models on your data.")
 # Under torchrun / accelerate launch only the first process talks; the others stay quiet.
 MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
-console = Console(stderr=True, quiet=not MAIN_PROCESS)
+# Off a terminal (a log file, a pipe) rich would cut tables to 80 columns: give them room unless COLUMNS says otherwise.
+console = Console(stderr=True, quiet=not MAIN_PROCESS,
+                  width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 160)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
