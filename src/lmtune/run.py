@@ -358,8 +358,15 @@ class Predictor:
         if adapter:
             import peft
 
-            # The pretrained backbone as in training, then the saved adapter and head on top.
-            base, _ = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+            # The pretrained backbone as in training, then the saved adapter and head on top. Its load report would
+            # call the head "MISSING" (newly initialised): true for a moment, the adapter's copy replaces it.
+            report = logging.getLogger("transformers.modeling_utils")
+            level = report.level
+            report.setLevel(logging.ERROR)
+            try:
+                base, _ = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+            finally:
+                report.setLevel(level)
             model = peft.PeftModel.from_pretrained(base, folder)
         else:
             model, _ = models.load_model(task.auto_class, model_cfg)

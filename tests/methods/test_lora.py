@@ -115,3 +115,16 @@ def test_relatives_train_and_reload(variant, tiny_config) -> None:
     assert result.metrics["stages"][variant]["trainable_params"] < result.metrics["params"]["total"]
     first = lmtune.load(result.run_dir).predict(TEXTS)
     assert first == lmtune.load(result.run_dir).predict(TEXTS)
+
+
+def test_reload_prints_no_missing_head_report(lora_run, capfd) -> None:
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()  # as in a Python session (the CLI silences transformers)
+    try:
+        capfd.readouterr()
+        lmtune.load(lora_run.run_dir)
+        assert "MISSING" not in capfd.readouterr().err  # the head comes from the adapter, not at random
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
