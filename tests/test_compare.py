@@ -70,3 +70,13 @@ def test_compare_folder_is_output_name_and_not_reused_silently(tiny_config, tmp_
     result = CliRunner().invoke(app, ["compare", str(config), "-m", "head", "output.name=side-by-side",
                                       "output.overwrite=true"])
     assert result.exit_code == 0, result.output
+
+
+def test_setup_problems_stop_compare_before_any_run(tiny_config, tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(config), "-m", "head,full", "-o", str(out),
+                                      f"eval.general_text={tmp_path / 'missing.txt'}"])
+    assert result.exit_code != 0 and "eval.general_text" in " ".join(result.output.split())
+    assert not out.exists()

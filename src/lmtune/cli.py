@@ -112,17 +112,14 @@ def validate(config: Path = typer.Argument(..., help="Run config (YAML)."),
              overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides.")) -> None:
     """Check the config and the data (every row) without training."""
     _setup_logging()
-    from lmtune import models
     from lmtune.config import load_config
-    from lmtune.registry import TASKS
+    from lmtune.preflight import check_setup
 
     try:
         cfg = load_config(config, overrides)
         console.print(cfg.to_yaml(), highlight=False, markup=False)
-        models.resolve_model(cfg.model.name)
-        models.load_tokenizer(cfg.model)
-        task = TASKS[cfg.task.name](cfg.task, cfg.data)
-        _, report = task.load_splits(cfg.train.seed)
+        # As train does first: the model's config.json and tokenizer against the config (no weights).
+        _, report = check_setup(cfg).task.load_splits(cfg.train.seed)
     except _user_errors() as err:
         _fail(err)
     table = Table(title="data")

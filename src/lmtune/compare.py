@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config import ConfigError, load_config
+from lmtune.preflight import check_setup
 from lmtune.seeds import describe
 
 log = logging.getLogger("lmtune")
@@ -76,7 +77,9 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
             run_name = f"{method}-{len(plan)}-seed{seed}" if options else f"{method}-seed{seed}"
             raw["output"].update(dir=str(folder), name=run_name, overwrite=True)
             try:
-                load_config(raw)
+                checked = load_config(raw)
+                if seed == seeds[0]:
+                    check_setup(checked)  # what needs the tokenizer and the model's config (windows, probes)
             except ConfigError as err:
                 errors.append(f"{_label(method, options)}: {err}")
             plan.append((_label(method, options), seed, raw))

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from lmtune.config import ConfigError, RunConfig, load_config
 from lmtune.data.padding import batch_width
+from lmtune.preflight import check_setup
 from lmtune.registry import METHODS, TASKS
 
 log = logging.getLogger("lmtune")
@@ -158,6 +159,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     from lmtune.training.loop import Job, fit
 
     cfg = load_config(config, overrides)
+    setup = check_setup(cfg)  # what validate checks beyond the config file, before anything is written
     stem = Path(config).stem if isinstance(config, (str, Path)) else "run"
     if cfg.train.seeds:
         from lmtune.seeds import train_seeds
@@ -176,8 +178,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         write_text(run_dir / "config.yaml", cfg.to_yaml())
     transformers.set_seed(cfg.train.seed)
 
-    task = TASKS[cfg.task.name](cfg.task, cfg.data)
-    tokenizer = models.load_tokenizer(cfg.model)
+    task, tokenizer = setup.task, setup.tokenizer
     with accelerator.main_process_first():  # the main process fills the datasets cache, the rest read it
         splits, data_report = task.load_splits(cfg.train.seed)
         model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
@@ -254,9 +255,6 @@ def _general_text_probe(cfg: RunConfig, session: Session) -> Callable[[], dict[s
     from lmtune.data.text import read_documents
     from lmtune.tasks.lm_common import text_perplexity
 
-    if not type(session.model).__name__.endswith("ForCausalLM"):
-        raise ConfigError(f"eval.general_text measures a causal LM's perplexity; the {cfg.task.name} task's "
-                          f"model is a {type(session.model).__name__}: remove eval.general_text")
     texts = read_documents(cfg.eval.general_text)["text"][:cfg.eval.general_text_max_documents]
 
     def measure() -> float:
@@ -300,17 +298,13 @@ def _checkpoint_activations(model: Any) -> None:
 
 
 def _training_loss(cfg: RunConfig, task: Any) -> Callable | None:
-    """The model's own loss, or label-smoothed cross-entropy over the task's targets."""
+    """The model's own loss, or label-smoothed cross-entropy over the task's targets (`check_setup` made sure that
+    the task has some)."""
     if not cfg.train.label_smoothing:
         return None
     from lmtune.training.losses import cross_entropy_loss
 
-    targets = getattr(task, "cross_entropy_targets", [])
-    if not targets:
-        raise ConfigError(f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
-                          f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
-                          "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
-    return cross_entropy_loss(targets, cfg.train.label_smoothing)
+    return cross_entropy_loss(task.cross_entropy_targets, cfg.train.label_smoothing)
 
 
 def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, metric: str) -> None:

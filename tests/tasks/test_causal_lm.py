@@ -113,6 +113,17 @@ def test_read_documents_txt_and_blank_line(tmp_path: Path) -> None:
         read_documents(str(bad))
 
 
+def test_read_documents_skips_malformed_table_lines_under_skip(tmp_path: Path) -> None:
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\tsource\nfirst doc\tweb\nstray\ttab\tweb\n\tweb\nlast doc\tweb\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.tsv, line 3: 3 fields where the header has 2.*data.on_bad_rows=skip"):
+        read_documents(str(tsv))
+    skipped: list[str] = []
+    docs = read_documents(str(tsv), on_bad_rows="skip", skipped=skipped)
+    assert docs["text"][:] == ["first doc", "last doc"] and docs["_row"][:] == [1, 4]
+    assert len(skipped) == 2 and "line 3: 3 fields" in skipped[0] and "row 3, field 'text'" in skipped[1]
+
+
 def test_split_by_is_refused_not_ignored(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

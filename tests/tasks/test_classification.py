@@ -96,6 +96,21 @@ def test_skip_policy_drops_and_counts(cfg: dict, tmp_path: Path, tiny_model_dir:
     assert metrics["data"]["skipped_rows"] == {"train": 2}
 
 
+def test_malformed_line_is_located_or_skipped_and_counted(cfg: dict, tmp_path: Path) -> None:
+    rows = "text,label\n" + "".join(f"good film {i},pos\nbad film {i},neg\n" for i in range(10))
+    cfg["data"]["train"] = str(write(tmp_path / "t.csv", rows + "fine, really,pos\n,pos\n"))
+    err = data_error(cfg)
+    assert (err.row, err.unit) == (22, "line")
+    assert "t.csv, line 22: 3 fields where the header has 2" in str(err) and "data.on_bad_rows=skip" in str(err)
+    cfg["data"]["on_bad_rows"] = "skip"
+    splits, report = task_for(cfg).load_splits(seed=0)
+    assert report["skipped_rows"] == {"train": 2}  # the malformed line and the empty text after it
+    assert len(splits["train"]) + len(splits["validation"]) == 20
+    assert report["skipped_examples"][0].endswith("t.csv, line 22: 3 fields where the header has 2; "
+                                                  "is a ',' inside a field not quoted?")
+    assert "row 22, field 'text': empty text" in report["skipped_examples"][1]
+
+
 def test_stratified_splits_and_subset(tmp_path: Path) -> None:
     rows = "text,label\n" + "".join(f"text {i},{'a' if i % 4 else 'b'}\n" for i in range(400))
     cfg = {"data": {"train": str(write(tmp_path / "t.csv", rows)), "validation_size": 0.25, "test_size": 0.1,

@@ -17,6 +17,7 @@ import datasets
 
 from lmtune.data.builtin import BUILTIN_PREFIX, cache_dir, extract_builtin, write_atomic
 from lmtune.data.errors import DataError
+from lmtune.data.malformed import apply_policy, read_malformed
 
 __all__ = ["ROW_COLUMN", "DataError", "read_table", "require_columns", "resolve_path"]
 
@@ -46,7 +47,13 @@ class _TextScan:
     content_lines: list[int] | None  # 1-based numbers of non-blank lines (JSON formats only)
 
 
-def read_table(path: str | Path, fmt: str | None = None) -> datasets.Dataset:
+def read_table(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    on_bad_rows: str = "error",
+    skipped: list[str] | None = None,
+) -> datasets.Dataset:
     """Read a CSV, TSV, JSONL, JSON (array of objects) or Parquet file, each optionally ``.gz``.
 
     The format comes from the extension (``.csv``, ``.tsv``, ``.jsonl``, ``.json``, ``.parquet``,
@@ -57,11 +64,19 @@ def read_table(path: str | Path, fmt: str | None = None) -> datasets.Dataset:
     The result has an extra int column ``_row``: the 1-based record number that every error message
     uses. For CSV/TSV it is the data record number (the header is not counted; blank lines are
     skipped; a quoted field spanning lines is still one record, so it can differ from the editor's
-    line number). For JSONL (and a .json file holding one object per line) it is the line number in
-    the file, counting from 1. For JSON arrays and Parquet it is the record's index + 1.
+    line number; a skipped malformed record still counts). For JSONL (and a .json file holding one
+    object per line) it is the line number in the file, counting from 1. For JSON arrays and Parquet
+    it is the record's index + 1.
+
+    A malformed CSV/TSV record (more fields than the header, a quote never closed) raises a
+    DataError naming its line as an editor shows it; with ``on_bad_rows="skip"`` malformed records
+    are dropped instead (logged, and described in ``skipped`` when given, as ``apply_row_checks``
+    describes the rows it drops).
 
     Every problem raises :class:`DataError` naming the file (and the line/row where known).
     """
+    if on_bad_rows not in ("error", "skip"):
+        raise ValueError(f"unknown bad-row policy {on_bad_rows!r}; expected one of error, skip")
     shown = str(path)
     real = resolve_path(path)
     if not real.exists():
@@ -75,13 +90,15 @@ def read_table(path: str | Path, fmt: str | None = None) -> datasets.Dataset:
         scan = _scan_text(real, shown, gz, want_lines=kind in ("jsonl", "json"))
         if not scan.has_content:
             raise DataError(shown, "no rows (the file is empty)")
-    ds = _load(real, shown, kind, gz, scan)
+    ds, rows, messages = _load(real, shown, kind, gz, scan, on_bad_rows)
     if len(ds) == 0:
         raise DataError(shown, "no rows" + (" (only a header line)" if kind in ("csv", "tsv") else ""))
     if ROW_COLUMN in ds.column_names:
         message = f"the column name {ROW_COLUMN!r} is reserved for row numbers; rename it"
         raise DataError(shown, message, field=ROW_COLUMN)
-    return ds.add_column(ROW_COLUMN, _row_numbers(len(ds), kind, scan))
+    if skipped is not None:
+        skipped += messages
+    return ds.add_column(ROW_COLUMN, rows or _row_numbers(len(ds), kind, scan))
 
 
 def _detect_format(real: Path, shown: str, fmt: str | None) -> tuple[str, bool]:
@@ -163,15 +180,18 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _load(real: Path, shown: str, kind: str, gz: bool, scan: _TextScan | None) -> datasets.Dataset:
+def _load(
+    real: Path, shown: str, kind: str, gz: bool, scan: _TextScan | None, on_bad_rows: str
+) -> tuple[datasets.Dataset, list[int] | None, list[str]]:
+    """The table, its row numbers where they are not the usual ones, and messages of skipped rows."""
     try:
         with _quiet_datasets():
             if kind in ("csv", "tsv"):
-                return _load_csv(real, "\t" if kind == "tsv" else ",")
+                return _load_csv(real, shown, gz, "\t" if kind == "tsv" else ",", on_bad_rows)
             if kind == "parquet":
                 source = _gunzip_to_cache(real, shown) if gz else real
-                return datasets.load_dataset("parquet", data_files=str(source), split="train")
-            return datasets.load_dataset("json", data_files=str(real), split="train", **_json_options())
+                return datasets.load_dataset("parquet", data_files=str(source), split="train"), None, []
+            return datasets.load_dataset("json", data_files=str(real), split="train", **_json_options()), None, []
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - any parser failure becomes a located DataError
@@ -193,27 +213,46 @@ def _json_options() -> dict:
     return {"parse_agent_traces": False} if "parse_agent_traces" in fields else {}
 
 
-def _load_csv(real: Path, delimiter: str) -> datasets.Dataset:
+def _load_csv(
+    real: Path, shown: str, gz: bool, delimiter: str, on_bad_rows: str
+) -> tuple[datasets.Dataset, list[int] | None, list[str]]:
     """Load CSV/TSV with all columns as text, then make columns numeric where the whole column is.
 
     datasets' csv builder lets pandas guess types per 10,000-row chunk, so a column that looks
     numeric early and holds text later fails to load; typing whole columns afterwards avoids that.
+    Only if pandas finds a malformed record (or the first record has more fields than the header,
+    which pandas would silently turn into an index) is the file read again, in memory, to locate
+    malformed records and raise or drop them (lmtune.data.malformed).
     """
     import pandas as pd
 
-    header = pd.read_csv(real, sep=delimiter, nrows=0, encoding="utf-8")
-    features = datasets.Features({name: datasets.Value("string") for name in header.columns})
-    ds = datasets.load_dataset(
-        "csv",
-        data_files=str(real),
-        split="train",
-        delimiter=delimiter,
-        features=features,
-        encoding="utf-8",
-        keep_default_na=False,
-        na_values=[""],
-    )
-    return _numeric_columns(ds)
+    failure: Exception | None = None
+    try:
+        head = pd.read_csv(real, sep=delimiter, nrows=1, dtype=str, encoding="utf-8")
+        if isinstance(head.index, pd.RangeIndex):
+            features = datasets.Features({name: datasets.Value("string") for name in head.columns})
+            ds = datasets.load_dataset(
+                "csv",
+                data_files=str(real),
+                split="train",
+                delimiter=delimiter,
+                features=features,
+                encoding="utf-8",
+                keep_default_na=False,
+                na_values=[""],
+            )
+            return _numeric_columns(ds), None, []
+    except Exception as e:  # noqa: BLE001 - only a pandas parser error is about malformed records
+        if not isinstance(e.__cause__ or e, pd.errors.ParserError):
+            raise
+        failure = e
+    frame, rows, malformed = read_malformed(real, shown, gz, delimiter)
+    if not malformed:
+        raise failure or DataError(shown, "cannot parse as CSV")
+    messages = apply_policy(shown, malformed, len(frame), on_bad_rows)
+    features = datasets.Features({str(name): datasets.Value("string") for name in frame.columns})
+    ds = datasets.Dataset.from_pandas(frame, features=features, preserve_index=False)
+    return _numeric_columns(ds), rows, messages
 
 
 def _numeric_columns(ds: datasets.Dataset) -> datasets.Dataset:

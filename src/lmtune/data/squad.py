@@ -39,8 +39,9 @@ def read_squad(path: str | Path, fmt: str | None = None, *, on_bad_rows: str = "
     """
     shown = str(path)
     nested = _read_nested(resolve_path(path), shown, fmt)
+    malformed: list[str] = []  # rows of a CSV/TSV file skipped as malformed
     if nested is None:
-        ds = read_table(path, fmt)
+        ds = read_table(path, fmt, on_bad_rows=on_bad_rows, skipped=malformed)
         missing = [c for c in ("question", "context", *keep) if c not in ds.column_names]
         if missing:
             have = ", ".join(repr(c) for c in ds.column_names if c != ROW_COLUMN)
@@ -57,7 +58,7 @@ def read_squad(path: str | Path, fmt: str | None = None, *, on_bad_rows: str = "
     ds = datasets.Dataset.from_list(rows, features=_features(keep))
     ds, skipped = apply_row_checks(ds, shown, lambda r: (r[_FIELD], r[_PROBLEM]) if r[_PROBLEM] else None,
                                    on_bad_rows)
-    return ds.remove_columns([_PROBLEM, _FIELD]), skipped
+    return ds.remove_columns([_PROBLEM, _FIELD]), malformed + skipped
 
 
 def _features(keep: tuple[str, ...]) -> datasets.Features:

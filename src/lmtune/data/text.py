@@ -32,7 +32,8 @@ def read_documents(path: str, column: str = "text", documents: Literal["line", "
     if fmt is None and is_plain_text(file):
         return datasets.Dataset.from_list(_text_documents(file, path, documents), features=datasets.Features(
             {"text": datasets.Value("string"), "_row": datasets.Value("int64")}))
-    ds = read_table(file, fmt)
+    malformed: list[str] = []
+    ds = read_table(file, fmt, on_bad_rows=on_bad_rows, skipped=malformed)
     require_columns(ds, str(path), [column])
 
     def check(row: dict) -> tuple[str, str] | None:
@@ -43,7 +44,7 @@ def read_documents(path: str, column: str = "text", documents: Literal["line", "
 
     ds, messages = apply_row_checks(ds, str(path), check, on_bad_rows)
     if skipped is not None:
-        skipped += messages
+        skipped += malformed + messages
     return ds.map(lambda b: {"text": b[column], "_row": b["_row"]}, batched=True, remove_columns=ds.column_names)
 
 

@@ -73,7 +73,8 @@ class Classification:
         """Read one file into columns text[, text_pair], labels (list of names), _row; check every row."""
         cfg, multi = self.data, self.options.multi_label
         file = resolve_path(path)
-        ds = read_table(file, cfg.format)
+        malformed: list[str] = []  # rows skipped as malformed (CSV/TSV) under on_bad_rows=skip
+        ds = read_table(file, cfg.format, on_bad_rows=cfg.on_bad_rows, skipped=malformed)
         columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
         require_columns(ds, str(file), columns + ([cfg.label_column] if require_label else []))
         known = set(self.labels) if self.labels else None
@@ -113,7 +114,7 @@ class Classification:
             return out
 
         ds = ds.map(convert, batched=True, remove_columns=ds.column_names)
-        return ds, before - len(ds), skipped
+        return ds, before - len(ds) + len(malformed), malformed + skipped
 
     def _clean(self, text: str) -> str:
         return html.unescape(text).strip() if self.data.unescape_html else text.strip()

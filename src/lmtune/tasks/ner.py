@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from lmtune.config import DataConfig
+from lmtune.config import ConfigError, DataConfig
 from lmtune.data import (DataError, count_overlap, listed_groups, no_text, pad_inputs, split_off, split_off_groups,
                          stratified_subset)
 from lmtune.data.conll import NerReadOptions, read_ner, tag_types
@@ -261,13 +261,25 @@ class Ner:
         return AutoModelForTokenClassification
 
     # ---- features --------------------------------------------------------------------------------
+    def _window(self, tokenizer: Any, max_length: int) -> tuple[int, int]:
+        """Sub-tokens of a sentence per window, and those shared by consecutive windows."""
+        budget = max_length - tokenizer.num_special_tokens_to_add()
+        return budget, budget // 4 if self.options.stride is None else self.options.stride
+
+    def config_problem(self, tokenizer: Any, max_length: int) -> str | None:
+        """Windows over a long sentence must advance: the stride under half a window."""
+        budget, stride = self._window(tokenizer, max_length)
+        if 2 * stride < budget:
+            return None
+        return (f"task.stride={stride} must be under half of a window: {budget} sub-tokens "
+                f"(model.max_length={max_length} less special tokens)")
+
     def encode(self, ds: Any, tokenizer: Any, max_length: int) -> Any:
         """One feature row per window (one window unless a sentence is longer than max_length)."""
-        budget = max_length - tokenizer.num_special_tokens_to_add()
-        stride = budget // 4 if self.options.stride is None else self.options.stride
-        if 2 * stride >= budget:
-            raise ValueError(f"task.stride={stride} must be under half of a window: {budget} sub-tokens "
-                             f"(model.max_length={max_length} less special tokens)")
+        problem = self.config_problem(tokenizer, max_length)
+        if problem:
+            raise ConfigError(problem)
+        budget, stride = self._window(tokenizer, max_length)
         index = {name: i for i, name in enumerate(self.labels)}
         # B-X on a word's later sub-tokens would claim a second entity: they learn I-X (as run_ner.py does).
         inside = [index.get("I-" + name[2:], i) if name.startswith("B-") else i for name, i in index.items()]

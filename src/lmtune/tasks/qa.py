@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from lmtune.config import DataConfig
+from lmtune.config import ConfigError, DataConfig
 from lmtune.data import (DataError, count_overlap, listed_groups, pad_inputs, split_off, split_off_groups,
                          stratified_subset)
 from lmtune.data.squad import COLUMNS, read_squad
@@ -147,16 +147,24 @@ class QuestionAnswering:
         return AutoModelForQuestionAnswering
 
     # ---- features --------------------------------------------------------------------------------
+    def config_problem(self, tokenizer: Any, max_length: int) -> str | None:
+        """Windows must advance through a long context: doc_stride below the room a question leaves in a window."""
+        opts = self.options
+        room = max_length - opts.max_question_length - tokenizer.num_special_tokens_to_add(pair=True)
+        if opts.doc_stride < room:
+            return None
+        return (f"task.doc_stride={opts.doc_stride} must be smaller than the context part of a window, {room} tokens "
+                f"(model.max_length {max_length} - task.max_question_length {opts.max_question_length} - special "
+                "tokens)")
+
     def encode(self, ds: Any, tokenizer: Any, max_length: int) -> Any:
         """One row per window: a context longer than a window is cut into windows of `max_length` tokens
         overlapping by `doc_stride`. Every window is kept, for training (those that do not hold the
         answer point at the CLS token, as for unanswerable questions) and for evaluation."""
         opts = self.options
-        room = max_length - opts.max_question_length - tokenizer.num_special_tokens_to_add(pair=True)
-        if opts.doc_stride >= room:
-            raise ValueError(f"task.doc_stride={opts.doc_stride} must be smaller than the context part of a window, "
-                             f"{room} tokens (model.max_length {max_length} - task.max_question_length "
-                             f"{opts.max_question_length} - special tokens)")
+        problem = self.config_problem(tokenizer, max_length)
+        if problem:
+            raise ConfigError(problem)
         labelled = "answer_texts" in ds.column_names
         cut = [0]
         features = ds.map(lambda batch, idx: self._windows(batch, idx, tokenizer, max_length, cut), batched=True,

@@ -1,0 +1,70 @@
+"""Config checks that need the model's config.json and tokenizer but no weights and no data: `lmtune validate`
+and `train` both run them first, so a config that cannot train is refused early, with the same message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmtune.config import ConfigError, RunConfig
+from lmtune.registry import TASKS
+
+
+@dataclass
+class Setup:
+    """What the checks loaded, for the caller to reuse: the task, the tokenizer, the model's config, max length."""
+
+    task: Any
+    tokenizer: Any
+    model_config: Any
+    max_length: int
+
+
+def check_setup(cfg: RunConfig) -> Setup:
+    """The task, tokenizer and model config of `cfg`; raises one ConfigError listing every problem of the config
+    with them (a ModelError where the model itself cannot be used as configured)."""
+    from lmtune import models
+
+    task = TASKS[cfg.task.name](cfg.task, cfg.data)
+    tokenizer = models.load_tokenizer(cfg.model)
+    model_config = models.load_model_config(cfg.model)
+    max_length = models.max_length(cfg.model, tokenizer, model_config)
+    if cfg.model.dropout is not None:
+        models.dropout_overrides(model_config, cfg.model.dropout)
+    problems = [task.config_problem(tokenizer, max_length) if hasattr(task, "config_problem") else None,
+                label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config)]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return Setup(task, tokenizer, model_config, max_length)
+
+
+def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
+    if not cfg.train.label_smoothing or getattr(task, "cross_entropy_targets", []):
+        return None
+    return (f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
+            f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
+            "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
+
+
+def general_text_problems(cfg: RunConfig, task: Any, model_config: Any) -> list[str]:
+    """The forgetting probe measures the perplexity of the pretrained model before training and of the tuned one
+    after: only a causal-LM task on a model saved with its language-modelling head gives it a meaning."""
+    path = cfg.eval.general_text
+    if not path:
+        return []
+    from lmtune.data import resolve_path
+    from lmtune.evaluation.probe import is_causal_lm
+
+    problems = []
+    if getattr(task.auto_class, "__name__", "") != "AutoModelForCausalLM":
+        problems.append(f"eval.general_text measures a causal LM's perplexity; the {cfg.task.name} task does not "
+                        "train a causal LM: remove eval.general_text")
+    elif not is_causal_lm(model_config):
+        saved = ", ".join(getattr(model_config, "architectures", None) or []) or "no architecture named"
+        problems.append(f"eval.general_text measures a causal LM's perplexity; model {cfg.model.name} is not "
+                        f"saved as one ({saved}; an encoder?): remove eval.general_text or use a decoder")
+    file = resolve_path(path)
+    if not file.is_file():
+        problems.append(f"eval.general_text={path}: " + ("no such file" if not file.exists() else "not a file"))
+    return problems
