@@ -58,13 +58,16 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
         cfg["task"] = {"name": "classification", "multi_label": True}
         cfg["train"]["label_smoothing"] = 0.1
         return cfg, "train.label_smoothing=0.1: the classification task (multi-label,"
+    if case == "replay_on_a_classifier":
+        cfg["data"]["replay"] = {"path": text_file(tmp_path / "general.txt")}
+        return cfg, "data.replay mixes general text into a language model's training; the classification task"
     assert case == "max_length_over_positions"
     cfg["model"]["max_length"] = 128
     return cfg, "model.max_length=128 exceeds the 64 positions this model has"
 
 
 CASES = ["qa_window", "ner_stride", "general_text_on_a_classifier", "general_text_on_an_encoder",
-         "general_text_missing", "label_smoothing_multi_label", "max_length_over_positions"]
+         "general_text_missing", "label_smoothing_multi_label", "max_length_over_positions", "replay_on_a_classifier"]
 
 
 def flat(text: str) -> str:

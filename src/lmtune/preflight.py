@@ -32,7 +32,8 @@ def check_setup(cfg: RunConfig) -> Setup:
     if cfg.model.dropout is not None:
         models.dropout_overrides(model_config, cfg.model.dropout)
     problems = [task.config_problem(tokenizer, max_length) if hasattr(task, "config_problem") else None,
-                label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config)]
+                label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
+                replay_problem(cfg, task)]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -45,6 +46,13 @@ def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
     return (f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
             f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
             "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
+
+
+def replay_problem(cfg: RunConfig, task: Any) -> str | None:
+    if not cfg.data.replay or getattr(task, "mixes_replay", False):
+        return None
+    return (f"data.replay mixes general text into a language model's training; the {cfg.task.name} task would "
+            "ignore it: remove data.replay (forgetting mitigations for it: method lp_ft, method.l2sp)")
 
 
 def general_text_problems(cfg: RunConfig, task: Any, model_config: Any) -> list[str]:

@@ -28,6 +28,7 @@ Optional, for tasks that need them:
 - `config_problem(tokenizer, max_length) -> str | None`: what is wrong with the task's options for this tokenizer
   and max length (QA and NER windows), said naming the option; `lmtune.preflight.check_setup` reports it (for
   `validate` and `train`) before any data is read, and `encode` raises it as a ConfigError.
+- `mixes_replay = True`: the task mixes `data.replay` text into training; other tasks refuse that option.
 - `count_targets(batch) -> int tensor`: the tokens a batch's loss averages over; the loop then weights each
   micro-batch so an optimizer step's loss is the mean over every target token of its accumulation window
   (or, with `train.loss_normalization=dataset`, their sum over the training set's mean count per window).

@@ -63,6 +63,7 @@ class DecoderTask:
 
     default_metric = "perplexity"
     cross_entropy_targets: list[tuple[str, str]] = []  # the loss is over shifted tokens: no smoothing here
+    mixes_replay = True  # data.replay: general text mixed into training (other tasks refuse it)
     greater_is_better = staticmethod(greater_is_better)
     count_targets = staticmethod(count_targets)
 
