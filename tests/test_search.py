@@ -121,3 +121,13 @@ def test_unknown_space_key_fails_before_any_trial(tiny_config, tmp_path) -> None
         read_search(bad)
     assert "search.trails: unknown key; did you mean 'trials'" in str(info.value)
     assert "float takes `low` and `high`" in str(info.value)
+
+
+def test_search_refuses_a_training_runs_folder(tiny_config, tmp_path) -> None:
+    config = write_config(tiny_config, tmp_path)
+    run = Path(tiny_config["output"]["dir"]) / "done"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a training run"):
+        search(config, ["output.name=done"])
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]

@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
 # Off a terminal (a log file, a pipe) rich would cut tables to 80 columns: give them room unless COLUMNS says otherwise.
 console = Console(stderr=True, quiet=not MAIN_PROCESS,
-                  width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 160)
+                  width=None if (sys.stderr and sys.stderr.isatty()) or "COLUMNS" in os.environ else 160)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -301,7 +301,7 @@ def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `se
            storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL shared by several machines "
                                                  "(default: sqlite search.db in the output folder)."),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Search folder (default: "
-                                                 "<output.dir>/<config name>-search)."),
+                                                 "<output.dir>/<output.name>, name <config name>-search by default)."),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Search hyperparameters with Optuna; re-running the same command resumes the search."""
     _setup_logging(verbose)

@@ -38,6 +38,12 @@ def parse_methods(spec: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def refuse_run_folder(folder: Path, command: str) -> None:
+    """A training run's own folder is no place for a compare or a search (and `train --overwrite` would delete it)."""
+    if (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir():
+        raise ConfigError(f"{command}: {folder} holds a training run; choose another output.name or --output")
+
+
 def _label(name: str, options: dict[str, Any]) -> str:
     return name + (f"({' '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
 
@@ -64,6 +70,7 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
     metric = base.eval.metric  # resolved per run below when left to the task
     folder = Path(output or Path(base.output.dir) / (base.output.name
                                                      or f"compare-{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"))
+    refuse_run_folder(folder, "compare")
     if folder.is_dir() and any(folder.iterdir()) and not base.output.overwrite:
         raise ConfigError(f"compare: {folder} exists and is not empty; choose another output.name or --output, "
                           "or set output.overwrite=true to train into it again")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from lmtune.compare import refuse_run_folder
 from lmtune.config import ConfigError, load_config, override
 
 log = logging.getLogger("lmtune")
@@ -288,6 +289,7 @@ def search(config: str | Path, overrides: list[str] | None = None, *, space: str
     direction = spec.direction or ("maximize" if task.greater_is_better(metric) else "minimize")
     stem = Path(config).stem
     folder = Path(output or Path(base.output.dir) / (base.output.name or f"{stem}-search"))
+    refuse_run_folder(folder, "search")
     folder.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(folder / 'search.db').resolve()}"
     study = _open_study(stem, url, storage is None, direction, spec,

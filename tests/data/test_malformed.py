@@ -106,3 +106,13 @@ def test_clean_file_skips_nothing(tmp_path):
     assert len(ds) == 2 and skipped == []
     with pytest.raises(ValueError, match="unknown bad-row policy 'warn'"):
         read_table(path, on_bad_rows="warn")
+
+
+def test_every_malformed_line_counts_and_keeps_later_row_numbers(tmp_path):
+    path = _write(tmp_path / "d.csv", "text,label\na,1\nb,2,x\nc,3\nd,4,y\ne,5\n")
+    with pytest.raises(DataError, match=r"line 3: .*\(2 malformed rows in all"):
+        read_table(path)
+    skipped = []
+    ds = read_table(path, on_bad_rows="skip", skipped=skipped)
+    assert ds["text"][:] == ["a", "c", "e"] and ds["_row"][:] == [1, 3, 5]
+    assert len(skipped) == 2 and "line 5" in skipped[1]

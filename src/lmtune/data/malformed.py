@@ -119,7 +119,7 @@ def read_malformed(real: Path, shown: str, gz: bool,
                 dropped.append(Malformed(kept[record.start] + 1, _too_many(saw, width, delimiter)))
             continue
         bad = {int(m[1]) - 1: _too_many(int(m[3]), int(m[2]), delimiter)
-               for m in (_TOO_MANY.search(str(w.message)) for w in caught) if m is not None}
+               for w in caught for m in _TOO_MANY.finditer(str(w.message))}  # one warning can list several
         return frame, *_number(records, header, kept, bad, dropped, len(frame))
     first = min(dropped, key=lambda m: m.line)
     raise DataError(shown, f"{first.message} (one of {len(dropped)} or more malformed rows: are the header line and "
