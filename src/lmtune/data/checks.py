@@ -10,13 +10,12 @@ from typing import Any
 import datasets
 import numpy as np
 
-from lmtune.data.errors import DataError
+from lmtune.data.errors import POLICIES, DataError
 from lmtune.data.readers import ROW_COLUMN
 
 logger = logging.getLogger("lmtune")
 
 RowCheck = Callable[[dict[str, Any]], "tuple[str, str] | None"]
-POLICIES = ("error", "skip")
 _BATCH = 1000
 
 

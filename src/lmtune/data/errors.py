@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
+POLICIES = ("error", "skip")  # data.on_bad_rows
+
+
 class DataError(ValueError):
     """Bad input data, located as precisely as we can: file, then row (or line), then field.
 

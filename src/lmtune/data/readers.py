@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 
 from lmtune.data.builtin import BUILTIN_PREFIX, cache_dir, extract_builtin, write_atomic
-from lmtune.data.errors import DataError
+from lmtune.data.errors import POLICIES, DataError
 from lmtune.data.malformed import apply_policy, read_malformed
 
 __all__ = ["ROW_COLUMN", "DataError", "read_table", "require_columns", "resolve_path"]
@@ -75,8 +75,8 @@ def read_table(
 
     Every problem raises :class:`DataError` naming the file (and the line/row where known).
     """
-    if on_bad_rows not in ("error", "skip"):
-        raise ValueError(f"unknown bad-row policy {on_bad_rows!r}; expected one of error, skip")
+    if on_bad_rows not in POLICIES:
+        raise ValueError(f"unknown bad-row policy {on_bad_rows!r}; expected one of {', '.join(POLICIES)}")
     shown = str(path)
     real = resolve_path(path)
     if not real.exists():

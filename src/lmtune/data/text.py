@@ -32,8 +32,7 @@ def read_documents(path: str, column: str = "text", documents: Literal["line", "
     if fmt is None and is_plain_text(file):
         return datasets.Dataset.from_list(_text_documents(file, path, documents), features=datasets.Features(
             {"text": datasets.Value("string"), "_row": datasets.Value("int64")}))
-    malformed: list[str] = []
-    ds = read_table(file, fmt, on_bad_rows=on_bad_rows, skipped=malformed)
+    ds = read_table(file, fmt, on_bad_rows=on_bad_rows, skipped=skipped)
     require_columns(ds, str(path), [column])
 
     def check(row: dict) -> tuple[str, str] | None:
@@ -44,7 +43,7 @@ def read_documents(path: str, column: str = "text", documents: Literal["line", "
 
     ds, messages = apply_row_checks(ds, str(path), check, on_bad_rows)
     if skipped is not None:
-        skipped += malformed + messages
+        skipped += messages
     return ds.map(lambda b: {"text": b[column], "_row": b["_row"]}, batched=True, remove_columns=ds.column_names)
 
 

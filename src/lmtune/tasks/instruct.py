@@ -99,8 +99,7 @@ class Instruct(lm_common.DecoderTask):
         return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
     def _read(self, path: str, skipped: list[str] | None = None) -> Any:
-        malformed: list[str] = []
-        ds = read_table(resolve_path(path), self.data.format, on_bad_rows=self.data.on_bad_rows, skipped=malformed)
+        ds = read_table(resolve_path(path), self.data.format, on_bad_rows=self.data.on_bad_rows, skipped=skipped)
         columns = ds.column_names
         if not self.options.prompt_template and "messages" not in columns and not {"instruction", "output"} <= set(columns):
             raise DataError(path, f"instruction data needs a `messages` column or `instruction` and `output` "
@@ -113,7 +112,7 @@ class Instruct(lm_common.DecoderTask):
 
         ds, messages = apply_row_checks(ds, path, check, self.data.on_bad_rows)
         if skipped is not None:
-            skipped += malformed + messages
+            skipped += messages
         return ds.map(lambda row: {"messages": self._to_messages(row, columns), "_row": row["_row"], "_file": path},
                       remove_columns=columns)
 
