@@ -61,13 +61,23 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
     if case == "replay_on_a_classifier":
         cfg["data"]["replay"] = {"path": text_file(tmp_path / "general.txt")}
         return cfg, "data.replay mixes general text into a language model's training; the classification task"
+    if case == "metric_typo":  # was caught only at the first evaluation, after a whole epoch
+        cfg["eval"] = {"metric": "acc"}
+        return cfg, "eval.metric 'acc' is not a metric of the classification task; did you mean 'accuracy'?"
+    if case == "metric_of_another_task":
+        cfg["task"] = {"name": "ner"}
+        cfg["data"] = {"train": conll_file(tmp_path / "ner.conll")}
+        cfg["eval"] = {"metric": "perplexity"}
+        return cfg, ("eval.metric 'perplexity' is not a metric of the ner task (its metrics: f1, precision, recall, "
+                     "token_accuracy, loss)")
     assert case == "max_length_over_positions"
     cfg["model"]["max_length"] = 128
     return cfg, "model.max_length=128 exceeds the 64 positions this model has"
 
 
 CASES = ["qa_window", "ner_stride", "general_text_on_a_classifier", "general_text_on_an_encoder",
-         "general_text_missing", "label_smoothing_multi_label", "max_length_over_positions", "replay_on_a_classifier"]
+         "general_text_missing", "label_smoothing_multi_label", "max_length_over_positions", "replay_on_a_classifier",
+         "metric_typo", "metric_of_another_task"]
 
 
 def flat(text: str) -> str:

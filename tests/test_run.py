@@ -263,12 +263,3 @@ def test_evaluation_batches_are_sized_by_the_width_the_collate_pads_to(tiny_conf
     batches = eval_batches(lengths, 4, width=session.width)
     padded = [len(b) * session.collate([rows[i] for i in b])["input_ids"].shape[1] for b in batches]
     assert padded[0] == 4 * 64 and max(padded) <= padded[0] and len(batches) < len(lengths) / 4
-
-
-def test_a_misspelt_metric_is_a_clear_config_error(tiny_config) -> None:
-    from lmtune.config import ConfigError
-
-    tiny_config["train"]["max_steps"] = 1
-    tiny_config["eval"] = {"metric": "acc"}
-    with pytest.raises(ConfigError, match="eval.metric 'acc' is not a metric of this task; did you mean 'accuracy'"):
-        lmtune.train(tiny_config)

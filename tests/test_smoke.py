@@ -10,6 +10,7 @@ import pytest
 
 import lmtune
 from helpers import make_sentiment_rows, write_csv
+from lmtune.config import load_config
 from lmtune.registry import METHODS, TASKS, load_builtins
 
 load_builtins()
@@ -85,7 +86,11 @@ def test_task_method_pair(task: str, method: str, request: pytest.FixtureRequest
         return
     result = lmtune.train(cfg)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any("train/loss" in r for r in records) and any(k.startswith("eval/") for r in records for k in r)
+    assert any("train/loss" in r for r in records)
+    # What validation reports is what the task declares (eval.metric is checked against that before training).
+    config = load_config(cfg)
+    assert {k.removeprefix("eval/") for r in records for k in r if k.startswith("eval/")} == \
+        set(TASKS[task](config.task, config.data).metric_names)
     assert 0 < result.metrics["params"]["trainable"] <= result.metrics["params"]["total"]
     preds = lmtune.load(result.run_dir).predict(inputs)
     assert len(preds) == len(inputs)

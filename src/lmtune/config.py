@@ -211,7 +211,8 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     metric: str | None = None
-    """Metric that selects the best checkpoint and drives early stopping; default: the task's main metric."""
+    """Metric that selects the best checkpoint and drives early stopping, one of those the task reports on
+    validation (checked before training); default: the task's main metric."""
     batch_size: int | None = None
     """Examples per evaluation batch (default: twice train.batch_size); batches of shorter rows take more of them,
     up to the padded tokens of a batch of the longest rows."""

@@ -19,7 +19,8 @@ loading a finished run). It provides, duck-typed (no base class):
   batch)` over all feature rows; scalars (floats, logged at every evaluation, include "loss" when
   available) and details (per-class tables, matrices; saved in metrics.json).
 - `postprocess(outputs, n) -> list[dict]`: predictions for `from_texts` inputs.
-- `default_metric` and `greater_is_better(metric) -> bool`.
+- `default_metric`, `metric_names` (every scalar `evaluate` can report on validation data, for `eval.metric`
+  to be checked before training) and `greater_is_better(metric) -> bool`.
 - `cross_entropy_targets`: (model output, batch key) pairs whose training loss is cross-entropy over the
   last axis of the output (targets -100 ignored); `train.label_smoothing` recomputes the loss from them.
   Empty when the loss is something else (multi-label: sigmoid per label).

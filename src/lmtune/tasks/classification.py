@@ -60,6 +60,11 @@ class Classification:
     def default_metric(self) -> str:
         return "micro_f1" if self.options.multi_label else "accuracy"
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return ("micro_f1", "macro_f1", "subset_accuracy", "loss") if self.options.multi_label else \
+            ("accuracy", "macro_f1", "loss")
+
     @staticmethod
     def greater_is_better(metric: str) -> bool:
         return "loss" not in metric

@@ -62,6 +62,7 @@ class DecoderTask:
     """What the causal-LM tasks (causal_lm, instruct) share: the model class, the loss and its metric."""
 
     default_metric = "perplexity"
+    metric_names = ("loss", "perplexity")
     cross_entropy_targets: list[tuple[str, str]] = []  # the loss is over shifted tokens: no smoothing here
     mixes_replay = True  # data.replay: general text mixed into training (other tasks refuse it)
     greater_is_better = staticmethod(greater_is_better)

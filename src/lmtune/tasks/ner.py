@@ -145,6 +145,7 @@ def _predict_input(record: Any, row: int) -> dict[str, Any]:
 class Ner:
     Options = NerOptions
     default_metric = "f1"
+    metric_names = ("f1", "precision", "recall", "token_accuracy", "loss")
     cross_entropy_targets = [("logits", "labels")]
 
     @staticmethod

@@ -54,6 +54,12 @@ class QuestionAnswering:
     # The models' own loss is the mean of start and end cross-entropy; positions always lie in the window.
     cross_entropy_targets = [("start_logits", "start_positions"), ("end_logits", "end_positions")]
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        no_answer = ("has_answer_exact", "has_answer_f1", "no_answer_exact", "no_answer_f1", "best_f1",
+                     "best_f1_threshold", "best_exact", "best_exact_threshold")
+        return ("exact_match", "f1", "loss", *(no_answer if self.options.version_2 else ()))
+
     def __init__(self, options: QAOptions, data: DataConfig, labels: list[str] | None = None):
         self.options = options
         self.data = data  # labels (a saved model's id2label) mean nothing for span prediction
