@@ -33,7 +33,7 @@ def check_setup(cfg: RunConfig) -> Setup:
         models.dropout_overrides(model_config, cfg.model.dropout)
     problems = [task.config_problem(tokenizer, max_length) if hasattr(task, "config_problem") else None,
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
-                replay_problem(cfg, task), metric_problem(cfg, task)]
+                replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric")]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -48,15 +48,16 @@ def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
             "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
 
 
-def metric_problem(cfg: RunConfig, task: Any) -> str | None:
-    """`eval.metric` must be one the task reports (the loop would otherwise stop at the first evaluation)."""
-    metric, names = cfg.eval.metric, task.metric_names
+def metric_problem(metric: str | None, task: Any, option: str) -> str | None:
+    """`option` (e.g. eval.metric) must name a metric the task reports (the loop would otherwise stop at the first
+    evaluation)."""
+    names = task.metric_names
     if metric is None or metric in names:
         return None
     import difflib
 
     near = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
-    return (f"eval.metric {metric!r} is not a metric of the {cfg.task.name} task"
+    return (f"{option} {metric!r} is not a metric of the {task.options.name} task"
             + (f"; did you mean {near[0]!r}?" if near else f" (its metrics: {', '.join(names)})"))
 
 

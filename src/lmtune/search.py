@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmtune.compare import refuse_run_folder
 from lmtune.config import ConfigError, load_config, override
+from lmtune.preflight import metric_problem
 
 log = logging.getLogger("lmtune")
 
@@ -286,6 +287,8 @@ def search(config: str | Path, overrides: list[str] | None = None, *, space: str
         raise ConfigError("a search scores trials on validation data: give data.validation or data.validation_size > 0")
     task = TASKS[base.task.name](base.task, base.data)
     metric = (spec.metric or base.eval.metric or task.default_metric).removeprefix("eval/")
+    if problem := metric_problem(metric, task, "search.metric" if spec.metric else "eval.metric"):
+        raise ConfigError(problem)  # before any trial: each would fail on it
     direction = spec.direction or ("maximize" if task.greater_is_better(metric) else "minimize")
     stem = Path(config).stem
     folder = Path(output or Path(base.output.dir) / (base.output.name or f"{stem}-search"))
