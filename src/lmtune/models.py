@@ -156,7 +156,22 @@ def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, l
         output_loading_info=True,
         **kwargs,
     )
+    if getattr(model.config, "_attn_implementation", None) == "eager":
+        model.register_forward_pre_hook(_additive_block_mask, with_kwargs=True)
     return model, sorted(info.get("missing_keys", []))
+
+
+def _additive_block_mask(model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Packed causal-LM batches carry a boolean 4D block mask (True = may attend), which SDPA reads as such and
+    transformers passes through unchanged; eager attention (e.g. Gemma2's default, GPT-J) adds its mask to the
+    scores, so a boolean one would mask nothing and let tokens see later tokens and other documents."""
+    import torch
+
+    mask = kwargs.get("attention_mask")
+    if torch.is_tensor(mask) and mask.dtype == torch.bool and mask.ndim == 4:
+        additive = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device)
+        kwargs["attention_mask"] = additive.masked_fill_(~mask, torch.finfo(model.dtype).min)
+    return args, kwargs
 
 
 # Config attributes that hold a dropout probability, across architectures (BERT, RoBERTa, DistilBERT,

@@ -43,10 +43,19 @@ def other_geometry(name: str, vocab_size: int):
                                         max_position_embeddings=64)).eval()
 
 
-@pytest.mark.parametrize("geometry", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("geometry", ["llama", "gpt2", "qwen2", "llama-eager"])
 def test_packed_batch_does_not_attend_across_documents(geometry: str, tiny_decoder_dir: Path) -> None:
     tokenizer, model = load(tiny_decoder_dir)
-    if geometry != "llama":
+    if geometry == "llama-eager":  # eager attention adds its mask to the scores: lmtune's loader makes it additive
+        from transformers import AutoModelForCausalLM
+
+        from lmtune.config import ModelConfig
+        from lmtune.models import load_model
+
+        model = load_model(AutoModelForCausalLM, ModelConfig(name=str(tiny_decoder_dir)),
+                           attn_implementation="eager")[0].eval()
+        assert model.config._attn_implementation == "eager"
+    elif geometry != "llama":
         model = other_geometry(geometry, len(tokenizer))
     docs = lm_common.tokenize_documents(DOCS, tokenizer)
     rows = pack(docs, 16)
