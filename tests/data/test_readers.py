@@ -66,14 +66,18 @@ def _records(ds):
 def test_every_format_reads_the_same_rows(tmp_path, ext, gz):
     path = _write(tmp_path / f"data.{ext}{'.gz' if gz else ''}", ROWS)
     ds = read_table(path)
-    assert _records(ds) == ROWS
+    assert _records(ds) == (_as_text(ROWS) if ext in ("csv", "tsv") else ROWS)  # CSV/TSV values stay as written
     assert ds["_row"][:] == [1, 2, 3]
+
+
+def _as_text(rows):
+    return [{k: str(v) for k, v in r.items()} for r in rows]
 
 
 def test_fmt_overrides_extension(tmp_path):
     path = tmp_path / "data.txt"
     _write_delimited(path, ROWS, ",")
-    assert _records(read_table(path, fmt="csv")) == ROWS
+    assert _records(read_table(path, fmt="csv")) == _as_text(ROWS)
     with pytest.raises(DataError, match="unknown format 'xml'.*csv, tsv, jsonl, json, parquet"):
         read_table(path, fmt="xml")
 
@@ -103,15 +107,16 @@ def test_tsv_with_quoted_fields_like_the_drug_reviews(tmp_path):
     assert ds.column_names == ["Unnamed: 0", "review", "rating", "_row"]
 
 
-def test_csv_types_whole_columns_and_keeps_na_text(tmp_path):
-    # datasets types CSV columns per 10k-row chunk; a column numeric at first but text later must load.
+def test_csv_keeps_values_as_written_and_na_text(tmp_path):
+    # datasets types CSV columns per 10k-row chunk; a column numeric at first but text later must load, and
+    # values that look numeric stay as written (label "01" is not 1).
     path = tmp_path / "big.csv"
-    lines = ["text,label"] + [f"{i if i < 10_500 else f'word{i}'},{i % 3}" for i in range(11_000)]
+    lines = ["text,label"] + [f"{i if i < 10_500 else f'word{i}'},0{i % 3}" for i in range(11_000)]
     lines += ["NA,", "None,1"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ds = read_table(path)
-    assert ds.features["text"].dtype == "string"
-    assert ds.features["label"].dtype == "int64"
+    assert ds.features["text"].dtype == ds.features["label"].dtype == "string"
+    assert ds[:3]["text"] == ["0", "1", "2"] and ds[:3]["label"] == ["00", "01", "02"]
     assert ds[10_999]["text"] == "word10999"
     assert ds[11_000] == {"text": "NA", "label": None, "_row": 11_001}
     assert ds[11_001]["text"] == "None"

@@ -59,7 +59,8 @@ def read_table(
     The format comes from the extension (``.csv``, ``.tsv``, ``.jsonl``, ``.json``, ``.parquet``,
     plus ``.gz``); ``fmt`` overrides it. Text formats must be UTF-8. TSV is parsed like CSV (quoted
     fields allowed) with a tab delimiter. In CSV/TSV only empty fields become missing values
-    ("NA", "null" stay text), and a column is numeric only if every value in the whole file is.
+    ("NA", "null" stay text), and every column is text: values stay as written (labels "01" and "1" differ,
+    a text column of numbers is still text); tasks convert what they need.
 
     The result has an extra int column ``_row``: the 1-based record number that every error message
     uses. For CSV/TSV it is the data record number (the header is not counted; blank lines are
@@ -216,10 +217,8 @@ def _json_options() -> dict:
 def _load_csv(
     real: Path, shown: str, gz: bool, delimiter: str, on_bad_rows: str
 ) -> tuple[datasets.Dataset, list[int] | None, list[str]]:
-    """Load CSV/TSV with all columns as text, then make columns numeric where the whole column is.
-
-    datasets' csv builder lets pandas guess types per 10,000-row chunk, so a column that looks
-    numeric early and holds text later fails to load; typing whole columns afterwards avoids that.
+    """Load CSV/TSV with all columns as text (datasets' csv builder would let pandas guess types per 10,000-row
+    chunk: a column that looks numeric early and holds text later would fail to load, and "01" became 1).
     Only if pandas finds a malformed record (or the first record has more fields than the header,
     which pandas would silently turn into an index) is the file read again, in memory, to locate
     malformed records and raise or drop them (lmtune.data.malformed).
@@ -241,7 +240,7 @@ def _load_csv(
                 keep_default_na=False,
                 na_values=[""],
             )
-            return _numeric_columns(ds), None, []
+            return ds, None, []
     except Exception as e:  # noqa: BLE001 - only a pandas parser error is about malformed records
         if not isinstance(e.__cause__ or e, pd.errors.ParserError):
             raise
@@ -252,28 +251,7 @@ def _load_csv(
     messages = apply_policy(shown, malformed, len(frame), on_bad_rows)
     features = datasets.Features({str(name): datasets.Value("string") for name in frame.columns})
     ds = datasets.Dataset.from_pandas(frame, features=features, preserve_index=False)
-    return _numeric_columns(ds), rows, messages
-
-
-def _numeric_columns(ds: datasets.Dataset) -> datasets.Dataset:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    features = ds.features.copy()
-    changed = False
-    for name in ds.column_names:
-        column = ds.data.column(name)
-        if column.null_count == len(column):
-            continue  # nothing to go on: leave it text
-        for target in ("int64", "float64"):
-            try:
-                pc.cast(column, getattr(pa, target)())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                continue
-            features[name] = datasets.Value(target)
-            changed = True
-            break
-    return ds.cast(features) if changed else ds  # inside _quiet_datasets: no progress bar
+    return ds, rows, messages
 
 
 def _gunzip_to_cache(real: Path, shown: str) -> Path:
