@@ -157,6 +157,41 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_config) -> None:
     assert steps == sorted(set(steps))  # no step logged twice after the resume
 
 
+# (method, train settings, the step to interrupt after): each resume must give the uninterrupted run's weights.
+RESUMES = {
+    # interrupted in the fine-tuning stage before its first checkpoint: the probe's last one is read, and the
+    # fine-tuning stage starts afresh (it used to load the probe's optimizer state, and fail)
+    "lp_ft_second_stage": ({"name": "lp_ft", "probe_epochs": 1, "epochs": 1}, {}, 11),
+    # interrupted after the checkpoint of a stage that ended at max_steps mid-epoch: no step more on resuming
+    "max_steps_done": ({"name": "full"}, {"max_steps": 5, "schedule": "constant", "load_best": False}, 5),
+    # the head on cached features: re-caching after the resume must not change the dropout masks that follow
+    "cached_head": ({"name": "head", "lr": 1e-2}, {"epochs": 2, "eval_every": 4, "load_best": False}, 5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUMES))
+def test_resume_of_stages_matches_uninterrupted(case: str, tiny_config) -> None:
+    method, train, at = RESUMES[case]
+    tiny_config["method"] = method
+    tiny_config["train"].update(train)
+    tiny_config["output"]["name"] = "straight"
+    straight = lmtune.train(tiny_config)
+    tiny_config["output"]["name"] = "resumed"
+
+    def crash(state) -> None:
+        if state.step == at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        lmtune.train(tiny_config, callbacks=[crash])
+    resumed = lmtune.train(tiny_config, resume=True)
+    assert resumed.metrics["steps"] == straight.metrics["steps"]
+    a = load_file(str(straight.run_dir / "model" / "model.safetensors"))
+    b = load_file(str(resumed.run_dir / "model" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_resume_refuses_a_changed_config(tiny_config) -> None:
     def crash(state) -> None:
         if state.step == 9:

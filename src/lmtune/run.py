@@ -408,6 +408,9 @@ def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrit
     session = Predictor(run_dir).session
     model = session.model
     if is_adapter(model):
+        if model.active_peft_config.is_prompt_learning:
+            raise ValueError(f"{run_dir} holds a prompt-tuning adapter: its virtual tokens are added at run time and "
+                             "cannot be merged into the weights; use the run itself (lmtune.load, lmtune predict)")
         if not merge:
             raise ValueError(f"{run_dir} holds an adapter: export it with --merge")
         model = model.merge_and_unload()

@@ -74,3 +74,21 @@ def test_cache_falls_back_when_the_trunk_trains(tiny_config: dict, caplog) -> No
         del METHODS["leaky"]
     assert "features not cached: 1 parameters inside bert.encoder train" in caplog.text
     assert result.metrics["stages"]["head"]["feature_cache"] is False
+
+
+def test_the_caching_pass_counts_in_the_stage_time(tiny_config: dict, monkeypatch) -> None:
+    import time
+
+    from lmtune.training import loop
+
+    build = loop.ensure_cached
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "ensure_cached", slow)
+    tiny_config["method"] = {"name": "head", "lr": 1e-2}
+    tiny_config["train"]["max_steps"] = 2
+    result = lmtune.train(tiny_config)
+    assert result.metrics["stages"]["head"]["seconds"] >= 1.0 and result.metrics["train_seconds"] >= 1.0

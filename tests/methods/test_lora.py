@@ -116,6 +116,11 @@ def test_relatives_train_and_reload(variant, tiny_config) -> None:
     assert result.metrics["stages"][variant]["trainable_params"] < result.metrics["params"]["total"]
     first = lmtune.load(result.run_dir).predict(TEXTS)
     assert first == lmtune.load(result.run_dir).predict(TEXTS)
+    if variant == "prompt_tuning":  # virtual tokens added at run time: nothing to merge into the weights
+        from lmtune.run import export
+
+        with pytest.raises(ValueError, match="holds a prompt-tuning adapter: its virtual tokens are added at run"):
+            export(result.run_dir, result.run_dir.parent / "exported")
 
 
 def test_reload_prints_no_missing_head_report(lora_run, caplog) -> None:

@@ -124,6 +124,13 @@ def test_layerwise_decay_sets_rates_by_depth(tiny_model_dir) -> None:
     assert lr["classifier.weight"] == pytest.approx(1e-3)
 
 
+def test_the_logged_rate_is_the_configured_one_under_layer_decay(tiny_config) -> None:
+    result = run(tiny_config, {"name": "full", "layer_decay": 0.5, "head_lr": 1e-2}, "llrd", lr=5e-3,
+                 schedule="constant", warmup_ratio=0.0, max_steps=3, log_every=1)
+    records = [__import__("json").loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx([5e-3] * 3)  # not the embeddings' decayed rate
+
+
 def test_gradual_unfreezing_opens_one_block_per_epoch(tiny_model_dir) -> None:
     model, info = tiny_classifier(tiny_model_dir)
     stages = METHODS["full"].apply(model, info, METHODS["full"].Options(gradual_unfreeze=True))

@@ -68,8 +68,8 @@ def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool,
         # Decay matrices only: decaying biases and norm gains hurts and is not what AdamW papers do.
         decay = [params[n] for n in group.names if params[n].ndim >= 2]
         no_decay = [params[n] for n in group.names if params[n].ndim < 2]
-        groups += [{"params": decay, "lr": lr, "weight_decay": wd},
-                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        groups += [{"params": decay, "lr": lr, "weight_decay": wd, "lr_scale": group.lr_scale},
+                   {"params": no_decay, "lr": lr, "weight_decay": 0.0, "lr_scale": group.lr_scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused, capturable=capturable)
 
 
@@ -92,8 +92,8 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
     world = accelerator.num_processes
     batches = eval_batches(dataset["length"][:], batch_size, width=width, rank=accelerator.process_index,
                            world_size=world)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                        pin_memory=accelerator.device.type == "cuda")
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator(),
+                        pin_memory=accelerator.device.type == "cuda")  # no draw on the global RNG (see _train)
     cache = feature_cache.find(model)
     if cache is not None:  # a stage with a frozen, cached trunk is evaluating: serve this set from memory too
         ensure_cached(cache, model, dataset, collate, batch_size, accelerator, width=width)
@@ -207,6 +207,7 @@ class _StageRun:
         # The scheduler is not prepared: Accelerate would step it once per process.
         self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        started = time.perf_counter()  # the caching pass is part of the stage's time
         self.cache = self._feature_cache()  # after prepare: the model is on its device
         self.compiled = compiling.blocks(accelerator.unwrap_model(self.model)) if cfg.compile and self.cache is None else []
         if resume_from is not None:
@@ -234,7 +235,7 @@ class _StageRun:
         self.lengths, self.rows, self.mean_targets = train_rows.lengths, train_rows.rows, train_rows.mean_targets
         self.penalty_sum = torch.zeros((), device=accelerator.device)
         self.running = torch.zeros((), device=accelerator.device)  # loss summed on device: no host sync per step
-        self.started = time.perf_counter() - state.stage_seconds.get(stage.name, 0.0)
+        self.started = started - state.stage_seconds.get(stage.name, 0.0)
 
     def _feature_cache(self) -> Any:
         """Run the frozen trunk once over the training set when the stage allows it (see feature_cache)."""
@@ -306,7 +307,8 @@ class _StageRun:
                 end_of_stage = state.stage_step >= self.total_steps
                 if state.stage_step % cfg.log_every == 0 or end_of_stage:
                     loss_value = self.acc.reduce(self.running, "mean").item() / since_log
-                    values = {"train/loss": loss_value, "lr": float(self.scheduler.get_last_lr()[0]),
+                    lr = float(self.scheduler.get_last_lr()[0]) / self.optimizer.param_groups[0]["lr_scale"]
+                    values = {"train/loss": loss_value, "lr": lr,  # the rate before layer decay scales it
                               "epoch": state.epoch + state.batch / len(batches)}
                     if getattr(stage, "penalty", None) is not None:  # its share of train/loss
                         values["train/penalty"] = self.acc.reduce(self.penalty_sum, "mean").item() / since_log
@@ -401,7 +403,7 @@ class _StageRun:
         info, started = state.stages[self.stage.name], time.perf_counter()
         with compiling.plain(self.compiled):  # compiling for inference too would stall the run again
             stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
-        state.stage_done = stop
+        state.stage_done = stop or state.stage_step >= self.total_steps  # resuming here trains no more
         info["eval_seconds"] = round(info.get("eval_seconds", 0.0) + time.perf_counter() - started, 2)
         state.scheduler = {k: [float(x) for x in v] if isinstance(v, list) and any(map(torch.is_tensor, v)) else v
                            for k, v in self.scheduler.state_dict().items()}  # JSON: device learning rates as floats
@@ -456,7 +458,7 @@ def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch
         return
     lengths = dataset["length"][:]
     batches = eval_batches(lengths, batch_size, width=width)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
     was_training = model.training
     model.eval()
     cache.current = None
@@ -484,8 +486,8 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     gc.collect()
     gc.freeze()
     try:
-        for index in range(state.stage, len(job.stages)):
-            resume_from = last if resume and index == state.stage else None
+        for index in range(first := state.stage, len(job.stages)):  # resumed: only `first` from the checkpoint
+            resume_from = last if resume and index == first else None
             if resume_from is None:
                 state.stage = index
             _StageRun(job, index, state, cfg, accelerator, logs, resume_from, train_rows).run()
