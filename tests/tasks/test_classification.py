@@ -157,6 +157,42 @@ def test_multi_label_trains_and_predicts_sets(tmp_path: Path, tiny_model_dir: Pa
     assert sorted(preds[0]["labels"]) == ["film", "pos"] and preds[1]["labels"] == ["neg"]
 
 
+def test_multi_label_empty_set_is_a_target_not_a_missing_label(tmp_path: Path) -> None:
+    rows = [{"text": "fine", "labels": []}, {"text": "awful", "labels": ["neg", "toxic"]}, {"text": "meh"}]
+    path = write(tmp_path / "t.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"data": {"train": str(path), "label_column": "labels", "validation_size": 0, "test_size": 0,
+                    "on_bad_rows": "skip"}, "task": {"name": "classification", "multi_label": True}}
+    task = task_for(cfg)
+    splits, report = task.load_splits(seed=0)
+    assert splits["train"]["labels"][:] == [[], ["neg", "toxic"]]  # the row without the field is still missing
+    assert report["skipped_rows"]["train"] == 1
+
+
+def test_macro_f1_averages_the_classes_present(cfg: dict) -> None:
+    from types import SimpleNamespace
+
+    import datasets
+    import torch
+
+    task = task_for(cfg, labels=["neg", "neu", "pos"])
+    gold = [0, 2, 0, 2]  # no neutral row, none predicted: not a 0 in the mean
+    logits = torch.nn.functional.one_hot(torch.tensor(gold), 3).float()
+    features = datasets.Dataset.from_dict({"labels": gold})
+    scalars, details = task.evaluate([(list(range(4)), SimpleNamespace(logits=logits), {})], features)
+    assert scalars["accuracy"] == scalars["macro_f1"] == 1.0
+    assert details["per_class"]["neu"]["support"] == 0
+
+
+def test_pair_model_needs_the_second_text_to_predict(tmp_path: Path) -> None:
+    cfg = {"data": {"train": str(write(tmp_path / "p.csv", "a,b,label\nx,y,same\n")), "text_column": "a",
+                    "text_pair_column": "b"}}
+    task = task_for(cfg, labels=["same", "different"])
+    assert task.from_texts([{"text": "x", "text_pair": "y"}])["text_pair"][:] == ["y"]
+    for bad in ({"text": "x"}, {"text": "x", "text_pair": None}, "just one text"):
+        with pytest.raises(DataError, match="no `text_pair`"):
+            task.from_texts([{"text": "a", "text_pair": "b"}, bad])
+
+
 def test_sentence_pairs_reach_the_model(tmp_path: Path, tiny_model_dir: Path) -> None:
     # The label depends only on whether the two texts agree, so the pair must reach the model.
     rows = "premise,hypothesis,label\n" + "".join(

@@ -33,6 +33,8 @@ def _label_values(value: Any, multi: bool, sep: str, rename: dict[str, str]) -> 
     """A row's label(s) as strings, renamed by data.label_map; None when missing."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
+    if multi and isinstance(value, list) and not value:
+        return []  # multi-label: an explicit empty list means none of the labels applies (all targets 0)
     items = (value if isinstance(value, list) else str(value).split(sep)) if multi else [value]
     items = [str(v).strip() for v in items if str(v).strip()]
     return [rename.get(v, v) for v in items] or None
@@ -193,8 +195,12 @@ class Classification:
             if not isinstance(row.get("text"), str) or not row["text"].strip():
                 raise no_text(row, i)
         columns = {"text": [self._clean(r["text"]) for r in rows]}
-        if self.data.text_pair_column:
-            columns["text_pair"] = [self._clean(str(r.get("text_pair", ""))) for r in rows]
+        if self.data.text_pair_column:  # the model was trained on pairs: each input needs its second text
+            for i, row in enumerate(rows, 1):
+                if not isinstance(row.get("text_pair"), str) or not row["text_pair"].strip():
+                    raise DataError("input", "no `text_pair` (this model classifies text pairs: give each input "
+                                    "`text` and `text_pair`)", row=i, field="text_pair")
+            columns["text_pair"] = [self._clean(r["text_pair"]) for r in rows]
         return datasets.Dataset.from_dict(columns)
 
     # ---- model -----------------------------------------------------------------------------------
@@ -259,22 +265,24 @@ class Classification:
         if self.options.multi_label:
             pred = (1 / (1 + np.exp(-logits)) >= self.options.threshold).astype(int)
             gold = gold.astype(int)
+            seen = np.flatnonzero(gold.any(0) | pred.any(0))  # labels in neither count in no average (as below)
             scalars = {"micro_f1": f1_score(gold, pred, average="micro", zero_division=0),
-                       "macro_f1": f1_score(gold, pred, average="macro", zero_division=0),
+                       "macro_f1": f1_score(gold, pred, average="macro", labels=seen, zero_division=0)
+                       if len(seen) else 0.0,
                        "subset_accuracy": accuracy_score(gold, pred)}
             details: dict[str, Any] = {}
         else:
             pred = logits.argmax(-1)
+            # Macro-F1 over the classes in gold or predictions (sklearn's default, as the HF scripts report it): a
+            # class absent from both is not a 0 in the mean.
             scalars = {"accuracy": accuracy_score(gold, pred),
-                       "macro_f1": f1_score(gold, pred, average="macro", labels=range(len(self.labels)),
-                                            zero_division=0)}
+                       "macro_f1": f1_score(gold, pred, average="macro", zero_division=0)}
             details = {"confusion_matrix": confusion_matrix(gold, pred, labels=range(len(self.labels))).tolist()}
             if self.majority is not None:  # what always answering the most frequent training label scores
                 constant = np.full_like(gold, self.labels.index(self.majority))
                 details["majority_baseline"] = {
                     "label": self.majority, "accuracy": float(accuracy_score(gold, constant)),
-                    "macro_f1": float(f1_score(gold, constant, average="macro", labels=range(len(self.labels)),
-                                               zero_division=0))}
+                    "macro_f1": float(f1_score(gold, constant, average="macro", zero_division=0))}
         p, r, f, s = precision_recall_fscore_support(gold, pred, labels=None if self.options.multi_label
                                                      else range(len(self.labels)), zero_division=0)
         details["per_class"] = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
