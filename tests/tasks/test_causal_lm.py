@@ -114,6 +114,10 @@ def test_read_documents_txt_and_blank_line(tmp_path: Path) -> None:
     assert read_documents(str(txt))["text"][:] == ["first doc", "second doc", "still second", "third"]
     blank = read_documents(str(txt), documents="blank_line")
     assert blank["text"][:] == ["first doc", "second doc\nstill second", "third"] and blank["_row"][:] == [1, 3, 7]
+    odd = tmp_path / "odd.txt"  # a line separator or form feed inside a line does not end it
+    odd.write_text("one\u2028still one\x0cand one\nthird line\n", encoding="utf-8")
+    lines = read_documents(str(odd))
+    assert lines["text"][:] == ["one\u2028still one\x0cand one", "third line"] and lines["_row"][:] == [1, 2]
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataError, match="empty.txt: no documents"):
         read_documents(str(tmp_path / "empty.txt"))

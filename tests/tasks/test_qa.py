@@ -205,6 +205,16 @@ def test_answers_at_the_edges_of_the_context(tokenizer, at: str) -> None:
     assert (labels[0] if at == "start" else labels[-1]) == "nausea"
 
 
+@pytest.mark.parametrize("answer", ["nausea", " nausea", "nausea ", " nausea  "])
+def test_whitespace_around_an_answer_is_not_labelled(tokenizer, answer: str) -> None:
+    task = make_task(doc_stride=8, max_question_length=8)
+    context = "the pill gave me nausea  and then sleep"
+    start = context.index(answer)
+    example = {"id": "x", "title": "", "question": QUESTION, "context": context, "answer_texts": [answer],
+               "answer_starts": [start], "is_impossible": False}
+    assert window_answers(encode(task, tokenizer, [example], max_length=64)) == ["nausea"]
+
+
 def test_multibyte_characters_give_character_offsets(tokenizer) -> None:
     context = "café 東京 naïve 😀 the pill worked . then sleep"
     start = context.index("sleep")

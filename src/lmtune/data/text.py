@@ -53,7 +53,7 @@ def _text_documents(file: Path, shown: str, documents: str) -> list[dict[str, An
     opener = gzip.open if file.suffix == ".gz" else open
     try:
         with opener(file, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")  # not splitlines(): U+2028, form feeds ... are not line ends here
     except UnicodeDecodeError as err:
         raise DataError(shown, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
     docs: list[dict[str, Any]] = []

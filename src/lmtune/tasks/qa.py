@@ -221,7 +221,7 @@ class QuestionAnswering:
             if labelled:
                 texts, starts = batch["answer_texts"][ex], batch["answer_starts"][ex]
                 out["golds"].append(texts)
-                span = (starts[0], starts[0] + len(texts[0])) if texts else None
+                span = _answer_span(texts[0], starts[0]) if texts else None
                 start, end = _token_span(offsets[w], in_context, span, cls)
                 out["start_positions"].append(start)
                 out["end_positions"].append(end)
@@ -321,6 +321,16 @@ class QuestionAnswering:
             raise RuntimeError("qa postprocess needs the features encode() made for these inputs (encode first)")
         answers, _ = self._answers(outputs, features)
         return [{k: a[k] for k in ("answer", "start", "end", "score", "no_answer")} for a in answers]
+
+
+def _answer_span(text: str, start: int) -> tuple[int, int]:
+    """Characters [start, end) of an answer in its context, without the whitespace around it (an answer " Paris"
+    would otherwise label the token before it too)."""
+    core = text.strip()
+    if not core:
+        return start, start + len(text)
+    lead = len(text) - len(text.lstrip())
+    return start + lead, start + lead + len(core)
 
 
 def _token_span(offsets: list, in_context: list[bool], span: tuple[int, int] | None, cls: int) -> tuple[int, int]:
