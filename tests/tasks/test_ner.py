@@ -229,6 +229,24 @@ def test_first_subtoken_alignment(tokenizer, all_subtokens: bool, expected: list
     assert features["word_ids"][:] == [[-1, 0, 0, 1, 2, 2, 2, -1]]
 
 
+def test_byte_level_tokenizers_see_each_word_with_its_space() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = ["John Smith lives here", "the doctor lives in the city", "Smith and John were here"] * 20
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=
+                                                            pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="Ġ")
+    sentence = (["John", "Smith", "lives", "here"], ["B-PER", "I-PER", "O", "O"])
+    _, features = encode(tokenizer, [sentence])
+    tokens = tokenizer.convert_ids_to_tokens(features["input_ids"][0])
+    assert tokens == tokenizer.tokenize(" John Smith lives here")  # as in running text, not "lives" alone
+    assert [t.startswith("Ġ") for t in tokens] == [True] * len(tokens)
+    assert features["labels"][0][0] == 3 and len(features["word_ids"][0]) == len(tokens)
+
+
 def test_plan_windows_cover_every_word_once() -> None:
     sizes = [3, 1, 1, 2, 5, 1, 1, 1, 2, 1, 1, 9, 1]
     windows = plan_windows(sizes, budget=6, stride=2)

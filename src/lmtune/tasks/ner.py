@@ -92,6 +92,21 @@ def owned_ranges(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+def spells_leading_spaces(tokenizer: Any) -> bool:
+    """Byte-level BPE (GPT-2, RoBERTa, SmolLM2, Llama 3) spells a word's leading space into its first token. Given
+    words one by one it sees no space, so every word would be tokenized as if it began a text ("lives" as l + ives
+    where running text has " lives"): such tokenizers get a space before each word, as run_ner's
+    add_prefix_space=True gives them."""
+    import json
+
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if pre is None:
+        return False
+    state = json.loads(pre.__getstate__())
+    return any(p.get("type") == "ByteLevel" and not p.get("add_prefix_space")
+               for p in state.get("pretokenizers", [state]))
+
+
 def split_long(words: list[str], word_ids: list[int | None], tokenizer: Any, max_length: int, budget: int,
                stride: int) -> list[tuple[tuple[int, int], dict, list[int | None]]]:
     """Windows of whole words for a sentence longer than max_length, each tokenized on its own."""
@@ -287,10 +302,13 @@ class Ner:
         labelled = "tags" in ds.column_names
         all_subtokens = self.options.label_all_subtokens
 
+        spaced = spells_leading_spaces(tokenizer)
+
         def tokenize(batch: dict, indices: list[int]) -> dict:
-            full = tokenizer(batch["tokens"], is_split_into_words=True, truncation=False)
+            sentences = [[" " + w for w in words] for words in batch["tokens"]] if spaced else batch["tokens"]
+            full = tokenizer(sentences, is_split_into_words=True, truncation=False)
             out: dict[str, list] = {}
-            for j, (words, sentence) in enumerate(zip(batch["tokens"], indices)):
+            for j, (words, sentence) in enumerate(zip(sentences, indices)):
                 word_ids = full.word_ids(j)
                 if len(word_ids) <= max_length:
                     windows = [((0, len(words)), {k: full[k][j] for k in full.keys()}, word_ids)]
