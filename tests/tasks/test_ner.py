@@ -364,6 +364,17 @@ def test_training_learns_entities(trained) -> None:
 TEXT = "The  doctor people met,in the night   week (day)! Actor's  day"
 
 
+@pytest.mark.parametrize("text, words", [
+    ("नरेंद्र मोदी ने कहा", ["नरेंद्र", "मोदी", "ने", "कहा"]),  # vowel signs and viramas stay in their word
+    ("Cafe\u0301 in U.S.", ["Cafe\u0301", "in", "U.S."]),  # a decomposed é
+    ("محمد عَلي", ["محمد", "عَلي"]),
+    ("李明在北京工作。", ["李", "明", "在", "北", "京", "工", "作", "。"]),  # no spaces: one word per character
+])
+def test_raw_text_words_in_other_scripts(text: str, words: list[str]) -> None:
+    found, spans = split_words(text)
+    assert found == words and all(text[a:b] == w for w, (a, b) in zip(found, spans))
+
+
 def test_predict_spans_with_character_offsets(trained) -> None:
     words, spans = split_words(TEXT)
     assert words == ["The", "doctor", "people", "met", ",", "in", "the", "night", "week", "(", "day", ")", "!",

@@ -7,6 +7,7 @@ import re
 from typing import Any, Iterable, Literal
 
 import numpy as np
+import regex
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -19,8 +20,13 @@ from lmtune.registry import register_task
 log = logging.getLogger("lmtune")
 
 # Raw text -> words, cut the way CoNLL-style corpora are: abbreviations (U.S.) and inner - . / & @ (1996-08-22,
-# 3.5) stay in the word, clitics ('s, 're) split off, any other punctuation mark is a word of its own.
-WORD = re.compile(r"(?:[^\W\d_]\.){2,}|['’](?:s|re|ve|ll|d|m|t)\b|\w+(?:[-.&/@]\w+)*|[^\w\s]", re.IGNORECASE)
+# 3.5) stay in the word, clitics ('s, 're) split off, any other punctuation mark is a word of its own. Combining
+# marks stay in their word (Devanagari, Arabic vowel signs, a decomposed é); Chinese and Japanese characters, which
+# no space separates, are a word each, as character-tagged corpora have them.
+_CJK = r"[\p{Han}\p{Hiragana}\p{Katakana}]"
+_LETTERS = rf"(?:(?!{_CJK})[\w\p{{M}}])+"
+WORD = regex.compile(rf"(?:[^\W\d_]\.){{2,}}|['’](?:s|re|ve|ll|d|m|t)\b|{_CJK}\p{{M}}*|{_LETTERS}(?:[-.&/@]{_LETTERS})*"
+                     r"|[^\w\s]", regex.IGNORECASE)
 _TAG_NAME = re.compile(r"^(?:O|[BI]-.+)$")
 
 
