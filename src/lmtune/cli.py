@@ -180,9 +180,11 @@ def predict(run: Path = typer.Argument(..., help="Run directory."),
         column = text_column or predictor.session.cfg.data.text_column
         pair = predictor.session.cfg.data.text_pair_column
         # A row without the text (None where other rows of a JSONL file have it) goes to the task as it is:
-        # NER takes pre-tokenized {"tokens": [...]} rows.
-        records = [{"text": i[column], **({"text_pair": i[pair]} if pair else {})} if isinstance(i, dict) and
-                   i.get(column) is not None else i for i in inputs]
+        # NER takes pre-tokenized {"tokens": [...]} rows (with the text beside them: kept). Fields a row lacks
+        # (None) are left out.
+        records = [{**{k: v for k, v in i.items() if v is not None}, "text": i[column],
+                    **({"text_pair": i.get(pair)} if pair else {})}
+                   if isinstance(i, dict) and i.get(column) is not None else i for i in inputs]
         preds = predictor.predict(records)
     except (*_user_errors(), KeyError) as err:
         _fail(err)

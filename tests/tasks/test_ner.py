@@ -430,18 +430,24 @@ def test_reads_conll2003_with_published_counts() -> None:
     assert counts == {"PER": 6600, "LOC": 7140, "ORG": 6321, "MISC": 3438}
 
 
-def test_cli_predict_mixes_raw_and_pretokenized_rows(trained, tmp_path: Path) -> None:
+def test_cli_predict_mixes_raw_and_pretokenized_rows(trained, tmp_path: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
     from lmtune.cli import app
+    from lmtune.run import Predictor
 
+    seen: list = []
+    predict = Predictor.predict
+    monkeypatch.setattr(Predictor, "predict", lambda self, records: seen.extend(records) or predict(self, records))
     inputs = write(tmp_path / "in.jsonl", '{"id": 1, "tokens": ["the", "doctor", "people"]}\n'
-                                          '{"id": 2, "text": "In the  night, week!"}\n')
+                                          '{"id": 2, "text": "In the  night, week!"}\n'
+                                          '{"id": 3, "tokens": ["night", "-", "week"], "text": "night-week"}\n')
     result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(inputs), "-o", "-"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [(e["type"], e["text"]) for e in rows[0]["entities"]] == [("PER", "doctor people")]
     assert [(e["type"], e["start"], e["end"]) for e in rows[1]["entities"]] == [("LOC", 8, 13), ("LOC", 15, 19)]
+    assert seen[2]["tokens"] == ["night", "-", "week"]  # given tokens beside the text are the words (not re-split)
 
 
 @pytest.mark.parametrize("strict", [False, True])
