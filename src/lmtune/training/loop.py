@@ -92,8 +92,8 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
     world = accelerator.num_processes
     batches = eval_batches(dataset["length"][:], batch_size, width=width, rank=accelerator.process_index,
                            world_size=world)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator(),
-                        pin_memory=accelerator.device.type == "cuda")  # no draw on the global RNG (see _train)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                        pin_memory=accelerator.device.type == "cuda")
     cache = feature_cache.find(model)
     if cache is not None:  # a stage with a frozen, cached trunk is evaluating: serve this set from memory too
         ensure_cached(cache, model, dataset, collate, batch_size, accelerator, width=width)
