@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -44,6 +45,11 @@ def test_method_specs_with_options() -> None:
         ("full", {}), ("lora", {"lr": 5e-4, "r": 16}), ("bitfit", {"lr": 1e-3})]
     with pytest.raises(ValueError, match="not key=value"):
         parse_methods("lora(r16)")
+    assert parse_methods("lora(r=4, lr=1e-3)") == [("lora", {"r": 4, "lr": 1e-3})]
+    for spec, part in (("full head", "full head"), ("full;lora", "full;lora"), ("lora(r=4", "lora(r=4"),
+                       ("full,", "")):  # each was read as fewer methods, or a method named '4'
+        with pytest.raises(ValueError, match=re.escape(f"cannot read '{part}'")):
+            parse_methods(spec)
 
 
 def test_every_method_is_checked_before_the_first_run(tiny_config, tmp_path) -> None:

@@ -95,6 +95,10 @@ def test_cli_predict_jsonl_and_stdin(trained, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["label"] for r in lines] == ["positive", "negative"]
+    inputs.write_text('{"id": 1, "body": "great best film"}\n{"id": 2, "text": "worst awful film"}\n')
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(inputs), "--text-column", "body"])
+    assert result.exit_code == 1 and "row 2: no 'body' field (--text-column); fields found: id, text" in \
+        " ".join(result.output.split())
 
 
 def test_cli_eval_and_validate(trained, tiny_config, tmp_path) -> None:
@@ -104,9 +108,10 @@ def test_cli_eval_and_validate(trained, tiny_config, tmp_path) -> None:
     from lmtune.cli import app
 
     test_file = load_config(trained.run_dir / "config.yaml").data.test
-    result = CliRunner().invoke(app, ["eval", str(trained.run_dir), "--data", test_file])
+    saved = tmp_path / "new" / "folder" / "metrics.json"  # folders made as predict makes them
+    result = CliRunner().invoke(app, ["eval", str(trained.run_dir), "--data", test_file, "-o", str(saved)])
     assert result.exit_code == 0, result.output
-    assert "accuracy" in result.output
+    assert "accuracy" in result.output and json.loads(saved.read_text())["rows"] == 32
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config))
     result = CliRunner().invoke(app, ["validate", str(config)])
@@ -145,6 +150,8 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_config) -> None:
         lmtune.train(tiny_config, callbacks=[crash])
     run_dir = Path(tiny_config["output"]["dir"]) / "resumed"
     assert (run_dir / "checkpoints" / "last").is_dir() and not (run_dir / "model").exists()
+    with pytest.raises(FileExistsError, match="or pass --resume to continue it"):
+        lmtune.train(tiny_config)
     resumed = lmtune.train(tiny_config, resume=True)
 
     a = load_file(str(straight.run_dir / "model" / "model.safetensors"))
@@ -210,8 +217,9 @@ def test_resume_refuses_a_changed_config(tiny_config) -> None:
 def test_existing_run_directory_is_not_overwritten(tiny_config) -> None:
     tiny_config["train"]["max_steps"] = 1
     lmtune.train(tiny_config)
-    with pytest.raises(FileExistsError, match="output.overwrite=true"):
+    with pytest.raises(FileExistsError, match="output.overwrite=true") as info:
         lmtune.train(tiny_config)
+    assert "--resume" not in str(info.value)  # a finished run has nothing to resume
 
 
 def test_a_run_that_failed_on_its_data_does_not_block_the_next(tiny_config, tmp_path) -> None:

@@ -142,9 +142,10 @@ def _read_inputs(path: str) -> list[Any]:
 
     file = Path(path)
     if file.suffix in (".txt", ""):
-        return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    ds = read_table(file)
-    return [{k: v for k, v in row.items() if k != "_row"} for row in ds]
+        with file.open(encoding="utf-8") as f:  # universal newlines; not splitlines(): U+2028 ends no line
+            return [line for line in f.read().split("\n") if line.strip()]
+    ds = read_table(file)  # fields other rows of the file have and this one lacks (None) are left out
+    return [{k: v for k, v in row.items() if k != "_row" and v is not None} for row in ds]
 
 
 def _write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> None:
@@ -179,12 +180,17 @@ def predict(run: Path = typer.Argument(..., help="Run directory."),
         inputs = _read_inputs(input)
         column = text_column or predictor.session.cfg.data.text_column
         pair = predictor.session.cfg.data.text_pair_column
-        # A row without the text (None where other rows of a JSONL file have it) goes to the task as it is:
-        # NER takes pre-tokenized {"tokens": [...]} rows (with the text beside them: kept). Fields a row lacks
-        # (None) are left out.
-        records = [{**{k: v for k, v in i.items() if v is not None}, "text": i[column],
-                    **({"text_pair": i.get(pair)} if pair else {})}
-                   if isinstance(i, dict) and i.get(column) is not None else i for i in inputs]
+        if text_column:  # asked for by name: a row without it is an error naming it, not a missing `text`
+            from lmtune.data import DataError
+
+            for row, record in enumerate(inputs, 1):
+                if isinstance(record, dict) and text_column not in record:
+                    raise DataError(str(input), f"no {text_column!r} field (--text-column); fields found: "
+                                    f"{', '.join(record) or 'none'}", row=row)
+        # A row without the text goes to the task as it is: NER takes pre-tokenized {"tokens": [...]} rows (with
+        # the text beside them: kept).
+        records = [{**i, "text": i[column], **({"text_pair": i.get(pair)} if pair else {})}
+                   if isinstance(i, dict) and column in i else i for i in inputs]
         preds = predictor.predict(records)
     except (*_user_errors(), KeyError) as err:
         _fail(err)
@@ -207,6 +213,7 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
         _fail(err)
     console.print(_metrics_table(f"{data} ({metrics['rows']} rows)", metrics))
     if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 
 

@@ -17,24 +17,27 @@ log = logging.getLogger("lmtune")
 
 
 def parse_methods(spec: str) -> list[tuple[str, dict[str, Any]]]:
-    """"full,lora(lr=5e-4 r=16),bitfit" -> [("full", {}), ("lora", {"lr": 5e-4, "r": 16}), ("bitfit", {})]."""
+    """"full,lora(lr=5e-4 r=16),bitfit" -> [("full", {}), ("lora", {"lr": 5e-4, "r": 16}), ("bitfit", {})]; options
+    in brackets are separated by spaces or commas. Anything else is refused, naming the part that does not read."""
     import re
 
     from lmtune.config import parse_value
 
     out = []
-    for match in re.finditer(r"\s*([\w-]+)\s*(?:\(([^)]*)\))?\s*(?:,|$)", spec):
-        if not match.group(1):
-            continue
+    for item in re.split(r",(?![^()]*\))", spec):  # commas outside brackets separate methods
+        match = re.fullmatch(r"\s*([\w-]+)\s*(?:\(([^()]*)\))?\s*", item)
+        if match is None:
+            raise ValueError(f"--methods {spec!r}: cannot read {item.strip()!r} (expected name or "
+                             "name(key=value ...), methods separated by commas)")
         options = {}
-        for item in (match.group(2) or "").split():
-            key, sep, value = item.partition("=")
+        for option in re.split(r"[\s,]+", (match.group(2) or "").strip()):
+            if not option:
+                continue
+            key, sep, value = option.partition("=")
             if not sep:
-                raise ValueError(f"--methods: {item!r} in {match.group(0).strip()!r} is not key=value")
+                raise ValueError(f"--methods: {option!r} in {item.strip()!r} is not key=value")
             options[key] = parse_value(value)
         out.append((match.group(1), options))
-    if not out:
-        raise ValueError(f"--methods {spec!r}: no method names")
     return out
 
 

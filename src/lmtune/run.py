@@ -74,8 +74,10 @@ def clear_run_dir(run_dir: Path, overwrite: bool) -> None:
         if {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
             log.info("replacing %s: it holds only the config of a run that stopped before training", run_dir)
         elif not overwrite:
-            raise FileExistsError(f"run directory {run_dir} exists; choose another output.name, set "
-                                  "output.overwrite=true, or pass --resume")
+            resumable = (run_dir / "checkpoints" / "last").is_dir() and not (run_dir / "model").is_dir()
+            raise FileExistsError(f"run directory {run_dir} exists; choose another output.name"
+                                  + (", set output.overwrite=true, or pass --resume to continue it" if resumable
+                                     else " or set output.overwrite=true"))
         shutil.rmtree(run_dir)
 
 

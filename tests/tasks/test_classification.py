@@ -228,3 +228,7 @@ def test_split_by_keeps_groups_out_of_training(tmp_path: Path) -> None:
     assert len(authors["test"]) == 1 and len(authors["validation"]) == 1 and len(authors["train"]) == 3
     assert not authors["train"] & (authors["test"] | authors["validation"])
     assert len(splits["test"]) == 8 and sum(len(ds) for ds in splits.values()) == 40
+    cfg["data"]["split_by"] = "autor"  # named like a missing text column: the file's own columns, a suggestion
+    error = data_error(cfg)
+    assert "no column 'autor' (data.split_by); the file has: 'text', 'label', 'author'; did you mean 'author'?" in \
+        str(error)

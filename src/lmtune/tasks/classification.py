@@ -83,7 +83,9 @@ class Classification:
         malformed: list[str] = []  # rows skipped as malformed (CSV/TSV) under on_bad_rows=skip
         ds = read_table(file, cfg.format, on_bad_rows=cfg.on_bad_rows, skipped=malformed)
         columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-        require_columns(ds, str(file), columns + ([cfg.label_column] if require_label else []))
+        grouped = [cfg.split_by] if cfg.split_by and path == cfg.train else []  # the file validation/test come from
+        require_columns(ds, str(file), columns + ([cfg.label_column] if require_label else []) + grouped,
+                        role={cfg.split_by: "data.split_by"} if grouped else None)
         known = set(self.labels) if self.labels else None
         rename = {str(k): v for k, v in (cfg.label_map or {}).items()}
 
