@@ -26,6 +26,10 @@ def test_defaults_and_overrides_are_typed() -> None:
 def test_unknown_key_suggests_nearest() -> None:
     assert "train.lrr: unknown key; did you mean 'lr'?" in error_of(BASE, ["train.lrr=1e-4"])
     assert "did you mean 'text_column'" in error_of({"data": {"train": "x", "txt_column": "review"}})
+    # names other tools use for our keys, and a section's key given without its section
+    assert "method.rank: unknown key; did you mean 'r'?" in error_of({**BASE, "method": {"name": "lora", "rank": 4}})
+    assert "train.learning_rate: unknown key; did you mean 'lr'?" in error_of(BASE, ["train.learning_rate=1e-4"])
+    assert "lr: unknown section; did you mean 'train.lr'?" in error_of(BASE, ["lr=1e-3"])
 
 
 def test_unknown_section_and_registered_names() -> None:

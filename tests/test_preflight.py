@@ -70,6 +70,17 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
         cfg["eval"] = {"metric": "perplexity"}
         return cfg, ("eval.metric 'perplexity' is not a metric of the ner task (its metrics: f1, precision, recall, "
                      "token_accuracy, loss)")
+    if case == "fp16_on_a_cpu":
+        cfg["train"]["precision"] = "fp16"
+        return cfg, "train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU"
+    if case == "pickled_weights_only":
+        import shutil
+
+        folder = tmp_path / "pickled"
+        shutil.copytree(cfg["model"]["name"], folder)
+        (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # not loaded: refused by its name
+        cfg["model"]["name"] = str(folder)
+        return cfg, "holds only pickled weights (.bin), which can run arbitrary code"
     assert case == "max_length_over_positions"
     cfg["model"]["max_length"] = 128
     return cfg, "model.max_length=128 exceeds the 64 positions this model has"
@@ -77,7 +88,8 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
 
 CASES = ["qa_window", "ner_stride", "general_text_on_a_classifier", "general_text_on_an_encoder",
          "general_text_missing", "label_smoothing_multi_label", "max_length_over_positions", "replay_on_a_classifier",
-         "metric_typo", "metric_of_another_task"]
+         "metric_typo", "metric_of_another_task", "pickled_weights_only"]
+CASES += [] if __import__("torch").cuda.is_available() else ["fp16_on_a_cpu"]
 
 
 def flat(text: str) -> str:

@@ -112,6 +112,12 @@ def test_cli_eval_and_validate(trained, tiny_config, tmp_path) -> None:
     result = CliRunner().invoke(app, ["eval", str(trained.run_dir), "--data", test_file, "-o", str(saved)])
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.output and json.loads(saved.read_text())["rows"] == 32
+    bad = tmp_path / "bad.csv"  # one row without text: an error naming eval's own way to drop it, or dropped
+    bad.write_text(Path(test_file).read_text() + ",positive\n")
+    result = CliRunner().invoke(app, ["eval", str(trained.run_dir), "--data", str(bad)])
+    assert result.exit_code == 1 and "lmtune eval --skip-bad-rows" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["eval", str(trained.run_dir), "--data", str(bad), "--skip-bad-rows"])
+    assert result.exit_code == 0 and "(32 rows)" in result.output
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config))
     result = CliRunner().invoke(app, ["validate", str(config)])
@@ -135,7 +141,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_config) -> None:
+def test_resume_after_interruption_matches_uninterrupted(tiny_config, caplog) -> None:
     tiny_config["train"].update(eval_every=3, epochs=3)
     tiny_config["output"]["name"] = "straight"
     straight = lmtune.train(tiny_config)
@@ -152,7 +158,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_config) -> None:
     assert (run_dir / "checkpoints" / "last").is_dir() and not (run_dir / "model").exists()
     with pytest.raises(FileExistsError, match="or pass --resume to continue it"):
         lmtune.train(tiny_config)
-    resumed = lmtune.train(tiny_config, resume=True)
+    with caplog.at_level("INFO", logger="lmtune"):
+        resumed = lmtune.train(tiny_config, resume=True)
+    assert f"resuming {run_dir} at step 6 (stage 1, epoch 1, batch 6 of it)" in caplog.text
 
     a = load_file(str(straight.run_dir / "model" / "model.safetensors"))
     b = load_file(str(resumed.run_dir / "model" / "model.safetensors"))

@@ -202,13 +202,15 @@ def predict(run: Path = typer.Argument(..., help="Run directory."),
 @app.command("eval")
 def evaluate(run: Path = typer.Argument(..., help="Run directory."),
              data: Path = typer.Option(..., "--data", "-d", help="Labelled file in the training data's format."),
-             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the metrics as JSON here.")) -> None:
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the metrics as JSON here."),
+             skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Drop rows that fail the data checks "
+                                                "(counted in the log) instead of stopping at the first.")) -> None:
     """Score a trained run on a labelled file."""
     _setup_logging()
     from lmtune.run import evaluate as run_evaluate
 
     try:
-        metrics = run_evaluate(run, data)
+        metrics = run_evaluate(run, data, "skip" if skip_bad_rows else None)
     except _user_errors() as err:
         _fail(err)
     console.print(_metrics_table(f"{data} ({metrics['rows']} rows)", metrics))

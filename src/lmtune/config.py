@@ -32,7 +32,9 @@ class ModelConfig(Section):
     name: str = "minilm-l6"
     """Pretrained model: a built-in name (see `lmtune ls`) or a local Hugging Face model folder."""
     max_length: int | None = None
-    """Longest input in tokens; longer inputs are truncated. Default: the model's own limit (at most 512)."""
+    """Longest input in tokens: classification and instruct truncate longer inputs, NER and QA cut them into
+    overlapping windows, causal_lm packs documents into rows of this length. Default: the model's own limit (at
+    most 512)."""
     allow_pickle: bool = False
     """Allow loading pickled `.bin` weights (can run arbitrary code); safetensors only otherwise."""
     trust_remote_code: bool = False
@@ -286,9 +288,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# Names other tools (Trainer arguments, peft's LoraConfig) give our keys: suggested before spelling neighbours.
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
+           "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+           "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length",
+           "model_name_or_path": "name"}
+
+
 def _closest(name: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    match = [ALIASES[name]] if ALIASES.get(name) in choices else difflib.get_close_matches(name, choices, n=1,
+                                                                                            cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _unknown_section(key: str, known: list[str]) -> str:
+    """A top-level key that is no section: the section field it names (`lr` -> train.lr), else the nearest section."""
+    field = ALIASES.get(key, key)
+    owners = [f"{name}.{field}" for name, model in SECTIONS.items() if field in model.model_fields]
+    return f"; did you mean {owners[0]!r}?" if len(owners) == 1 else _closest(key, known)
 
 
 def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
@@ -336,7 +353,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"a config is a mapping of sections, got {type(raw).__name__}")
     known = set(SECTIONS) | {"task", "method"}
-    errors = [f"{key}: unknown section{_closest(str(key), sorted(known))}" for key in raw if key not in known]
+    errors = [f"{key}: unknown section{_unknown_section(str(key), sorted(known))}" for key in raw if key not in known]
     task, task_errors = _validate_registered(raw.get("task"), "task", TASKS, DEFAULT_TASK)
     method, method_errors = _validate_registered(raw.get("method"), "method", METHODS, DEFAULT_METHOD)
     errors += task_errors + method_errors

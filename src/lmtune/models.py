@@ -100,7 +100,7 @@ def _convert_gguf(file: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def _check_weight_format(folder: Path, cfg: ModelConfig) -> None:
+def check_weight_format(folder: Path, cfg: ModelConfig) -> None:
     has_safetensors = any(folder.glob("*.safetensors"))
     has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
     if not has_safetensors and has_pickle and not cfg.allow_pickle:
@@ -141,7 +141,7 @@ def max_length(cfg: ModelConfig, tokenizer: Any, model_config: Any) -> int:
 def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, list[str]]:
     """Load `auto_class` from the configured model; returns the model and the names of new weights."""
     folder = resolve_model(cfg.name)
-    _check_weight_format(folder, cfg)
+    check_weight_format(folder, cfg)
     import torch
 
     # Master weights in fp32 whatever the checkpoint holds (fp16/bf16 copies too): mixed precision

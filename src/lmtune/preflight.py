@@ -26,6 +26,7 @@ def check_setup(cfg: RunConfig) -> Setup:
     from lmtune import models
 
     task = TASKS[cfg.task.name](cfg.task, cfg.data)
+    models.check_weight_format(models.resolve_model(cfg.model.name), cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
     model_config = models.load_model_config(cfg.model)
     max_length = models.max_length(cfg.model, tokenizer, model_config)
@@ -33,7 +34,7 @@ def check_setup(cfg: RunConfig) -> Setup:
         models.dropout_overrides(model_config, cfg.model.dropout)
     problems = [task.config_problem(tokenizer, max_length) if hasattr(task, "config_problem") else None,
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
-                replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric")]
+                replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"), precision_problem(cfg)]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -46,6 +47,14 @@ def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
     return (f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
             f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
             "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
+
+
+def precision_problem(cfg: RunConfig) -> str | None:
+    import torch
+
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        return "train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU"
+    return None
 
 
 def metric_problem(metric: str | None, task: Any, option: str) -> str | None:

@@ -53,6 +53,11 @@ def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
             raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
                              f"({run_dir / 'config.yaml'}): {'; '.join(changed)}. Resume with that config (only "
                              f"output.* and train.{', train.'.join(sorted(RESUME_MAY_CHANGE['train']))} may change)")
+        from lmtune.training.checkpoint import read_loop_state
+
+        at = read_loop_state(run_dir / "checkpoints" / "last")
+        log.info("resuming %s at step %d (stage %d, epoch %d, batch %d of it)", run_dir, at.step, at.stage + 1,
+                 at.epoch + 1, at.batch)
     else:
         clear_run_dir(run_dir, cfg.output.overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -378,9 +383,13 @@ class Predictor:
         features = self.session.encode(task.from_texts(list(inputs)))
         return task.postprocess(self.session.outputs(features), len(features))
 
-    def evaluate(self, path: str | Path) -> dict[str, Any]:
-        """Score the model on a labelled file in the same format as the training data."""
-        raw = self.session.task.load_eval_file(str(path))
+    def evaluate(self, path: str | Path, on_bad_rows: str | None = None) -> dict[str, Any]:
+        """Score the model on a labelled file in the same format as the training data; bad rows are an error, or
+        with on_bad_rows="skip" dropped (default: the run's data.on_bad_rows)."""
+        task = self.session.task
+        if on_bad_rows is not None:
+            task.data = task.data.model_copy(update={"on_bad_rows": on_bad_rows})
+        raw = task.load_eval_file(str(path))
         features = self.session.encode(raw)
         scalars, details = self.session.evaluate(features)
         generation = self.session.score_generations(raw)
@@ -430,5 +439,5 @@ def load(run_dir: str | Path) -> Predictor:
     return Predictor(run_dir)
 
 
-def evaluate(run_dir: str | Path, data: str | Path) -> dict[str, Any]:
-    return Predictor(run_dir).evaluate(data)
+def evaluate(run_dir: str | Path, data: str | Path, on_bad_rows: str | None = None) -> dict[str, Any]:
+    return Predictor(run_dir).evaluate(data, on_bad_rows)

@@ -30,7 +30,8 @@ def test_error_policy_reports_first_bad_row_and_count(table):
     err = info.value
     assert (err.row, err.field) == (2, "text")
     assert str(err) == (
-        f"{path}, row 2, field 'text': empty text (2 bad rows in all; set data.on_bad_rows=skip to drop them)"
+        f"{path}, row 2, field 'text': empty text (2 bad rows in all; set data.on_bad_rows=skip, or lmtune eval "
+        "--skip-bad-rows, to drop them)"
     )
 
 

@@ -34,7 +34,8 @@ def test_extra_fields_name_file_and_editor_line(tmp_path, name):
     assert (err.path, err.row, err.unit) == (str(path), 6, "line")
     what = "tab" if ".tsv" in name else "','"
     assert str(err) == (f"{path}, line 6: 3 fields where the header has 2; is a {what} inside a field not quoted? "
-                        "(1 malformed row in all; set data.on_bad_rows=skip to drop them)")
+                        "(1 malformed row in all; set data.on_bad_rows=skip, or lmtune eval --skip-bad-rows, to "
+                        "drop them)")
 
 
 def test_unterminated_quote_names_its_line(tmp_path):

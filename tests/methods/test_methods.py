@@ -66,6 +66,10 @@ def test_bitfit_is_partial_bias(tiny_config, tiny_model_dir) -> None:
     result = run(tiny_config, {"name": "bitfit"}, "bitfit")
     diff = changed(result.run_dir, tiny_model_dir)
     assert diff and all(k.endswith("bias") for k in diff)
+    from lmtune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="method.layers: unknown key"):  # partial's option means nothing here
+        load_config({**tiny_config, "method": {"name": "bitfit", "layers": 5}})
 
 
 def test_bitfit_refuses_a_model_without_biases_even_with_a_head(tmp_path: Path) -> None:

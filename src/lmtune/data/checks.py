@@ -10,7 +10,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from lmtune.data.errors import POLICIES, DataError
+from lmtune.data.errors import POLICIES, SKIP_HINT, DataError
 from lmtune.data.readers import ROW_COLUMN
 
 logger = logging.getLogger("lmtune")
@@ -43,7 +43,7 @@ def apply_row_checks(
         raise DataError(path, message, row=first.row, field=first.field)
     if policy == "error":
         plural = "row" if len(bad_index) == 1 else "rows"
-        hint = f"({len(bad_index)} bad {plural} in all; set data.on_bad_rows=skip to drop them)"
+        hint = f"({len(bad_index)} bad {plural} in all; {SKIP_HINT})"
         raise DataError(path, f"{first.message} {hint}", row=first.row, field=first.field)
     keep = np.ones(len(ds), dtype=bool)
     keep[bad_index] = False

@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 POLICIES = ("error", "skip")  # data.on_bad_rows
+SKIP_HINT = "set data.on_bad_rows=skip, or lmtune eval --skip-bad-rows, to drop them"  # after an error
 
 
 class DataError(ValueError):

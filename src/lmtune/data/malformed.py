@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmtune.data.errors import DataError
+from lmtune.data.errors import SKIP_HINT, DataError
 
 if TYPE_CHECKING:
     import pandas
@@ -185,7 +185,7 @@ def apply_policy(shown: str, malformed: list[Malformed], n_good: int, policy: st
         raise DataError(shown, message, row=first.line, unit="line")
     if policy == "error":
         plural = "row" if len(malformed) == 1 else "rows"
-        hint = f"({len(malformed)} malformed {plural} in all; set data.on_bad_rows=skip to drop them)"
+        hint = f"({len(malformed)} malformed {plural} in all; {SKIP_HINT})"
         raise DataError(shown, f"{first.message} {hint}", row=first.line, unit="line")
     errors = [DataError(shown, m.message, row=m.line, unit="line") for m in malformed]
     logger.warning("%s: skipped %d of %d rows that are malformed; first: %s", shown, len(malformed),

@@ -48,14 +48,22 @@ class Partial:
         return [Stage(f"partial-{options.train}", [g for g in groups if g.names])]
 
 
+class BitFitOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: Literal["bitfit"] = "bitfit"
+    """BitFit: train only the biases of the backbone, and the new head."""
+    lr: float | None = None
+    """Learning rate of the biases; default: train.lr (BitFit likes ~1e-3)."""
+    head_lr: float | None = None
+    """Learning rate of the head; default: the biases'."""
+
+
 @register_method("bitfit")
 class BitFit:
     """`bitfit` is `partial` with train=bias, under the name the literature uses."""
 
-    class Options(PartialOptions):
-        name: Literal["bitfit"] = "bitfit"  # type: ignore[assignment]
-        """BitFit: train only the biases of the backbone, and the new head."""
-        train: Literal["bias"] = "bias"
-        """Always bias: every bias of the backbone trains, with the head."""
+    Options = BitFitOptions
 
-    apply = Partial.apply
+    @staticmethod
+    def apply(model: Any, info: TaskInfo, options: BitFitOptions) -> list[Stage]:
+        return Partial.apply(model, info, PartialOptions(train="bias", lr=options.lr, head_lr=options.head_lr))
