@@ -179,6 +179,24 @@ def test_probe_needs_two_examples_per_class() -> None:
     result = probe_classification(np.array([[0.0], [0.1], [0.2], [1.0], [1.1], [1.2]]), np.array([0, 0, 0, 1, 1, 1]),
                                   5, 0)
     assert result["folds"] == 3 and result["score"] == 1.0
+    # a class of one row (kept by the stratified sample) is left out, not the end of the probe
+    one = probe_classification(np.array([[0.0], [0.1], [0.2], [1.0], [1.1], [1.2], [5.0]]),
+                               np.array([0, 0, 0, 1, 1, 1, 2]), 5, 0)
+    assert one["score"] == 1.0 and one["dropped_classes"] == [2] and one["examples"] == 6
+
+
+def test_ner_probe_with_entities_in_one_sentence_is_an_error_not_a_failure() -> None:
+    import numpy as np
+
+    from lmtune.evaluation.probe import probe_ner
+
+    features = [np.random.default_rng(i).normal(size=(3, 4)) for i in range(30)]
+    tags = [[0, 0, 0] for _ in range(30)]
+    tags[4] = [1, 2, 0]  # one sentence holds every entity: no training fold could learn a second tag
+    assert "error" in probe_ner(features, tags, outside=0, folds=5)
+    tags[9] = [0, 1, 0]
+    result = probe_ner(features, tags, outside=0, folds=5)  # two such sentences: two folds, each trainable
+    assert result["folds"] == 2 and result["words"] == 90
 
 
 @pytest.mark.slow

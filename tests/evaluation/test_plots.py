@@ -94,3 +94,15 @@ def test_confusion_matrix_shape_mismatch(tmp_path):
     with pytest.raises(ValueError, match="3 labels"):
         plot_confusion_matrix([[1, 2], [3, 4]], ["a", "b", "c"], tmp_path / "cm.png")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("key, best", [("eval/has_answer_f1", 0.7), ("eval/no_answer_exact", 0.7),
+                                       ("eval/loss", 0.4), ("eval/perplexity", 0.4)])
+def test_best_point_by_the_words_of_the_metric_name(key, best):
+    from matplotlib.figure import Figure
+
+    from lmtune.evaluation.plots import _draw_eval
+
+    ax = Figure().add_subplot()
+    _draw_eval(ax, [(100, 0.4), (200, 0.55), (300, 0.7)], key, "tab:orange")
+    assert any(label.startswith(f"best {key[5:]} {best:g} ") for label in ax.get_legend_handles_labels()[1])

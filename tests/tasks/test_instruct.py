@@ -74,6 +74,7 @@ def test_instruction_rows_and_too_long_policy(tiny_decoder_dir: Path, tmp_path: 
 def test_scoring_normalises_and_picks_choices() -> None:
     assert normalise("  Positive!\n") == "positive"
     assert pick_choice("I think it is negative, not positive", ["positive", "negative"]) == "negative"
+    assert pick_choice("good movie, I say", ["good", "good movie"]) == "good movie"  # the longer at one place
     assert score_generations(["Paris.", "rome"], ["paris", "Berlin"], None)["exact_match"] == 0.5
     scores = score_generations(["positive!", "hmm"], ["positive", "negative"], ["positive", "negative"])
     assert scores["accuracy"] == 0.5 and scores["no_choice_rate"] == 0.5

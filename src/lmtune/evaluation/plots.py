@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,7 +16,7 @@ from matplotlib.figure import Figure
 # Figure + FigureCanvasAgg rather than pyplot: no global backend or figure registry is touched, so
 # plotting is safe in threads, in notebooks and on machines without a display.
 _DPI = 120
-# Metric names (substrings) where a smaller value is better; everything else is maximised.
+# Words of metric names (split at _ / - .) where a smaller value is better; everything else is maximised.
 _LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "wer", "cer", "mse", "mae", "rmse")
 _TRAIN_LOSS = "train/loss"
 _EVAL_LOSS = "eval/loss"
@@ -210,7 +211,7 @@ def _draw_eval(ax, points: list[tuple[float, float]], key: str, color: str) -> N
     x, y = map(np.asarray, zip(*points))
     name = key.removeprefix("eval/")
     ax.plot(x, y, color=color, marker="o", markersize=4, linewidth=1.4, label=f"eval {name}")
-    lower = any(token in name.lower() for token in _LOWER_IS_BETTER)
+    lower = any(word in _LOWER_IS_BETTER for word in re.split(r"[_/.-]", name.lower()))  # not "ans-wer"
     best = int(np.argmin(y) if lower else np.argmax(y))
     ax.plot(x[best], y[best], marker="*", markersize=15, color="gold", markeredgecolor="black",
             linestyle="none", zorder=5, label=f"best {name} {y[best]:.4g} @ step {x[best]:g}")

@@ -136,13 +136,19 @@ def _classifier() -> Any:
 def probe_classification(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
     """Logistic regression on frozen features, stratified k-fold: mean accuracy and macro-F1 over the folds.
 
-    k is `folds`, or fewer when the smallest class has fewer rows (each fold needs one of every class).
+    k is `folds`, or fewer when the smallest class has fewer rows (each fold needs one of every class); classes
+    with a single row are left out (named in `dropped_classes`), as a fold cannot both train and test them.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import StratifiedKFold, cross_validate
 
     counts = np.bincount(labels)
-    k = min(folds, int(counts[counts > 0].min()))
+    single = np.flatnonzero(counts == 1)
+    if len(single):
+        keep = ~np.isin(labels, single)
+        features, labels = features[keep], labels[keep]
+        counts = np.bincount(labels)
+    k = min(folds, int(counts[counts > 0].min())) if counts.any() else 0
     if (counts > 0).sum() < 2 or k < 2:
         return {"error": "a probe needs two classes with at least 2 examples each"}
     with warnings.catch_warnings():
@@ -151,7 +157,7 @@ def probe_classification(features: np.ndarray, labels: np.ndarray, folds: int, s
                                 cv=StratifiedKFold(k, shuffle=True, random_state=seed))
     return {"metric": "accuracy", "score": float(scores["test_accuracy"].mean()),
             "std": float(scores["test_accuracy"].std()), "macro_f1": float(scores["test_f1_macro"].mean()),
-            "folds": k, "examples": int(len(labels))}
+            "folds": k, "examples": int(len(labels)), **({"dropped_classes": single.tolist()} if len(single) else {})}
 
 
 def probe_ner(word_features: list[np.ndarray], word_tags: list[list[int]], outside: int, folds: int) -> dict[str, Any]:
@@ -172,9 +178,16 @@ def probe_ner(word_features: list[np.ndarray], word_tags: list[list[int]], outsi
     if k < 2 or not entity:
         return {"error": "a probe needs at least 2 sentences and one entity"}
     groups = np.concatenate([np.full(len(f), i) for f, _, i in rows])
+    # Every training fold needs words of two tags: no more folds than sentences holding an entity.
+    k = min(k, len({i for _, t, i in rows if set(t) - {outside}}))
+    if k < 2:
+        return {"error": "a probe needs entities in at least 2 sentences"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        predicted = cross_val_predict(_classifier(), x, y, groups=groups, cv=GroupKFold(k))
+        try:
+            predicted = cross_val_predict(_classifier(), x, y, groups=groups, cv=GroupKFold(k))
+        except ValueError as err:  # a training fold with a single tag (the entities fell in one fold)
+            return {"error": f"the probe could not be fitted on these folds ({err})"}
     return {"metric": "entity-tag macro-F1", "score": float(f1_score(y, predicted, labels=entity, average="macro",
                                                                      zero_division=0)),
             "word_accuracy": float(accuracy_score(y, predicted)), "folds": k, "examples": len(rows),

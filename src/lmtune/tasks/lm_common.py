@@ -298,8 +298,8 @@ def pick_choice(text: str, choices: list[str]) -> str | None:
     """The choice whose words occur earliest in a generation (classification-style prompts)."""
     padded = f" {normalise(text)} "
     found = [(padded.find(f" {normalise(c)} "), c) for c in choices]
-    found = [(pos, c) for pos, c in found if pos >= 0]
-    return min(found)[1] if found else None
+    found = [(pos, -len(c), c) for pos, c in found if pos >= 0]  # at one place the longer choice ("good movie")
+    return min(found)[2] if found else None
 
 
 def score_generations(generations: list[str], references: list[str], choices: list[str] | None) -> dict[str, Any]:
