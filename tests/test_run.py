@@ -242,6 +242,19 @@ def test_a_run_that_failed_on_its_data_does_not_block_the_next(tiny_config, tmp_
     assert lmtune.train(tiny_config).metrics["steps"] == 1
 
 
+def test_seed_summary_covers_generation_scores_and_forgetting() -> None:
+    from lmtune.seeds import summarise
+
+    per_seed = {seed: {"test": {"perplexity": 10.0 + seed, "generation": {"accuracy": 0.5 + seed / 10},
+                                "per_class": {"neg": {"f1": 0.5}}},
+                       "forgetting": {"perplexity_after": 20.0 + seed, "relative_change": 0.1},
+                       "train_seconds": 1.0} for seed in (1, 3)}
+    summary = summarise(per_seed)
+    assert summary["test"]["generation/accuracy"]["mean"] == pytest.approx(0.7)
+    assert summary["forgetting"]["perplexity_after"]["max"] == 23.0
+    assert "per_class/neg" not in summary["test"]  # tables two levels down stay in each seed's metrics.json
+
+
 def test_several_seeds_write_a_run_each_and_their_spread(tiny_config, tmp_path) -> None:
     import statistics
 

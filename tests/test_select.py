@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -135,6 +136,10 @@ def test_causal_lm_gets_perplexity_through_the_cli(candidates, tiny_llama, tiny_
     assert "perplexity" not in bert and 0 <= llama["probe"]["score"] <= 1
     assert "fits this data best" in result.output
     assert "perplexity/word" in result.output  # off a terminal the table is not squeezed into 80 columns
+    # Per word of what the model scored: a short limit that cuts most words does not flatter the candidate.
+    short = select(tiny_config, [tiny_llama], ["model.max_length=8"], sample=40, folds=3, output=tmp_path / "short")
+    assert short.ranking[0]["truncated"] > 0.5
+    assert math.log(short.ranking[0]["word_perplexity"]) > 0.6 * math.log(llama["word_perplexity"])
 
 
 def test_ner_probe_on_word_features(candidates, tiny_llama, tmp_path) -> None:

@@ -32,13 +32,23 @@ def describe(values: list[float]) -> dict[str, float]:
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numbers of a split's metrics, those one level down too (generation/accuracy, majority_baseline/...)."""
+    out = {}
+    for key, value in metrics.items():
+        inner = {f"{key}/{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+        out.update({name: float(v) for name, v in inner.items() if isinstance(v, (int, float))
+                    and not isinstance(v, bool)})
+    return out
+
+
+SPLITS = ("validation", "test", "forgetting")  # metrics.json sections summarised (forgetting: the causal-LM probe)
 
 
 def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Every scalar metric of validation and test (and the training time) described over the seeds."""
+    """Every scalar metric of validation, test and the forgetting probe (and the training time) described over the
+    seeds."""
     out: dict[str, Any] = {"seeds": list(per_seed)}
-    for split in ("validation", "test"):
+    for split in SPLITS:
         tables = [_scalars(m.get(split, {})) for m in per_seed.values()]
         shared = [k for k in tables[0] if all(k in t for t in tables)] if tables else []
         if shared:
@@ -51,7 +61,7 @@ def _markdown(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> s
     seeds = list(per_seed)
     lines = [f"| split | metric | mean | std | min | max | {' | '.join(f'seed {s}' for s in seeds)} |",
              "|---|---|---|---|---|---|" + "---|" * len(seeds)]
-    for split in ("validation", "test"):
+    for split in SPLITS:
         for key, d in summary.get(split, {}).items():
             values = " | ".join(f"{_scalars(per_seed[s][split])[key]:.4f}" for s in seeds)
             lines.append(f"| {split} | {key} | {d['mean']:.4f} | {d['std']:.4f} | {d['min']:.4f} | "

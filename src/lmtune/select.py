@@ -135,8 +135,8 @@ def _assess(name: str, cfg: RunConfig, sample: Sample, folds: int, seed: int, ro
                memory_mb=after if device.type == "cuda" else max(after - before, 0.0), memory_kind=memory_kind)
     ppl = feats.perplexity()
     if ppl is not None:
-        n_words = sum(len(w) if words else sum(len(s.split()) for s in w) for w in sample.inputs)
-        row.update(perplexity=ppl, word_perplexity=math.exp(feats.nll / max(n_words, 1)))
+        # per word of what was scored (truncated words never were: counting them flattered short limits)
+        row.update(perplexity=ppl, word_perplexity=math.exp(feats.nll / max(feats.scored_words, 1)))
     if sample.targets is None:
         row["probe"] = {"error": sample.no_probe}
         return model

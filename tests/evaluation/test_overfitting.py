@@ -55,6 +55,22 @@ def test_drop_without_falling_training_loss_is_instability() -> None:
     assert not d["overfit"] and "did not keep falling" in d["message"]
 
 
+def test_no_training_loss_at_the_peak_is_said_not_called_instability() -> None:
+    sparse = [r for r in OVERFIT if "eval/loss" in r or r["step"] > 4]  # nothing logged up to the peak
+    d = diagnose(sparse, "accuracy", greater_is_better=True)
+    assert not d["overfit"] and "no training loss was logged by then (train.log_every)" in d["message"]
+
+
+def test_the_loop_logs_the_training_loss_at_every_evaluation(tiny_config) -> None:
+    import lmtune
+
+    tiny_config["train"].update(epochs=2, log_every=100)  # epochs of 9 steps: evaluations at 9 and 18
+    result = lmtune.train(tiny_config)
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train/loss" in r] == [9, 18]
+    assert all(row["train_loss"] is not None for row in result.metrics["overfitting"]["history"])
+
+
 def test_lower_is_better_metric_rises_in_its_own_units() -> None:
     d = diagnose(OVERFIT, "loss", greater_is_better=False)
     assert d["overfit"] and d["peak_step"] == 4 and d["drop_unit"] == "value"

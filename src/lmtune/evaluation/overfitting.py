@@ -13,8 +13,9 @@ def _number(value: Any) -> float | None:
 
 
 def eval_history(records: list[dict], metric: str) -> list[dict[str, Any]]:
-    """One row per evaluation: step, mean train loss since the previous evaluation, validation loss and
-    metric, and the gap (validation loss - train loss). A step logged twice (after a resume) keeps its last line."""
+    """One row per evaluation: step, mean train loss since the previous evaluation (the loop logs one at every
+    evaluation; None in older logs without), validation loss and metric, and the gap (validation loss - train
+    loss). A step logged twice (after a resume) keeps its last line."""
     key = metric if metric.startswith("eval/") else f"eval/{metric}"
     by_step: dict[int, dict] = {}
     for record in records:
@@ -96,6 +97,9 @@ def _message(d: dict[str, Any], best_kept: bool) -> str:
     change = f"{name} peaked at step {peak_step} ({d['peak_value']:.4g}) and {verb} {amount} by step {d['final_step']}"
     if d["drop"] <= d["noise_floor"]:
         return f"no clear sign of overfitting: {change}, within noise"
+    if d["train_loss_at_peak"] is None or d["train_loss_final"] is None:
+        return f"{change}; no training loss was logged by then (train.log_every), so overfitting cannot be told " \
+               "from instability"
     if not d["train_loss_falling_after_peak"]:
         return f"{change}, but training loss did not keep falling: unstable rather than overfit (a lower " \
                "learning rate may help)"

@@ -27,6 +27,7 @@ class Features:
     kept_words: list[int] = field(default_factory=list)  # words per example that fit in max length
     nll: float = 0.0  # summed negative log-likelihood of the predicted tokens (causal LMs)
     predicted: int = 0  # tokens predicted (every real token but the first of each example)
+    scored_words: int = 0  # words inside the tokens that fit in max length (the unit of a per-word perplexity)
     seconds: float = 0.0
 
     def perplexity(self) -> float | None:
@@ -88,6 +89,9 @@ def extract(model: Any, tokenizer: Any, examples: list[Any], max_length: int, *,
                 nll, count = _next_token_nll(head, hidden, batch["input_ids"], batch["attention_mask"])
                 out.nll += nll
                 out.predicted += count
+                out.scored_words += sum(out.kept_words[i] for i in chosen) if words else sum(
+                    len(tokenizer.decode(ids[m.bool()], skip_special_tokens=True).split())
+                    for ids, m in zip(batch["input_ids"], batch["attention_mask"]))
     out.seconds = time.perf_counter() - started
     return out
 

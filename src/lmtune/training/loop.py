@@ -305,7 +305,9 @@ class _StageRun:
                 bar.update(1)
                 end_of_epoch = state.batch == len(batches)
                 end_of_stage = state.stage_step >= self.total_steps
-                if state.stage_step % cfg.log_every == 0 or end_of_stage:
+                evaluating = end_of_stage or (cfg.eval_every and state.stage_step % cfg.eval_every == 0) \
+                    or (cfg.eval_every is None and end_of_epoch)
+                if state.stage_step % cfg.log_every == 0 or evaluating:  # each evaluation has its training loss
                     loss_value = self.acc.reduce(self.running, "mean").item() / since_log
                     lr = float(self.scheduler.get_last_lr()[0]) / self.optimizer.param_groups[0]["lr_scale"]
                     values = {"train/loss": loss_value, "lr": lr,  # the rate before layer decay scales it
@@ -319,8 +321,7 @@ class _StageRun:
                     since_log = 0
                 if end_of_epoch:
                     state.epoch, state.batch = state.epoch + 1, 0
-                if end_of_stage or (cfg.eval_every and state.stage_step % cfg.eval_every == 0) \
-                        or (cfg.eval_every is None and end_of_epoch):
+                if evaluating:
                     stop = self._evaluate_and_checkpoint() or end_of_stage
                     if state.best_metric is not None:
                         postfix[f"best {self.job.metric}"] = f"{state.best_metric:.4f}"
@@ -488,8 +489,7 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     try:
         for index in range(first := state.stage, len(job.stages)):  # resumed: only `first` from the checkpoint
             resume_from = last if resume and index == first else None
-            if resume_from is None:
-                state.stage = index
+            state.stage = index  # (already so where this stage resumes)
             _StageRun(job, index, state, cfg, accelerator, logs, resume_from, train_rows).run()
             if index + 1 < len(job.stages):
                 state.stage, state.stage_done = index + 1, False
