@@ -46,6 +46,10 @@ def test_method_specs_with_options() -> None:
     with pytest.raises(ValueError, match="not key=value"):
         parse_methods("lora(r16)")
     assert parse_methods("lora(r=4, lr=1e-3)") == [("lora", {"r": 4, "lr": 1e-3})]
+    assert parse_methods("lora(target_modules=[query, value] r=8),full") == [
+        ("lora", {"target_modules": ["query", "value"], "r": 8}), ("full", {})]
+    with pytest.raises(ValueError, match="cannot read the value of 'target_modules=\\[query'"):
+        parse_methods("lora(target_modules=[query r=8)")
     for spec, part in (("full head", "full head"), ("full;lora", "full;lora"), ("lora(r=4", "lora(r=4"),
                        ("full,", "")):  # each was read as fewer methods, or a method named '4'
         with pytest.raises(ValueError, match=re.escape(f"cannot read '{part}'")):

@@ -118,6 +118,10 @@ def test_cli_eval_and_validate(trained, tiny_config, tmp_path) -> None:
     assert result.exit_code == 1 and "lmtune eval --skip-bad-rows" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["eval", str(trained.run_dir), "--data", str(bad), "--skip-bad-rows"])
     assert result.exit_code == 0 and "(32 rows)" in result.output
+    predictor = lmtune.load(trained.run_dir)  # skipping is for that call: the run's own policy stays
+    assert predictor.evaluate(bad, "skip")["rows"] == 32
+    with pytest.raises(lmtune.data.DataError, match="empty text"):
+        predictor.evaluate(bad)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config))
     result = CliRunner().invoke(app, ["validate", str(config)])

@@ -30,13 +30,16 @@ def parse_methods(spec: str) -> list[tuple[str, dict[str, Any]]]:
             raise ValueError(f"--methods {spec!r}: cannot read {item.strip()!r} (expected name or "
                              "name(key=value ...), methods separated by commas)")
         options = {}
-        for option in re.split(r"[\s,]+", (match.group(2) or "").strip()):
+        for option in re.split(r"[\s,]+(?![^\[{]*[\]}])", (match.group(2) or "").strip()):  # not inside [..] {..}
             if not option:
                 continue
             key, sep, value = option.partition("=")
             if not sep:
                 raise ValueError(f"--methods: {option!r} in {item.strip()!r} is not key=value")
-            options[key] = parse_value(value)
+            try:
+                options[key] = parse_value(value)
+            except Exception as err:  # noqa: BLE001 - YAML's parser errors: say which option
+                raise ValueError(f"--methods: cannot read the value of {option!r} in {item.strip()!r}") from err
         out.append((match.group(1), options))
     return out
 

@@ -386,10 +386,13 @@ class Predictor:
     def evaluate(self, path: str | Path, on_bad_rows: str | None = None) -> dict[str, Any]:
         """Score the model on a labelled file in the same format as the training data; bad rows are an error, or
         with on_bad_rows="skip" dropped (default: the run's data.on_bad_rows)."""
-        task = self.session.task
-        if on_bad_rows is not None:
-            task.data = task.data.model_copy(update={"on_bad_rows": on_bad_rows})
-        raw = task.load_eval_file(str(path))
+        task, configured = self.session.task, self.session.task.data
+        try:
+            if on_bad_rows is not None:
+                task.data = configured.model_copy(update={"on_bad_rows": on_bad_rows})
+            raw = task.load_eval_file(str(path))
+        finally:
+            task.data = configured
         features = self.session.encode(raw)
         scalars, details = self.session.evaluate(features)
         generation = self.session.score_generations(raw)

@@ -90,5 +90,6 @@ def test_the_caching_pass_counts_in_the_stage_time(tiny_config: dict, monkeypatc
     monkeypatch.setattr(loop, "ensure_cached", slow)
     tiny_config["method"] = {"name": "head", "lr": 1e-2}
     tiny_config["train"]["max_steps"] = 2
+    tiny_config["data"]["validation_size"] = 0  # only the training set's caching pass: no evaluation to cache
     result = lmtune.train(tiny_config)
     assert result.metrics["stages"]["head"]["seconds"] >= 1.0 and result.metrics["train_seconds"] >= 1.0

@@ -70,6 +70,8 @@ def test_bitfit_is_partial_bias(tiny_config, tiny_model_dir) -> None:
 
     with pytest.raises(ConfigError, match="method.layers: unknown key"):  # partial's option means nothing here
         load_config({**tiny_config, "method": {"name": "bitfit", "layers": 5}})
+    saved = {"name": "bitfit", "train": "bias", "layers": 2, "lr": None, "head_lr": None}  # as runs before saved it
+    assert load_config({**tiny_config, "method": saved}).method.name == "bitfit"
 
 
 def test_bitfit_refuses_a_model_without_biases_even_with_a_head(tmp_path: Path) -> None:
@@ -128,8 +130,9 @@ def test_layerwise_decay_sets_rates_by_depth(tiny_model_dir) -> None:
     assert lr["classifier.weight"] == pytest.approx(1e-3)
 
 
-def test_the_logged_rate_is_the_configured_one_under_layer_decay(tiny_config) -> None:
-    result = run(tiny_config, {"name": "full", "layer_decay": 0.5, "head_lr": 1e-2}, "llrd", lr=5e-3,
+@pytest.mark.parametrize("decay", [0.5, 0.0])  # 0: the embeddings' rate is 0, not a division by it
+def test_the_logged_rate_is_the_configured_one_under_layer_decay(tiny_config, decay) -> None:
+    result = run(tiny_config, {"name": "full", "layer_decay": decay, "head_lr": 1e-2}, "llrd", lr=5e-3,
                  schedule="constant", warmup_ratio=0.0, max_steps=3, log_every=1)
     records = [__import__("json").loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if "lr" in r] == pytest.approx([5e-3] * 3)  # not the embeddings' decayed rate

@@ -116,6 +116,15 @@ def test_chat_sample_reads(tmp_path: Path) -> None:
     assert len(task(path)._read(str(path))) == 11
 
 
+def test_template_rows_from_a_tsv_take_label_map_names(tmp_path: Path) -> None:
+    tsv = tmp_path / "sst.tsv"  # GLUE's layout: labels 0/1, renamed as examples/instruct_sst2.yaml does
+    tsv.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n", encoding="utf-8")
+    t = Instruct(InstructOptions(prompt_template="Review: {sentence}"),
+                 DataConfig(label_column="label", label_map={0: "negative", 1: "positive"}))
+    chats = t._read(str(tsv))["messages"][:]
+    assert [c[-1]["content"] for c in chats] == ["positive", "negative"]
+
+
 def test_predict_inputs_for_a_template_task() -> None:
     t = Instruct(InstructOptions(prompt_template="Review: {sentence}"), DataConfig(label_column="label"))
     chats = t.from_texts(["nice", {"sentence": "bad", "messages": None},

@@ -245,6 +245,11 @@ def test_byte_level_tokenizers_see_each_word_with_its_space() -> None:
     assert tokens == tokenizer.tokenize(" John Smith lives here")  # as in running text, not "lives" alone
     assert [t.startswith("Ġ") for t in tokens] == [True] * len(tokens)
     assert features["labels"][0][0] == 3 and len(features["word_ids"][0]) == len(tokens)
+    # " 1996" is a lone space token and digits: the word's tag sits on its first digit, the space belongs to none
+    _, features = encode(tokenizer, [(["John", "1996"], ["B-PER", "B-LOC"])])
+    tokens = tokenizer.convert_ids_to_tokens(features["input_ids"][0])
+    assert tokens[tokens.index("Ġ")] == "Ġ" and features["word_ids"][0][tokens.index("Ġ")] == -1
+    assert features["labels"][0][tokens.index("Ġ") + 1] == 1 and tokens[tokens.index("Ġ") + 1] == "1"
 
 
 def test_plan_windows_cover_every_word_once() -> None:
@@ -369,6 +374,7 @@ TEXT = "The  doctor people met,in the night   week (day)! Actor's  day"
     ("Cafe\u0301 in U.S.", ["Cafe\u0301", "in", "U.S."]),  # a decomposed é
     ("محمد عَلي", ["محمد", "عَلي"]),
     ("李明在北京工作。", ["李", "明", "在", "北", "京", "工", "作", "。"]),  # no spaces: one word per character
+    ("H₂O at 10 m²", ["H₂O", "at", "10", "m²"]),  # sub- and superscript digits stay in their word
 ])
 def test_raw_text_words_in_other_scripts(text: str, words: list[str]) -> None:
     found, spans = split_words(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.methods import ParamGroup, Stage, TaskInfo
 from lmtune.methods.common import parts
@@ -50,6 +50,15 @@ class Partial:
 
 class BitFitOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _saved_by_partial(cls, data: Any) -> Any:
+        """Runs saved before bitfit had options of its own wrote partial's `train: bias` and `layers`."""
+        if isinstance(data, dict) and data.get("train") == "bias":
+            data = {k: v for k, v in data.items() if k not in ("train", "layers")}
+        return data
+
     name: Literal["bitfit"] = "bitfit"
     """BitFit: train only the biases of the backbone, and the new head."""
     lr: float | None = None

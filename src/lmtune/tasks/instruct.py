@@ -30,7 +30,8 @@ class InstructOptions(DecoderOptions):
     """Examples longer than model.max_length: cut at the limit, or left out (counted in the data report)."""
     prompt_template: str | None = None
     """Build chats from a table: the user turn is this template filled from the row's columns (e.g.
-    "Review: {sentence}\\nSentiment:"), the assistant reply is data.label_column renamed by data.label_map."""
+    "Review: {sentence}\\nSentiment:"; CSV/TSV values are text as written), the assistant reply is
+    data.label_column renamed by data.label_map."""
     answer_choices: list[str] | None = None
     """Score generations as a choice among these answers (the first one named), not by exact match."""
     eval_generate: bool = False
@@ -86,8 +87,8 @@ class Instruct(lm_common.DecoderTask):
                 value = row.get(name)
                 if value is None or (isinstance(value, str) and not value.strip()):
                     return name, "missing value"
-            label = row[cfg.label_column]
-            label = (cfg.label_map or {}).get(label, (cfg.label_map or {}).get(str(label), str(label)))
+            rename = {str(k): v for k, v in (cfg.label_map or {}).items()}  # YAML's 0: keys meet a file's "0"
+            label = rename.get(str(row[cfg.label_column]), str(row[cfg.label_column]))
             return [{"role": "user", "content": opts.prompt_template.format(**{f: row[f] for f in fields})},
                     {"role": "assistant", "content": str(label)}]
         for name in ("instruction", "output"):

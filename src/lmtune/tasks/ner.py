@@ -24,7 +24,7 @@ log = logging.getLogger("lmtune")
 # marks stay in their word (Devanagari, Arabic vowel signs, a decomposed é); Chinese and Japanese characters, which
 # no space separates, are a word each, as character-tagged corpora have them.
 _CJK = r"[\p{Han}\p{Hiragana}\p{Katakana}]"
-_LETTERS = rf"(?:(?!{_CJK})[\w\p{{M}}])+"
+_LETTERS = rf"(?:(?!{_CJK})[\w\p{{M}}\p{{No}}])+"  # \p{{No}}: H₂O, m² (the regex module's \w leaves them out)
 WORD = regex.compile(rf"(?:[^\W\d_]\.){{2,}}|['’](?:s|re|ve|ll|d|m|t)\b|{_CJK}\p{{M}}*|{_LETTERS}(?:[-.&/@]{_LETTERS})*"
                      r"|[^\w\s]", regex.IGNORECASE)
 _TAG_NAME = re.compile(r"^(?:O|[BI]-.+)$")
@@ -309,6 +309,10 @@ class Ner:
         all_subtokens = self.options.label_all_subtokens
 
         spaced = spells_leading_spaces(tokenizer)
+        # Where " 1996" becomes a lone space token and digits (SmolLM2, Llama 3), the space belongs to no word: the
+        # word's first sub-token, which carries its tag and its prediction, is then its first digit.
+        space = tokenizer(" ", add_special_tokens=False)["input_ids"] if spaced else []
+        space = space[0] if len(space) == 1 else None
 
         def tokenize(batch: dict, indices: list[int]) -> dict:
             sentences = [[" " + w for w in words] for words in batch["tokens"]] if spaced else batch["tokens"]
@@ -323,6 +327,7 @@ class Ner:
                 tag_ids = [index[t] for t in batch["tags"][j]] if labelled else None
                 owned = owned_ranges([w for w, _, _ in windows])
                 for (_, enc, ids), (lo, hi) in zip(windows, owned):
+                    ids = [None if t == space else w for w, t in zip(ids, enc["input_ids"])]
                     row = {**enc, "length": len(ids), "sentence": sentence, "own_start": lo, "own_end": hi,
                            "word_ids": [-1 if w is None else w for w in ids]}
                     if labelled:

@@ -56,8 +56,9 @@ class QuestionAnswering:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        no_answer = ("has_answer_exact", "has_answer_f1", "no_answer_exact", "no_answer_f1", "best_f1",
-                     "best_f1_threshold", "best_exact", "best_exact_threshold")
+        # has_answer_* / no_answer_* are logged only when the validation data holds both kinds of question:
+        # not known before training, so they select no checkpoint.
+        no_answer = ("best_f1", "best_f1_threshold", "best_exact", "best_exact_threshold")
         return ("exact_match", "f1", "loss", *(no_answer if self.options.version_2 else ()))
 
     def __init__(self, options: QAOptions, data: DataConfig, labels: list[str] | None = None):

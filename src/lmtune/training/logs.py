@@ -58,3 +58,11 @@ def read_records(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def logged_lr(scheduler: Any, optimizer: Any) -> float:
+    """The learning rate a run logs: the scheduled rate before layer-wise decay scales it (the first group with a
+    non-zero scale; groups from a checkpoint written before scales were kept count as unscaled)."""
+    rates = [float(r) / g.get("lr_scale", 1.0) for r, g in zip(scheduler.get_last_lr(), optimizer.param_groups)
+             if g.get("lr_scale", 1.0)]
+    return rates[0] if rates else 0.0

@@ -22,11 +22,10 @@ from transformers import get_scheduler
 from lmtune.config import TrainConfig
 from lmtune.training.batching import eval_batches, in_memory, steps_per_epoch, to_device, train_batches
 from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
-from lmtune.training import compiling, feature_cache
-from lmtune.training import graphs
+from lmtune.training import compiling, feature_cache, graphs
 from lmtune.training.graphs import StepGraphs, optimizer_mode
 from lmtune.training.losses import mean_targets_per_batch, window_scales
-from lmtune.training.logs import MetricsLog
+from lmtune.training.logs import MetricsLog, logged_lr
 
 log = logging.getLogger("lmtune")
 
@@ -309,8 +308,7 @@ class _StageRun:
                     or (cfg.eval_every is None and end_of_epoch)
                 if state.stage_step % cfg.log_every == 0 or evaluating:  # each evaluation has its training loss
                     loss_value = self.acc.reduce(self.running, "mean").item() / since_log
-                    lr = float(self.scheduler.get_last_lr()[0]) / self.optimizer.param_groups[0]["lr_scale"]
-                    values = {"train/loss": loss_value, "lr": lr,  # the rate before layer decay scales it
+                    values = {"train/loss": loss_value, "lr": logged_lr(self.scheduler, self.optimizer),
                               "epoch": state.epoch + state.batch / len(batches)}
                     if getattr(stage, "penalty", None) is not None:  # its share of train/loss
                         values["train/penalty"] = self.acc.reduce(self.penalty_sum, "mean").item() / since_log
