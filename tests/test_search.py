@@ -104,7 +104,7 @@ def test_search_cli_and_best_yaml_trains(tiny_config, tmp_path) -> None:
     out = Path(tiny_config["output"]["dir"]) / "tuned"  # output.name names the search folder
     result = CliRunner().invoke(app, ["search", str(config), "--space", str(space), "output.name=tuned"])
     assert result.exit_code == 0, result.output
-    assert "best" in result.output and (out / "plots" / "importances.png").is_file()
+    assert "best" in result.output and (out / "trials.csv").is_file()
     result = CliRunner().invoke(app, ["train", str(out / "best.yaml")])
     assert result.exit_code == 0, result.output
     # best.yaml's run gets its own folder next to the search's, not the search's own (which it would replace)
@@ -139,3 +139,17 @@ def test_search_refuses_a_training_runs_folder(tiny_config, tmp_path) -> None:
     with pytest.raises(ConfigError, match="holds a training run"):
         search(config, ["output.name=done"])
     assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
+
+
+def test_importances_are_fanova_shares_and_a_flat_study_gets_none(tmp_path) -> None:
+    import optuna
+
+    from lmtune.search_report import plot_importances
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr", 0, 1) + 0 * t.suggest_float("noise", 0, 1), n_trials=12)
+    assert plot_importances(study, tmp_path / "a.png") == tmp_path / "a.png" and (tmp_path / "a.png").is_file()
+    flat = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    flat.optimize(lambda t: 0.5 + 0 * t.suggest_float("lr", 0, 1) + 0 * t.suggest_float("x", 0, 1), n_trials=6)
+    assert plot_importances(flat, tmp_path / "b.png") is None  # no variance to share out (PED-ANOVA split it 50/50)
