@@ -34,7 +34,8 @@ def check_setup(cfg: RunConfig) -> Setup:
         models.dropout_overrides(model_config, cfg.model.dropout)
     problems = [task.config_problem(tokenizer, max_length) if hasattr(task, "config_problem") else None,
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
-                replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"), precision_problem(cfg)]
+                replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"),
+                precision_problem(cfg.train.precision)]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -49,10 +50,10 @@ def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
             "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
 
 
-def precision_problem(cfg: RunConfig) -> str | None:
+def precision_problem(precision: str) -> str | None:
     import torch
 
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+    if precision == "fp16" and not torch.cuda.is_available():
         return "train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU"
     return None
 

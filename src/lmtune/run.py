@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from lmtune.config import ConfigError, RunConfig, load_config
 from lmtune.data.padding import batch_width
-from lmtune.preflight import check_setup
+from lmtune.preflight import check_setup, precision_problem
 from lmtune.registry import METHODS, TASKS
 
 log = logging.getLogger("lmtune")
@@ -93,8 +93,8 @@ def make_accelerator(precision: str) -> Any:
     cuda = torch.cuda.is_available()
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    if problem := precision_problem(precision):  # a saved run's precision on this machine (train checked it first)
+        raise ValueError(problem)
     # cpu=True on a CPU-only machine lets torchrun/accelerate launch form a multi-process (gloo) group.
     return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not cuda)
 
