@@ -38,8 +38,9 @@ def segments(ds: Any) -> list[tuple[str, ...]]:
 
 def is_byte_level(tokenizer: Any) -> bool:
     """Byte-level BPE (GPT-2, Llama 3, SmolLM) spells any input in bytes: it has no unknown token to emit."""
-    pre = getattr(tokenizer.backend_tokenizer, "pre_tokenizer", None)
-    return pre is not None and "ByteLevel" in pre.__getstate__().decode("utf-8", "replace")
+    from lmtune.models import byte_level_steps
+
+    return bool(byte_level_steps(tokenizer))
 
 
 def spread(values: np.ndarray) -> dict[str, float]:

@@ -112,6 +112,20 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model
                    "sentencepiece.bpe.model")
 
 
+def byte_level_steps(tokenizer: Any) -> list[dict]:
+    """The ByteLevel steps of a fast tokenizer's pre-tokenizer, Sequences searched through (GPT-2, RoBERTa,
+    Llama 3, SmolLM: byte-level BPE); empty for any other tokenizer."""
+    import json
+
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    steps, found = [json.loads(pre.__getstate__())] if pre is not None else [], []
+    while steps:
+        step = steps.pop()
+        steps += step.get("pretokenizers") or []
+        found += [step] if step.get("type") == "ByteLevel" else []
+    return found
+
+
 def load_tokenizer(cfg: ModelConfig, folder: Path | None = None) -> Any:
     """The configured model's tokenizer, or the one saved in `folder` (a run's model, adapter runs too)."""
     from transformers import AutoTokenizer

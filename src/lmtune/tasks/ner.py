@@ -103,14 +103,9 @@ def spells_leading_spaces(tokenizer: Any) -> bool:
     words one by one it sees no space, so every word would be tokenized as if it began a text ("lives" as l + ives
     where running text has " lives"): such tokenizers get a space before each word, as run_ner's
     add_prefix_space=True gives them."""
-    import json
+    from lmtune.models import byte_level_steps
 
-    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
-    if pre is None:
-        return False
-    state = json.loads(pre.__getstate__())
-    return any(p.get("type") == "ByteLevel" and not p.get("add_prefix_space")
-               for p in state.get("pretokenizers", [state]))
+    return any(not step.get("add_prefix_space") for step in byte_level_steps(tokenizer))
 
 
 def split_long(words: list[str], word_ids: list[int | None], tokenizer: Any, max_length: int, budget: int,
