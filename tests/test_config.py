@@ -104,6 +104,8 @@ def test_overfitting_and_seed_options_are_checked() -> None:
     assert "model.dropout=-0.1: must be in [0, 1)" in error_of(BASE, ["model.dropout=-0.1"])
     assert "give distinct seeds" in error_of(BASE, ["train.seeds=[1, 1]"])
     assert "give distinct seeds" in error_of(BASE, ["train.seeds=[]"])
+    assert load_config(BASE, ["train.ema_decay=0.999"]).train.ema_decay == 0.999
+    assert "train.ema_decay=1.0: must be in (0, 1)" in error_of(BASE, ["train.ema_decay=1"])
 
 
 def test_a_search_section_is_left_to_lmtune_search(tmp_path) -> None:

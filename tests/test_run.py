@@ -185,6 +185,8 @@ RESUMES = {
     "max_steps_done": ({"name": "full"}, {"max_steps": 5, "schedule": "constant", "load_best": False}, 5),
     # the head on cached features: re-caching after the resume must not change the dropout masks that follow
     "cached_head": ({"name": "head", "lr": 1e-2}, {"epochs": 2, "eval_every": 4, "load_best": False}, 5),
+    # the weight average goes on from the checkpoint's average, not from the resumed weights
+    "weight_average": ({"name": "full"}, {"ema_decay": 0.9, "eval_every": 3, "load_best": False}, 5),
 }
 
 

@@ -238,3 +238,38 @@ def test_token_loss_normalised_by_the_batch_or_the_dataset_mean(tmp_path, normal
     losses = [r["train/loss"] for r in logged if "train/loss" in r]
     # Each step is one row (group_by_length off, order shuffled): its loss is 1 x its weight.
     assert sorted(losses) == sorted(expected)
+
+
+def test_weight_average_is_what_gets_evaluated_and_kept_while_training_goes_on_from_the_weights(tmp_path) -> None:
+    def trajectory(cfg, folder):
+        model = Toy()
+        snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
+        weights, evaluated = [snapshot()], []
+
+        def evaluate(m) -> dict:
+            evaluated.append(snapshot())
+            return {"score": float(len(evaluated))}  # every evaluation better: the last one is kept
+
+        j = job(folder, model, evaluate=evaluate)
+        j.callbacks.append(lambda state: weights.append(snapshot()))
+        fit(j, cfg, Accelerator(cpu=True))
+        return weights, evaluated, snapshot()
+
+    plain, _, _ = trajectory(train_cfg(eval_every=4), tmp_path / "plain")
+    weights, evaluated, final = trajectory(train_cfg(eval_every=4, ema_decay=0.75), tmp_path / "ema")
+    assert len(weights) == 17
+    for a, b in zip(plain, weights):  # averaging changes nothing about the training itself
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    average, expected = dict(weights[0]), []
+    for step, w in enumerate(weights[1:], 1):  # a plain mean up to step 3, then decay 0.75
+        share = 1 - min(0.75, step / (step + 1))
+        average = {k: v + share * (w[k] - v) for k, v in average.items()}
+        expected.append(average)
+    torch.testing.assert_close(expected[2]["head.weight"], sum(w["head.weight"] for w in weights[:4]) / 4)
+    for seen, want in zip(evaluated, expected[3::4]):
+        for key in want:
+            torch.testing.assert_close(seen[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
+    for key in final:
+        torch.testing.assert_close(final[key], expected[-1][key], rtol=1e-6, atol=1e-7, msg=key)
+        assert not torch.allclose(final[key], weights[-1][key])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from lmtune.training.losses import mean_targets_per_batch
 
 
 def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, group_by_length: bool,
@@ -86,3 +89,21 @@ def in_memory(dataset: Any, lengths: Sequence[int]) -> Any:
     if sum(lengths) > IN_MEMORY_TOKENS or not hasattr(dataset, "to_list"):
         return dataset
     return dataset.to_list()
+
+
+@dataclass
+class TrainRows:
+    """The training set as every stage reads it; worked out once per fit."""
+
+    lengths: list[int]
+    rows: Any  # a list of dicts for small sets (see in_memory), else the dataset
+    mean_targets: float | None  # train.loss_normalization=dataset: target tokens per micro-batch, on average
+
+    @classmethod
+    def of(cls, train_set: Any, collate: Callable, count_targets: Callable | None, cfg: Any) -> "TrainRows":
+        lengths = train_set["length"][:]
+        # Worker processes would each copy a Python list (reference counts touch every row): Arrow for them.
+        rows = in_memory(train_set, lengths) if cfg.num_workers == 0 else train_set
+        mean = (mean_targets_per_batch(rows, collate, count_targets, cfg.batch_size)
+                if count_targets is not None and cfg.loss_normalization == "dataset" else None)
+        return cls(lengths, rows, mean)

@@ -60,13 +60,17 @@ def replace_file(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator: Any, folder: Path, state: LoopState) -> None:
-    """Save model, optimizer, RNG states (Accelerate) and the loop state into `folder`, atomically."""
+def save_checkpoint(accelerator: Any, folder: Path, state: LoopState, extra: Any = None) -> None:
+    """Save model, optimizer, RNG states (Accelerate) and the loop state into `folder`, atomically; `extra(tmp)`,
+    given, writes more files into the folder from every process."""
     tmp = folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))
+    if extra is not None:
+        extra(tmp)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_text(tmp / "loop_state.json", json.dumps(asdict(state), indent=1))
         replace_dir(tmp, folder)

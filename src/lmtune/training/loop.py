@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lmtune.config import TrainConfig
-from lmtune.training.batching import eval_batches, in_memory, steps_per_epoch, to_device, train_batches
+from lmtune.training.batching import TrainRows, eval_batches, steps_per_epoch, to_device, train_batches
 from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
-from lmtune.training import compiling, feature_cache, graphs
+from lmtune.training import averaging, compiling, feature_cache, graphs
 from lmtune.training.graphs import StepGraphs, optimizer_mode
-from lmtune.training.losses import mean_targets_per_batch, window_scales
+from lmtune.training.losses import window_scales
 from lmtune.training.logs import MetricsLog, logged_lr
 
 log = logging.getLogger("lmtune")
@@ -170,29 +170,11 @@ def _stage_length(stage: Any, cfg: TrainConfig, n_rows: int, world_size: int) ->
     return total, math.ceil(total / per_epoch)
 
 
-@dataclass
-class _TrainRows:
-    """The training set as every stage reads it; worked out once per fit."""
-
-    lengths: list[int]
-    rows: Any  # a list of dicts for small sets (see batching.in_memory), else the dataset
-    mean_targets: float | None  # train.loss_normalization=dataset: target tokens per micro-batch, on average
-
-    @classmethod
-    def of(cls, job: Job, cfg: TrainConfig) -> "_TrainRows":
-        lengths = job.train_set["length"][:]
-        # Worker processes would each copy a Python list (reference counts touch every row): Arrow for them.
-        rows = in_memory(job.train_set, lengths) if cfg.num_workers == 0 else job.train_set
-        mean = (mean_targets_per_batch(rows, job.collate, job.count_targets, cfg.batch_size)
-                if job.count_targets is not None and cfg.loss_normalization == "dataset" else None)
-        return cls(lengths, rows, mean)
-
-
 class _StageRun:
     """One stage from set-up to restored best weights; the loop body is `run`, read it top to bottom."""
 
     def __init__(self, job: Job, index: int, state: LoopState, cfg: TrainConfig, accelerator: Any,
-                 logs: MetricsLog, resume_from: Path | None, train_rows: "_TrainRows") -> None:
+                 logs: MetricsLog, resume_from: Path | None, train_rows: TrainRows) -> None:
         self.job, self.index, self.state, self.cfg, self.acc, self.logs = job, index, state, cfg, accelerator, logs
         self.stage = stage = job.stages[index]
         trainable, total = set_trainable(job.model, stage.trainable)
@@ -206,12 +188,16 @@ class _StageRun:
         # The scheduler is not prepared: Accelerate would step it once per process.
         self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.average = (averaging.WeightAverage(self.trainable_params, cfg.ema_decay, accelerator.process_index)
+                        if cfg.ema_decay else None)
         started = time.perf_counter()  # the caching pass is part of the stage's time
         self.cache = self._feature_cache()  # after prepare: the model is on its device
         self.compiled = compiling.blocks(accelerator.unwrap_model(self.model)) if cfg.compile and self.cache is None else []
         if resume_from is not None:
             accelerator.load_state(str(resume_from / "state"))
             self.scheduler.load_state_dict(state.scheduler)
+            if self.average is not None:
+                self.average.load(resume_from)
         self.graphs, self.grads_kept = None, False
         optimizer_mode(self.optimizer, accelerator.device, recorded=no_graphs is None and
                        accelerator.device.type == "cuda")
@@ -381,6 +367,8 @@ class _StageRun:
         self.scheduler.step()
         self.state.step += 1
         self.state.stage_step += 1
+        if self.average is not None:
+            self.average.update(self.state.stage_step)
 
     def _update(self, _inputs: dict[str, Any]) -> None:
         if self.cfg.max_grad_norm:
@@ -400,7 +388,8 @@ class _StageRun:
         if self.cache is not None:
             self.cache.current = None
         info, started = state.stages[self.stage.name], time.perf_counter()
-        with compiling.plain(self.compiled):  # compiling for inference too would stall the run again
+        # Compiling for inference too would stall the run again; with train.ema_decay the average is evaluated.
+        with compiling.plain(self.compiled), self.average.swapped_in() if self.average else contextlib.nullcontext():
             stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
         state.stage_done = stop or state.stage_step >= self.total_steps  # resuming here trains no more
         info["eval_seconds"] = round(info.get("eval_seconds", 0.0) + time.perf_counter() - started, 2)
@@ -409,7 +398,8 @@ class _StageRun:
         state.stage_seconds[self.stage.name] = time.perf_counter() - self.started
         if self.cfg.checkpoint:
             started = time.perf_counter()
-            save_checkpoint(self.acc, self.job.run_dir / "checkpoints" / "last", state)
+            save_checkpoint(self.acc, self.job.run_dir / "checkpoints" / "last", state,
+                            extra=self.average.save if self.average else None)
             info["checkpoint_seconds"] = round(info.get("checkpoint_seconds", 0.0) + time.perf_counter() - started, 2)
         return stop
 
@@ -418,6 +408,8 @@ class _StageRun:
         state.stage_seconds[name] = time.perf_counter() - self.started
         info = state.stages[name]
         info["seconds"] = round(state.stage_seconds[name], 2)
+        if self.average is not None:  # the stage ends on its average (replaced below by the best, if kept)
+            self.average.copy_in()
         if self.graphs is not None:
             info["cuda_graphs"] = len(self.graphs.graphs)
             info["graph_recording_seconds"] = round(self.graphs.recording_seconds, 2)
@@ -479,7 +471,7 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     last = job.run_dir / "checkpoints" / "last"
     state = read_loop_state(last) if resume else LoopState()
     logs = MetricsLog(job.run_dir, accelerator, truncate_after=state.step if resume else None)
-    train_rows = _TrainRows.of(job, cfg)
+    train_rows = TrainRows.of(job.train_set, job.collate, job.count_targets, cfg)
     # The training rows (Python objects when held in memory) and the model live until the end: frozen, the
     # collector's full passes no longer walk them (seconds of stalls over a run with millions of token ids).
     gc.collect()
