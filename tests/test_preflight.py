@@ -81,6 +81,15 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
         (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # not loaded: refused by its name
         cfg["model"]["name"] = str(folder)
         return cfg, "holds only pickled weights (.bin), which can run arbitrary code"
+    if case == "head_on_a_tied_decoder":  # was refused only after the weights were loaded and the data read
+        cfg["model"] = {"name": str(decoder), "max_length": 16}
+        cfg["task"] = {"name": "causal_lm"}
+        cfg["data"] = {"train": text_file(tmp_path / "train.txt")}
+        cfg["method"] = {"name": "head"}
+        return cfg, "method 'head': the output layer of this LlamaForCausalLM is tied to its input embeddings"
+    if case == "lora_target_typo":
+        cfg["method"] = {"name": "lora", "target_modules": ["qurey"]}
+        return cfg, "method 'lora': No modules were targeted for adaptation"  # peft's words
     assert case == "max_length_over_positions"
     cfg["model"]["max_length"] = 128
     return cfg, "model.max_length=128 exceeds the 64 positions this model has"
@@ -88,7 +97,7 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
 
 CASES = ["qa_window", "ner_stride", "general_text_on_a_classifier", "general_text_on_an_encoder",
          "general_text_missing", "label_smoothing_multi_label", "max_length_over_positions", "replay_on_a_classifier",
-         "metric_typo", "metric_of_another_task", "pickled_weights_only"]
+         "metric_typo", "metric_of_another_task", "pickled_weights_only", "head_on_a_tied_decoder", "lora_target_typo"]
 CASES += [] if __import__("torch").cuda.is_available() else ["fp16_on_a_cpu"]
 
 

@@ -10,7 +10,8 @@ import pytest
 
 import lmtune
 from helpers import make_sentiment_rows, write_csv
-from lmtune.config import load_config
+from lmtune.config import ConfigError, load_config
+from lmtune.preflight import check_setup
 from lmtune.registry import METHODS, TASKS, load_builtins
 
 load_builtins()
@@ -83,6 +84,9 @@ def test_task_method_pair(task: str, method: str, request: pytest.FixtureRequest
     if task in DECODER_TASKS and method in NOT_FOR_DECODER:
         with pytest.raises(ValueError, match=NOT_FOR_DECODER[method]):
             lmtune.train(cfg)
+        # validate (and compare) refuse it too, from the model's structure alone: no weights loaded, no data read
+        with pytest.raises(ConfigError, match=NOT_FOR_DECODER[method]):
+            check_setup(load_config(cfg))
         return
     result = lmtune.train(cfg)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
