@@ -171,10 +171,13 @@ class TrainConfig(Section):
     early_stopping_min_delta: float = 0.0
     """Smallest change of the selection metric that counts as an improvement."""
     ema_decay: float | None = None
-    """Keep an exponential moving average of each stage's trained weights and evaluate, select and save it in
-    place of the weights themselves; null = off. Until 1 / (1 - decay) steps it is a plain mean of the stage's
-    weights so far, early ones included: pick a decay whose 1 / (1 - decay) is well under the stage's steps (SST-2,
-    5,685 steps: 0.9995 took full fine-tuning from 89.2 to 89.4-89.5 dev accuracy, LP-FT to 89.7, five seeds each)."""
+    """Keep an exponential moving average of each stage's trained weights (buffers not averaged) and evaluate,
+    select and save it in place of the weights themselves (with load_best=false or no validation data, the saved
+    model is the last average); validation losses are then the average's, training losses the weights'. Up to step
+    decay / (1 - decay) it is a plain mean of the stage's weights so far, early ones included: pick a decay with
+    1 / (1 - decay) well under the stage's steps. Memory: one more copy of the trainable weights. null = off.
+    SST-2 (5,685 steps, five seeds): 0.9995 took full fine-tuning from 89.2 to 89.4 dev accuracy at lr 5e-5, to 89.5
+    at lr 1e-4, LP-FT to 89.7 (benchmarks/RESULTS.md)."""
     load_best: bool = True
     """At the end, restore the weights of the best evaluation (by `eval.metric`)."""
     checkpoint: bool = True

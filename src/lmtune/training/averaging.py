@@ -21,9 +21,13 @@ class WeightAverage:
     compiled blocks keep seeing the same tensors.
     """
 
-    def __init__(self, params: list[torch.Tensor], decay: float, rank: int = 0) -> None:
+    def __init__(self, params: list[torch.Tensor], decay: float, shard: int | None = None, writes: bool = True) -> None:
+        """`shard`: this process's index where each process holds its own shards of the weights (FSDP, DeepSpeed),
+        each then saving its own file; otherwise one file, written where `writes`, read by every process (a run
+        may resume on another number of processes)."""
         self.params, self.decay = params, decay
-        self.file = f"weight_average-{rank}.safetensors"  # each process its own (sharded training: its shards)
+        self.file = "weight_average.safetensors" if shard is None else f"weight_average-{shard}.safetensors"
+        self.writes = writes or shard is not None
         with torch.no_grad():
             self.average = [p.detach().clone() for p in params]
 
@@ -35,14 +39,19 @@ class WeightAverage:
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The average in the parameters for the block (evaluation, best-weights save), the trained weights after."""
-        with torch.no_grad():
-            trained = [p.detach().clone() for p in self.params]
-            torch._foreach_copy_([p.detach() for p in self.params], self.average)
+        self._swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], trained)
+            self._swap()
+
+    def _swap(self) -> None:
+        """Exchange the parameters' values with the average's, one tensor at a time (one tensor of extra memory)."""
+        with torch.no_grad():
+            for p, a in zip(self.params, self.average):
+                kept = p.detach().clone()
+                p.detach().copy_(a)
+                a.copy_(kept)
 
     def copy_in(self) -> None:
         """Leave the average in the parameters (the end of a stage that keeps its last weights)."""
@@ -50,11 +59,14 @@ class WeightAverage:
             torch._foreach_copy_([p.detach() for p in self.params], self.average)
 
     def save(self, folder: Path) -> None:
+        if not self.writes:
+            return
         save_file({str(i): a.detach().contiguous().cpu() for i, a in enumerate(self.average)}, str(folder / self.file))
 
     def load(self, folder: Path) -> None:
         if not (folder / self.file).exists():
-            raise RuntimeError(f"{folder} holds no weight average: it was written without train.ema_decay")
+            raise RuntimeError(f"{folder} holds no {self.file}: it was written without train.ema_decay, or (sharded "
+                               "training) by another number of processes")
         tensors = load_file(str(folder / self.file))
         if len(tensors) != len(self.average):
             raise RuntimeError(f"{folder / self.file} holds {len(tensors)} averaged tensors, this stage trains "

@@ -55,6 +55,7 @@ class Job:
 # Inputs of a step that are not model arguments: the loss weight, the window share, served cached features.
 INTERNAL = "lmtune:"
 SCALE, SHARE, SERVED = INTERNAL + "scale", INTERNAL + "share", INTERNAL + "served:"
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # each process holds its own shards of the weights
 
 
 def build_optimizer(model: Any, stage: Any, cfg: TrainConfig, fused: bool,
@@ -188,8 +189,9 @@ class _StageRun:
         # The scheduler is not prepared: Accelerate would step it once per process.
         self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.average = (averaging.WeightAverage(self.trainable_params, cfg.ema_decay, accelerator.process_index)
-                        if cfg.ema_decay else None)
+        shard = accelerator.process_index if accelerator.distributed_type in SHARDED else None
+        self.average = (averaging.WeightAverage(self.trainable_params, cfg.ema_decay, shard,
+                                                writes=accelerator.is_main_process) if cfg.ema_decay else None)
         started = time.perf_counter()  # the caching pass is part of the stage's time
         self.cache = self._feature_cache()  # after prepare: the model is on its device
         self.compiled = compiling.blocks(accelerator.unwrap_model(self.model)) if cfg.compile and self.cache is None else []
@@ -372,7 +374,7 @@ class _StageRun:
 
     def _update(self, _inputs: dict[str, Any]) -> None:
         if self.cfg.max_grad_norm:
-            if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # sharded: Accelerate
+            if self.acc.distributed_type in SHARDED:  # Accelerate gathers the norm over the shards
                 self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             else:
                 # Accelerate's clip walks every parameter and probes installed packages at each call, a
@@ -389,7 +391,8 @@ class _StageRun:
             self.cache.current = None
         info, started = state.stages[self.stage.name], time.perf_counter()
         # Compiling for inference too would stall the run again; with train.ema_decay the average is evaluated.
-        with compiling.plain(self.compiled), self.average.swapped_in() if self.average else contextlib.nullcontext():
+        swap = self.average is not None and self.job.evaluate is not None
+        with compiling.plain(self.compiled), self.average.swapped_in() if swap else contextlib.nullcontext():
             stop = _evaluate(self.job, self.model, state, self.cfg, self.acc, self.logs, self.stage.name)
         state.stage_done = stop or state.stage_step >= self.total_steps  # resuming here trains no more
         info["eval_seconds"] = round(info.get("eval_seconds", 0.0) + time.perf_counter() - started, 2)
