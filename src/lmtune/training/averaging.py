@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-
 class WeightAverage:
     """Averages `params` after every optimizer step of a stage.
 
     After step s the average moves towards the weights by 1 - min(decay, s / (s + 1)): a plain mean of the
-    stage's weights so far until s reaches 1 / (1 - decay), an exponential average with that decay from then on,
+    stage's weights so far until s reaches decay / (1 - decay), an exponential average with that decay from then on,
     so early evaluations are not dominated by the stage's starting weights. The factor depends on s alone: a
     resumed stage continues with the same factors. Updates and swaps copy in place: recorded CUDA graphs and
     compiled blocks keep seeing the same tensors.
