@@ -88,8 +88,10 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
         cfg["method"] = {"name": "head"}
         return cfg, "method 'head': the output layer of this LlamaForCausalLM is tied to its input embeddings"
     if case == "lora_target_typo":
-        cfg["method"] = {"name": "lora", "target_modules": ["qurey"]}
-        return cfg, "method 'lora': No modules were targeted for adaptation"  # peft's words
+        cfg["method"] = {"name": "lora", "target_modules": ["query", "vaule"]}  # peft adapted "query" alone, silently
+        return cfg, ("method 'lora': method.target_modules ['vaule'] name no module of this "
+                     "BertForSequenceClassification; its linear layers are named ['classifier', 'dense', 'key', 'query', "
+                     "'value']")
     assert case == "max_length_over_positions"
     cfg["model"]["max_length"] = 128
     return cfg, "model.max_length=128 exceeds the 64 positions this model has"
@@ -129,3 +131,32 @@ def test_forgetting_probe_on_a_decoder_passes_validate(tiny_config: dict, tmp_pa
     result = CliRunner().invoke(app, ["validate", str(config)])
     assert result.exit_code == 0, result.output
     assert "config and data are valid" in result.output
+
+
+def test_a_method_registered_elsewhere_is_left_to_train(tiny_config: dict, monkeypatch) -> None:
+    """Methods outside lmtune may read weight values (none on the meta device): check_setup does not apply them."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    from lmtune.config import load_config
+    from lmtune.methods import METHODS, ParamGroup, Stage
+    from lmtune.preflight import check_setup
+
+    class LargestOptions(BaseModel):
+        name: Literal["largest"] = "largest"
+
+    class Largest:  # trains the matrix of the largest mean magnitude: needs the loaded values
+        Options = LargestOptions
+
+        @staticmethod
+        def apply(model, info, options):
+            name = max((n for n, p in model.named_parameters() if p.ndim == 2), key=lambda n: float(
+                dict(model.named_parameters())[n].abs().mean().item()))
+            return [Stage("largest", [ParamGroup([name])])]
+
+    monkeypatch.setitem(METHODS, "largest", Largest)
+    tiny_config["method"] = {"name": "largest"}
+    tiny_config["train"]["max_steps"] = 1
+    check_setup(load_config(tiny_config))
+    assert lmtune.train(tiny_config).metrics["params"]["trainable"] > 0

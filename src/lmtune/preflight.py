@@ -44,26 +44,33 @@ def check_setup(cfg: RunConfig) -> Setup:
 
 
 def method_problem(cfg: RunConfig, task: Any, model_config: Any) -> str | None:
-    """The method applied to the model built on the meta device (its structure, no weights, no memory), as train
-    applies it after loading the weights: a head-only method on a decoder whose output layer is its embeddings,
-    BitFit on a model without biases, LoRA target modules the model lacks are refused before any data is read.
-    A model that cannot be built so is left to train (it loads the weights anyway)."""
+    """A built-in method applied to the model built on the meta device (its structure, no weights, no memory), as
+    train applies it after loading the weights: a head-only method on a decoder whose output layer is its
+    embeddings, BitFit on a model without biases, LoRA target modules the model lacks are refused before any data
+    is read. A model that cannot be built so, and methods registered elsewhere (they may read weight values), are
+    left to train."""
+    import warnings
+
     import torch
 
     from lmtune.methods import METHODS, TaskInfo
     from lmtune.run import head_names
 
+    method = METHODS[cfg.method.name]
+    if not method.__module__.startswith("lmtune.methods."):
+        return None
     try:
         with torch.device("meta"):
             model = task.auto_class.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
     except Exception:  # noqa: BLE001 - e.g. an architecture without this task's head: train says so itself
         return None
-    method = METHODS[cfg.method.name]
     info = TaskInfo(head_names=head_names(model, []), epochs=cfg.train.epochs)
     try:
-        if hasattr(method, "prepare"):
-            model = method.prepare(model, info, cfg.method)
-        method.apply(model, info, cfg.method)
+        with warnings.catch_warnings():  # peft's wrapping warns as it will again in train
+            warnings.simplefilter("ignore")
+            if hasattr(method, "prepare"):
+                model = method.prepare(model, info, cfg.method)
+            method.apply(model, info, cfg.method)
     except ValueError as err:  # lmtune's own messages name the method; peft's do not
         return str(err) if str(err).startswith("method ") else f"method {cfg.method.name!r}: {err}"
     return None

@@ -52,10 +52,27 @@ def _head_modules(model: Any, head_names: list[str]) -> list[str]:
     return sorted(o for o in owners if o in modules)
 
 
+def _unknown_targets(model: Any, targets: list[str]) -> str | None:
+    """Target names that match no module the way peft matches them (the full name or its dotted ending): peft
+    refuses only when none matches, with a message that names none of them."""
+    import torch
+
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not unknown:
+        return None
+    linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return (f"method 'lora': method.target_modules {unknown} name no module of this {type(model).__name__}; its "
+            f"linear layers are named {linear}")
+
+
 def peft_config(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
     import peft
 
     task_type = _task_type(model)
+    if options.variant in ("lora", "dora") and isinstance(options.target_modules, list) \
+            and (problem := _unknown_targets(model, options.target_modules)):
+        raise ValueError(problem)
     save = _head_modules(model, info.head_names)
     if options.variant == "prompt_tuning":
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens,
