@@ -90,8 +90,8 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
     if case == "lora_target_typo":
         cfg["method"] = {"name": "lora", "target_modules": ["query", "vaule"]}  # peft adapted "query" alone, silently
         return cfg, ("method 'lora': method.target_modules ['vaule'] name no module of this "
-                     "BertForSequenceClassification; its linear layers are named ['classifier', 'dense', 'key', 'query', "
-                     "'value']")
+                     "BertForSequenceClassification; its linear layers are named ['classifier', 'dense', 'key', "
+                     "'query', 'value']")
     assert case == "max_length_over_positions"
     cfg["model"]["max_length"] = 128
     return cfg, "model.max_length=128 exceeds the 64 positions this model has"

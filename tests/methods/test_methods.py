@@ -81,7 +81,8 @@ def test_bitfit_refuses_a_model_without_biases_even_with_a_head(tmp_path: Path) 
 
     model = AutoModelForCausalLM.from_pretrained(make_tiny_decoder(tmp_path / "llama", tied=False))
     info = TaskInfo(head_names=["lm_head.weight"])  # an untied output layer counts as the head
-    with pytest.raises(ValueError, match="has no such parameters to train \\(it has no biases\\)"):
+    with pytest.raises(ValueError, match="method bitfit \\(partial with train=bias\\): this LlamaForCausalLM has no "
+                       "such parameters to train \\(it has no biases\\)"):
         METHODS["bitfit"].apply(model, info, METHODS["bitfit"].Options())
 
 

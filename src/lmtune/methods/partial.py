@@ -42,8 +42,9 @@ class Partial:
         else:
             body = [n for layer in p.layers for n in layer] + p.rest
         if not body:  # e.g. BitFit on a model without biases (Llama): training the head alone is method `head`
-            raise ValueError(f"method partial (train={options.train}): this {type(model).__name__} has no such "
-                             "parameters to train" + (" (it has no biases)" if options.train == "bias" else ""))
+            name = "bitfit (partial with train=bias)" if options.train == "bias" else f"partial (train={options.train})"
+            raise ValueError(f"method {name}: this {type(model).__name__} has no such parameters to train"
+                             + (" (it has no biases)" if options.train == "bias" else ""))
         groups = [ParamGroup(body, lr=options.lr), ParamGroup(p.head, lr=options.head_lr or options.lr)]
         return [Stage(f"partial-{options.train}", [g for g in groups if g.names])]
 
