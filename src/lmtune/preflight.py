@@ -36,7 +36,7 @@ def check_setup(cfg: RunConfig) -> Setup:
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
                 replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"),
                 precision_problem(cfg.train.precision)]
-    problems = [p for p in problems if p] or [method_problem(cfg, task, model_config)]
+    problems = [p for p in problems if p] or [method_problem(cfg, task, model_config)]  # builds the model: last
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
