@@ -88,3 +88,23 @@ def test_profile_of_chats_counts_every_turn(tiny_model_dir) -> None:
     result, lengths = profile({"train": chats}, tokenizer, 64)
     assert result["label_kind"] == "none" and result["labels"]["train"] == {}
     assert lengths["train"].tolist() == [5, 5]  # [CLS] good film positive [SEP]; [CLS] bad film . [SEP]
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "instruct"])
+def test_replay_documents_are_a_split_of_their_own(task, tiny_decoder_dir, tmp_path) -> None:
+    from lmtune.config import load_config
+    from lmtune.inspect_data import load_data
+
+    (tmp_path / "general.txt").write_text("".join(f"general text number {i}\n" for i in range(5)))
+    if task == "causal_lm":
+        (tmp_path / "train.txt").write_text("".join(f"a review of film {i}\n" for i in range(3)))
+        train = str(tmp_path / "train.txt")
+    else:
+        train = str(write_csv(tmp_path / "train.csv", [{"instruction": f"film {i}?", "output": "good"}
+                                                        for i in range(3)]))
+    cfg = load_config({"model": {"name": str(tiny_decoder_dir)}, "task": {"name": task},
+                       "data": {"train": train, "validation_size": 0,
+                                "replay": {"path": str(tmp_path / "general.txt")}}})
+    _, splits = load_data(cfg)
+    assert len(splits["replay"]) == 5  # the training rows held these too
+    assert sum(len(rows) for name, rows in splits.items() if name != "replay") == 3

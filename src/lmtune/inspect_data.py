@@ -133,6 +133,14 @@ def load_data(cfg: RunConfig) -> tuple[Any, dict[str, Any]]:
 
     task = TASKS[cfg.task.name](cfg.task, cfg.data)
     splits, _ = task.load_splits(cfg.train.seed)
+    train = splits.get("train")
+    columns = train.column_names if train is not None else []
+    # Replay documents (data.replay) ride in the training split; profiled as a split of their own.
+    flags = (train["replay"][:] if "replay" in columns else
+             [t is not None for t in train["replay_text"][:]] if "replay_text" in columns else [])
+    if any(flags):
+        splits["train"] = train.select([i for i, f in enumerate(flags) if not f])
+        splits["replay"] = train.select([i for i, f in enumerate(flags) if f])
     return task, splits
 
 
