@@ -182,16 +182,23 @@ def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, l
     return model, sorted(info.get("missing_keys", []))
 
 
+def head_names(model: Any, new_weights: list[str]) -> list[str]:
+    """Parameters outside the pretrained backbone, plus any the checkpoint did not provide."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    new = set(new_weights)
+    return [n for n, _ in model.named_parameters() if not n.startswith(prefix) or n in new]
+
+
 def moved_backbone(prefix: str, missing: list[str], unexpected: list[str]) -> str | None:
     """The name a checkpoint keeps the backbone under where this class reads it from another (a Llama or Qwen2 saved
     for causal LM keeps it under `model`, their question-answering classes read `transformer`: loaded as is, every
     backbone weight would be left at random), or None where nothing moved."""
-    if not prefix or not unexpected:
+    wanted = {k for k in missing if k.startswith(prefix + ".")} if prefix else set()
+    if not wanted:
         return None
-    wanted = {k for k in missing if k.startswith(prefix + ".")}
     for other in sorted({k.split(".", 1)[0] for k in unexpected if "." in k} - {prefix}):
         moved = {prefix + k[len(other):] for k in unexpected if k.startswith(other + ".")}
-        if wanted and len(moved & wanted) > len(wanted) / 2:
+        if len(moved & wanted) > len(wanted) / 2:
             return other
     return None
 

@@ -54,7 +54,7 @@ def method_problem(cfg: RunConfig, task: Any, model_config: Any) -> str | None:
     import torch
 
     from lmtune.methods import METHODS, TaskInfo
-    from lmtune.run import head_names
+    from lmtune.models import head_names
 
     method = METHODS[cfg.method.name]
     if not method.__module__.startswith("lmtune.methods."):

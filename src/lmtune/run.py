@@ -99,13 +99,6 @@ def make_accelerator(precision: str) -> Any:
     return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not cuda)
 
 
-def head_names(model: Any, new_weights: list[str]) -> list[str]:
-    """Parameters outside the pretrained backbone, plus any the checkpoint did not provide."""
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    new = set(new_weights)
-    return [n for n, _ in model.named_parameters() if not n.startswith(prefix) or n in new]
-
-
 def count_params(model: Any, names: set[str]) -> tuple[int, int]:
     params = dict(model.named_parameters())
     return sum(params[n].numel() for n in names), sum(p.numel() for p in params.values())
@@ -198,7 +191,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     generate_test = getattr(cfg.task, "eval_generate", False) and "test" in splits and cfg.eval.test
     before = session.score_generations(splits["test"]) if generate_test else None
     method = METHODS[cfg.method.name]
-    info = TaskInfo(head_names=head_names(model, new_weights), epochs=cfg.train.epochs)
+    info = TaskInfo(head_names=models.head_names(model, new_weights), epochs=cfg.train.epochs)
     if cfg.train.gradient_checkpointing:
         _checkpoint_activations(model)
     if hasattr(method, "prepare"):  # methods that wrap the model (peft adapters)

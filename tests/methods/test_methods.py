@@ -18,7 +18,7 @@ from lmtune.training.loop import build_optimizer
 def tiny_classifier(tiny_model_dir: Path):
     from transformers import AutoModelForSequenceClassification
 
-    from lmtune.run import head_names
+    from lmtune.models import head_names
 
     model, info = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2,
                                                                      output_loading_info=True)
