@@ -90,3 +90,21 @@ def test_setup_problems_stop_compare_before_any_run(tiny_config, tmp_path) -> No
                                       f"eval.general_text={tmp_path / 'missing.txt'}"])
     assert result.exit_code != 0 and "eval.general_text" in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_chart_has_a_memory_panel_only_where_memory_was_measured(tmp_path) -> None:
+    import struct
+
+    from lmtune.compare import plot_comparison
+
+    rows = [{"method": name, "seeds": 1, "split": "test", "metric_mean": acc, "metric_std": 0.0,
+             "trainable_params": params, "total_params": 1000, "train_seconds_mean": 3.0, "peak_memory_mb": memory}
+            for name, acc, params, memory in (("full", 0.9, 1000, 900.0), ("lora(lr=0.0005 r=16 alpha=32)", 0.88,
+                                                                            30, 500.0))]
+
+    def width(path: Path) -> int:  # the PNG header's IHDR width
+        return struct.unpack(">I", path.read_bytes()[16:20])[0]
+
+    with_memory = plot_comparison(rows, tmp_path / "gpu.png", "accuracy")
+    cpu = plot_comparison([{**r, "peak_memory_mb": None} for r in rows], tmp_path / "cpu.png", "accuracy")
+    assert width(with_memory) - width(cpu) >= 3 * 120  # one more panel of 3.2 inches at 120 dpi

@@ -148,29 +148,35 @@ def write_table(table: list[dict[str, Any]], folder: Path, metric: str) -> None:
 
 
 def plot_comparison(table: list[dict[str, Any]], path: Path, metric: str) -> Path:
-    """Three panels per method: metric (± std), trainable parameters (log scale), training time."""
+    """One row per method, one panel per measure: metric (± std over seeds), trainable parameters (log scale),
+    training time and, where measured (GPU runs), peak GPU memory. Horizontal bars keep long method labels
+    such as `lora(lr=0.0005 r=16 alpha=32)` readable."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from lmtune.training.checkpoint import replace_file
 
     names = [r["method"] for r in table]
-    fig = Figure(figsize=(4 + 1.2 * len(names), 3.6))
-    FigureCanvasAgg(fig)
-    panels = fig.subplots(1, 3)
     values = [r["metric_mean"] or 0.0 for r in table]
-    panels[0].bar(names, values, yerr=[r["metric_std"] for r in table], capsize=4, color="tab:blue")
-    panels[0].set_title(f"{table[0]['split']} {metric}")
+    spread = [r["metric_std"] if r["seeds"] > 1 else 0.0 for r in table]
+    measures = [(f"{table[0]['split']} {metric}", values, "tab:blue"),
+                ("trainable parameters", [r["trainable_params"] for r in table], "tab:orange"),
+                ("training time (s)", [r["train_seconds_mean"] for r in table], "tab:green")]
+    if any(r["peak_memory_mb"] is not None for r in table):
+        measures.append(("peak GPU memory (MB)", [r["peak_memory_mb"] or 0.0 for r in table], "tab:red"))
+    fig = Figure(figsize=(3.2 * len(measures) + 0.09 * max(map(len, names)), 1.3 + 0.42 * len(names)))
+    FigureCanvasAgg(fig)
+    panels = fig.subplots(1, len(measures), sharey=True, squeeze=False)[0]
+    rows = range(len(names))
+    for ax, (title, data, color) in zip(panels, measures):
+        ax.barh(rows, data, color=color, xerr=spread if data is values and any(spread) else None, capsize=4)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    panels[0].set_yticks(list(rows), names)
+    panels[0].invert_yaxis()  # first method on top, as in the table
     low = min(values)
-    panels[0].set_ylim(max(0.0, low - 0.1 * (max(values) - low + 1e-9) - 0.05), None)
-    panels[1].bar(names, [r["trainable_params"] for r in table], color="tab:orange")
-    panels[1].set_yscale("log")
-    panels[1].set_title("trainable parameters")
-    panels[2].bar(names, [r["train_seconds_mean"] for r in table], color="tab:green")
-    panels[2].set_title("training time (s)")
-    for ax in panels:
-        ax.tick_params(axis="x", rotation=30)
-        ax.grid(axis="y", alpha=0.3)
+    panels[0].set_xlim(max(0.0, low - 0.1 * (max(values) - low + 1e-9) - 0.05), None)
+    panels[1].set_xscale("log")
     fig.tight_layout()
     replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return path
