@@ -5,13 +5,41 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import datasets
 import numpy as np
 
 logger = logging.getLogger("lmtune")
+
+
+def carve_splits(
+    train: datasets.Dataset,
+    cfg: Any,
+    seed: int,
+    read: Callable[[str, str], datasets.Dataset],
+    report: dict[str, Any],
+    stratum: Callable[[datasets.Dataset], str | None] = lambda ds: None,
+) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    """The test and validation splits of the data config ``cfg``: each read from its file (``read(name, path)``)
+    or split off ``train`` (``test_size`` / ``validation_size``; by whole groups with ``split_by``, else by row,
+    stratified by the column ``stratum`` names), then cut to ``max_train_samples`` / ``max_eval_samples`` rows.
+    Returns what is left of ``train`` and the other splits; the rows split off are counted in ``report``."""
+    splits: dict[str, datasets.Dataset] = {}
+    for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation, cfg.validation_size)):
+        if path:
+            splits[name] = read(name, path)
+        elif size:
+            count = int(size) if size >= 1 else size
+            train, splits[name] = (split_off_groups(train, count, seed, cfg.split_by) if cfg.split_by
+                                   else split_off(train, count, seed, stratum(train)))
+            report.setdefault("split_off", {})[name] = len(splits[name])
+    if cfg.max_train_samples:
+        train = stratified_subset(train, cfg.max_train_samples, seed, stratum(train))
+    if cfg.max_eval_samples:
+        splits = {k: stratified_subset(v, cfg.max_eval_samples, seed, stratum(v)) for k, v in splits.items()}
+    return train, splits
 
 
 def split_off(

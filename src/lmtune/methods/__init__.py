@@ -44,13 +44,18 @@ class TaskInfo:
     epochs: int = 1
 
 
-def no_head_error(model: Any, method: str) -> ValueError:
-    """Why a head-only method cannot run: a causal LM's output layer tied to its embeddings is no head."""
+def head_parameters(model: Any, info: TaskInfo, method: str) -> list[str]:
+    """The task head's parameter names, for a method that trains the head alone first (head, lp_ft); refuses a
+    model without one (a causal LM's output layer tied to its embeddings is no head)."""
+    names = {n for n, _ in model.named_parameters()}
+    found = [n for n in info.head_names if n in names]
+    if found:
+        return found
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None and output.weight is model.get_input_embeddings().weight:
-        return ValueError(f"method {method!r}: the output layer of this {type(model).__name__} is tied to its input "
-                          "embeddings, so there is no separate head to train; use full, partial or lora")
-    return ValueError(f"method {method!r} found no task-head parameters to train in this model")
+        raise ValueError(f"method {method!r}: the output layer of this {type(model).__name__} is tied to its input "
+                         "embeddings, so there is no separate head to train; use full, partial or lora")
+    raise ValueError(f"method {method!r} found no task-head parameters to train in this model")
 
 
 from lmtune.methods import full, head, lora, lp_ft, partial  # noqa: E402,F401  (register the built-in methods)

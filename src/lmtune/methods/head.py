@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from lmtune.methods import ParamGroup, Stage, TaskInfo, no_head_error
+from lmtune.methods import ParamGroup, Stage, TaskInfo, head_parameters
 from lmtune.registry import register_method
 
 
@@ -28,8 +28,5 @@ class Head:
 
     @staticmethod
     def apply(model: Any, info: TaskInfo, options: HeadOptions) -> list[Stage]:
-        names = {n for n, _ in model.named_parameters()}
-        head = [n for n in info.head_names if n in names]
-        if not head:
-            raise no_head_error(model, "head")
+        head = head_parameters(model, info, "head")
         return [Stage("head", [ParamGroup(head, lr=options.lr)], cache_features=options.cache_features)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from lmtune.methods import no_head_error, ParamGroup, Stage, TaskInfo
+from lmtune.methods import head_parameters, ParamGroup, Stage, TaskInfo
 from lmtune.methods.common import FineTuneOptions, fine_tune_stages, pooler_names
 from lmtune.registry import register_method
 
@@ -33,10 +33,7 @@ class LpFt:
 
     @staticmethod
     def apply(model: Any, info: TaskInfo, options: LpFtOptions) -> list[Stage]:
-        names = {n for n, _ in model.named_parameters()}
-        head = [n for n in info.head_names if n in names]
-        if not head:
-            raise no_head_error(model, "lp_ft")
+        head = head_parameters(model, info, "lp_ft")
         if options.probe_pooler:
             pooler = pooler_names(model)
             head += [n for n, _ in model.named_parameters() if n in pooler and n not in head]

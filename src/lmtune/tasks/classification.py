@@ -11,9 +11,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lmtune.config import DataConfig
-from lmtune.data import (DataError, apply_row_checks, count_overlap, listed_groups, no_text, pad_inputs,
-                         read_table, require_columns, resolve_path, split_off, split_off_groups,
-                         stratified_subset)
+from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
+                         pad_inputs, read_table, require_columns, resolve_path)
 from lmtune.registry import register_task
 
 log = logging.getLogger("lmtune")
@@ -139,24 +138,15 @@ class Classification:
         report["skipped_examples"] += messages[:20]
         if not self.labels:
             self.labels = _sort_labels({v for labels in train["labels"][:] for v in labels})
-        splits: dict[str, Any] = {}
-        for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation,
-                                                                       cfg.validation_size)):
-            if path:
-                splits[name], n_skipped, messages = self._read(path)
-                report["skipped_rows"][name] = n_skipped
-                report["skipped_examples"] += messages[:20]
-            elif size:
-                count = int(size) if size >= 1 else size
-                train, splits[name] = (split_off_groups(train, count, seed, cfg.split_by) if cfg.split_by
-                                       else split_off(train, count, seed, self._stratum(train)))
-                report.setdefault("split_off", {})[name] = len(splits[name])
-        if cfg.max_train_samples:
-            train = stratified_subset(train, cfg.max_train_samples, seed, self._stratum(train))
+
+        def read(name: str, path: str) -> Any:
+            ds, n_skipped, messages = self._read(path)
+            report["skipped_rows"][name] = n_skipped
+            report["skipped_examples"] += messages[:20]
+            return ds
+
+        train, splits = carve_splits(train, cfg, seed, read, report, self._stratum)
         for name in list(splits):
-            if cfg.max_eval_samples:
-                splits[name] = stratified_subset(splits[name], cfg.max_eval_samples, seed,
-                                                  self._stratum(splits[name]))
             overlap = count_overlap(train["text"][:], splits[name]["text"][:])
             report.setdefault("overlap_with_train", {})[name] = overlap
             if overlap:

@@ -12,8 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.config import ConfigError, DataConfig
-from lmtune.data import (DataError, count_overlap, listed_groups, no_text, pad_inputs, split_off, split_off_groups,
-                         stratified_subset)
+from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, no_text, pad_inputs
 from lmtune.data.conll import NerReadOptions, read_ner, tag_types
 from lmtune.registry import register_task
 
@@ -214,23 +213,11 @@ class Ner:
             if not types:
                 raise DataError(cfg.train, "no entity tags: every tag is O (is task.tag_column the tag column?)")
             self.labels = tag_names(types)
-        splits: dict[str, Any] = {}
-        for name, path, size in (("test", cfg.test, cfg.test_size),
-                                 ("validation", cfg.validation, cfg.validation_size)):
-            if path:
-                splits[name] = self._read(path, report, name)
-            elif size:  # by whole groups with data.split_by (CoNLL: "document"), else by sentence
-                count = int(size) if size >= 1 else size
-                train, splits[name] = (split_off_groups(train, count, seed, cfg.split_by) if cfg.split_by
-                                       else split_off(train, count, seed))
-                report.setdefault("split_off", {})[name] = len(splits[name])
-        # A sentence has no single label to stratify on: subsets are seeded random samples.
-        if cfg.max_train_samples:
-            train = stratified_subset(train, cfg.max_train_samples, seed)
+        # Split off by whole groups with data.split_by (CoNLL: "document"), else by sentence; a sentence has no
+        # single label to stratify on: splits and subsets are seeded random samples.
+        train, splits = carve_splits(train, cfg, seed, lambda name, path: self._read(path, report, name), report)
         texts = [" ".join(tokens) for tokens in train["tokens"][:]]
         for name in list(splits):
-            if cfg.max_eval_samples:
-                splits[name] = stratified_subset(splits[name], cfg.max_eval_samples, seed)
             overlap = count_overlap(texts, [" ".join(t) for t in splits[name]["tokens"][:]])
             report.setdefault("overlap_with_train", {})[name] = overlap
             if overlap:

@@ -11,8 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.config import ConfigError, DataConfig
-from lmtune.data import (DataError, count_overlap, listed_groups, pad_inputs, split_off, split_off_groups,
-                         stratified_subset)
+from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, pad_inputs
 from lmtune.data.squad import COLUMNS, read_squad
 from lmtune.evaluation.squad import best_no_answer_threshold, score, squad_metrics
 from lmtune.registry import register_task
@@ -91,21 +90,8 @@ class QuestionAnswering:
             return ds
 
         train = read("train", cfg.train)
-        splits: dict[str, Any] = {}
-        for name, path, size in (("test", cfg.test, cfg.test_size),
-                                 ("validation", cfg.validation, cfg.validation_size)):
-            if path:
-                splits[name] = read(name, path)
-            elif size:
-                count = int(size) if size >= 1 else size
-                train, splits[name] = (split_off_groups(train, count, seed, cfg.split_by) if cfg.split_by
-                                       else split_off(train, count, seed))
-                report.setdefault("split_off", {})[name] = len(splits[name])
-        if cfg.max_train_samples:
-            train = stratified_subset(train, cfg.max_train_samples, seed)
+        train, splits = carve_splits(train, cfg, seed, read, report)
         for name in list(splits):
-            if cfg.max_eval_samples:
-                splits[name] = stratified_subset(splits[name], cfg.max_eval_samples, seed)
             # Questions about a context seen in training are easier: count them, as classification
             # counts repeated texts.
             overlap = count_overlap(train["context"][:], splits[name]["context"][:])
