@@ -312,6 +312,14 @@ def _closest(name: str, choices: list[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(choices))}"
 
 
+def unknown_metric(option: str, metric: str, names: list[str], task: str) -> str:
+    """The message for an `option` (e.g. eval.metric) naming no metric of `task` (e.g. "the ner task"): the nearest
+    name, else all of them."""
+    near = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
+    return (f"{option} {metric!r} is not a metric of {task}"
+            + (f"; did you mean {near[0]!r}?" if near else f" (its metrics: {', '.join(names)})"))
+
+
 def _unknown_section(key: str, known: list[str]) -> str:
     """A top-level key that is no section: the section field it names (`lr` -> train.lr), else the nearest section."""
     field = ALIASES.get(key, key)

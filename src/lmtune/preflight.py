@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmtune.config import ConfigError, RunConfig
+from lmtune.config import ConfigError, RunConfig, unknown_metric
 from lmtune.registry import TASKS
 
 
@@ -95,14 +95,9 @@ def precision_problem(precision: str) -> str | None:
 def metric_problem(metric: str | None, task: Any, option: str) -> str | None:
     """`option` (e.g. eval.metric) must name a metric the task reports (the loop would otherwise stop at the first
     evaluation)."""
-    names = task.metric_names
-    if metric is None or metric in names:
+    if metric is None or metric in task.metric_names:
         return None
-    import difflib
-
-    near = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
-    return (f"{option} {metric!r} is not a metric of the {task.options.name} task"
-            + (f"; did you mean {near[0]!r}?" if near else f" (its metrics: {', '.join(names)})"))
+    return unknown_metric(option, metric, list(task.metric_names), f"the {task.options.name} task")
 
 
 def replay_problem(cfg: RunConfig, task: Any) -> str | None:

@@ -137,14 +137,10 @@ def _evaluate(job: Job, model: Any, state: LoopState, cfg: TrainConfig, accelera
         return False
     metrics = job.evaluate(accelerator.unwrap_model(model))
     logs.write(state.step, stage_name, {f"eval/{k}": v for k, v in metrics.items()})
-    if job.metric not in metrics:
-        import difflib
+    if job.metric not in metrics:  # preflight checked the task's metric_names; a task may still not report one
+        from lmtune.config import ConfigError, unknown_metric
 
-        from lmtune.config import ConfigError
-
-        near = difflib.get_close_matches(job.metric, list(metrics), n=1, cutoff=0.5)
-        raise ConfigError(f"eval.metric {job.metric!r} is not a metric of this task"
-                          + (f"; did you mean {near[0]!r}?" if near else f" (its metrics: {', '.join(sorted(metrics))})"))
+        raise ConfigError(unknown_metric("eval.metric", job.metric, sorted(metrics), "this task"))
     value = float(metrics[job.metric])
     state.evals += 1
     state.last_eval = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}  # JSON-safe
