@@ -86,7 +86,9 @@ class DataConfig(Section):
     labels: list[str] | None = None
     """Label names in index order; default: discovered from the training data (sorted)."""
     label_map: dict[str | int | float | bool, str] | None = None
-    """Rename raw label values before anything else, e.g. {0: negative, 1: positive}; others stay as they are."""
+    """Rename raw label values before anything else, e.g. {0: negative, 1: positive}; others stay as they are (with
+    a warning). Labels are compared as text, 1.0 as 1; a map none of whose keys is a label of the training file is
+    refused (YAML reads unquoted yes/no keys as booleans: quote them)."""
     label_separator: str = ","
     """Separator of labels in a multi-label string column."""
     validation_size: float = 0.1

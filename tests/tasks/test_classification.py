@@ -218,6 +218,38 @@ def test_label_map_renames_raw_values(tmp_path: Path) -> None:
     assert splits["train"]["labels"][:] == [["positive"], ["negative"], ["positive"]]
 
 
+def test_label_map_that_renames_nothing_is_refused(tmp_path: Path, caplog) -> None:
+    # JSON turns a column with one 1.0 into floats: 1.0 and 0.0 still meet the map's 1 and 0 (and a test file's 1).
+    rows = "".join(f'{{"text": "t{i}", "label": {v}}}\n' for i, v in enumerate([1, 0, 1.0]))
+    path = write(tmp_path / "t.jsonl", rows)
+    cfg = {"data": {"train": str(path), "label_map": {0: "negative", 1: "positive"}, "validation_size": 0,
+                    "test_size": 0}}
+    task = task_for(cfg)
+    splits, _ = task.load_splits(seed=0)
+    assert task.labels == ["negative", "positive"] and splits["train"]["labels"][:][2] == ["positive"]
+    # YAML reads `yes:` as True: the map's keys are then no label of the file.
+    path = write(tmp_path / "y.csv", "text,label\ngood,yes\nbad,no\n")
+    cfg = {"data": {"train": str(path), "label_map": {True: "positive", False: "negative"}, "validation_size": 0,
+                    "test_size": 0}}
+    error = data_error(cfg)
+    assert "no key of data.label_map (False, True) is a label of this file (its labels: no, yes)" in str(error)
+    assert "quote such keys" in str(error) and error.field == "label"
+    cfg["data"]["label_map"] = {"yes": "positive"}  # partly covered: the rest kept, with a warning
+    with caplog.at_level("WARNING", logger="lmtune"):
+        task = task_for(cfg)
+        task.load_splits(seed=0)
+    assert task.labels == ["no", "positive"] and "not in data.label_map, kept as they are: no" in caplog.text
+    cfg["data"]["label_map"] = {"no": "negative", "yes": "positive"}  # a file already holding the names is fine
+    write(tmp_path / "y.csv", "text,label\ngood,positive\nbad,negative\n")
+    assert task_for(cfg).load_splits(seed=0)[0]["train"]["labels"][:] == [["positive"], ["negative"]]
+
+
+def test_a_list_label_asks_for_multi_label(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": ["pos"]}\n')
+    error = data_error({"data": {"train": str(path), "validation_size": 0, "test_size": 0}})
+    assert error.row == 2 and "a list of labels; set task.multi_label=true" in str(error)
+
+
 def test_split_by_keeps_groups_out_of_training(tmp_path: Path) -> None:
     rows = "text,label,author\n" + "".join(f"good film {i},pos,a{i % 5}\nbad film {i},neg,a{i % 5}\n" for i in range(20))
     cfg = {"data": {"train": str(write(tmp_path / "t.csv", rows)), "test_size": 1, "validation_size": 0.25,

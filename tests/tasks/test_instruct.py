@@ -125,6 +125,20 @@ def test_template_rows_from_a_tsv_take_label_map_names(tmp_path: Path) -> None:
     assert [c[-1]["content"] for c in chats] == ["positive", "negative"]
 
 
+def test_template_labels_read_as_text_the_way_the_map_keys_do(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"  # one 1.0 makes the JSON reader turn the column into floats
+    path.write_text('{"s": "good", "label": 1}\n{"s": "bad", "label": 0.0}\n{"s": "fine", "label": 1.0}\n')
+    t = Instruct(InstructOptions(prompt_template="Review: {s}"),
+                 DataConfig(train=str(path), label_column="label", label_map={0: "negative", 1: "positive"}))
+    assert [c[-1]["content"] for c in t._read(str(path))["messages"][:]] == ["positive", "negative", "positive"]
+    unmapped = Instruct(InstructOptions(prompt_template="Review: {s}"),
+                        DataConfig(train=str(path), label_column="label", label_map={"yes": "positive"}))
+    with pytest.raises(DataError, match=r"no key of data.label_map \(yes\) is a label of this file \(its labels: 0, 1"):
+        unmapped._read(str(path))
+    assert [c[-1]["content"] for c in t.__class__(InstructOptions(prompt_template="Review: {s}"), DataConfig(
+        label_column="label"))._read(str(path))["messages"][:]] == ["1", "0", "1"]
+
+
 def test_predict_inputs_for_a_template_task() -> None:
     t = Instruct(InstructOptions(prompt_template="Review: {sentence}"), DataConfig(label_column="label"))
     chats = t.from_texts(["nice", {"sentence": "bad", "messages": None},

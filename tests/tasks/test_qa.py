@@ -146,6 +146,21 @@ def test_flat_file_without_a_context_column(tmp_path: Path) -> None:
         read_squad(write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "text": "c"}]))
 
 
+def test_answers_under_another_name_are_named_not_read_as_unanswerable(tmp_path: Path) -> None:
+    rows = digit_rows(3, seed=5, lo=3, hi=5)
+    misspelled = [{**{k: v for k, v in r.items() if k != "answers"}, "answer": r["answers"]} for r in rows]
+    with pytest.raises(DataError, match="no column 'answers'.*the file has: .*'answer'"):
+        read_squad(write_jsonl(tmp_path / "flat.jsonl", misspelled))
+    # A v2-style file may leave answers out when it marks the unanswerable questions itself.
+    impossible = [{**{k: v for k, v in r.items() if k != "answers"}, "is_impossible": True} for r in rows]
+    assert read_squad(write_jsonl(tmp_path / "v2.jsonl", impossible))[0]["is_impossible"][:] == [True] * 3
+    data = squad_json()
+    qa = data["data"][0]["paragraphs"][0]["qas"][0]
+    qa["answer"] = qa.pop("answers")
+    with pytest.raises(DataError, match="field 'answers': no 'answers' \\(the question has: answer, id, question\\)"):
+        read_squad(write_json(tmp_path / "nested.json", data), allow_impossible=True)
+
+
 def test_split_by_title_keeps_articles_apart(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", digit_rows(80, seed=4, lo=3, hi=6))
     cfg = load_config({"data": {"train": str(path), "validation_size": 2, "test_size": 0.25, "split_by": "title"},

@@ -20,6 +20,7 @@ log = logging.getLogger("lmtune")
 # The columns every QA dataset has after reading, whatever the file looked like.
 COLUMNS = ("id", "title", "question", "context", "answer_texts", "answer_starts", "is_impossible")
 _PROBLEM, _FIELD = "_problem", "_problem_field"
+_KEYS = "_keys"  # a nested file's question: the keys it has
 
 
 def read_squad(path: str | Path, fmt: str | None = None, *, on_bad_rows: str = "error",
@@ -42,7 +43,9 @@ def read_squad(path: str | Path, fmt: str | None = None, *, on_bad_rows: str = "
     malformed: list[str] = []  # rows of a CSV/TSV file skipped as malformed
     if nested is None:
         ds = read_table(path, fmt, on_bad_rows=on_bad_rows, skipped=malformed)
-        missing = [c for c in ("question", "context", *keep) if c not in ds.column_names]
+        # Answers may be left out only where the file says which questions are unanswerable (SQuAD v2 style).
+        answers = () if "answers" in ds.column_names or "is_impossible" in ds.column_names else ("answers",)
+        missing = [c for c in ("question", "context", *answers, *keep) if c not in ds.column_names]
         if missing:
             have = ", ".join(repr(c) for c in ds.column_names if c != ROW_COLUMN)
             raise DataError(shown, f"no column {missing[0]!r}; a QA file needs 'question', 'context' and "
@@ -114,8 +117,9 @@ def _flatten(data: dict[str, Any], shown: str) -> list[dict[str, Any]]:
                 qa = qa if isinstance(qa, dict) else {}
                 rows.append({ROW_COLUMN: len(rows) + 1, "title": article.get("title"),
                              "context": paragraph.get("context"), "id": qa.get("id"),
-                             "question": qa.get("question"), "answers": qa.get("answers"),
-                             "is_impossible": qa.get("is_impossible")})
+                             "question": qa.get("question"), "is_impossible": qa.get("is_impossible"),
+                             **({"answers": qa["answers"]} if "answers" in qa else {}),
+                             _KEYS: sorted(qa)})
     if not rows:
         raise DataError(shown, "no questions in the file")
     return rows
@@ -171,6 +175,8 @@ def _canonical(raw: dict[str, Any], allow_impossible: bool, keep: tuple[str, ...
         if not isinstance(value, str) or not value.strip():
             return bad(field, f"empty {field}" if value is None or isinstance(value, str)
                        else f"{field} must be a string, got {type(value).__name__}")
+    if _KEYS in raw and "answers" not in raw and raw.get("is_impossible") is None:
+        return bad("answers", f"no 'answers' (the question has: {', '.join(raw[_KEYS])})")
     pairs = _answer_pairs(raw.get("answers"))
     if isinstance(pairs, str):
         return bad("answers", pairs)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from lmtune.config import DataConfig
 from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
                          pad_inputs, read_table, require_columns, resolve_path)
+from lmtune.data.labels import label_map_problem, label_renames, label_text
 from lmtune.registry import register_task
 
 log = logging.getLogger("lmtune")
@@ -35,7 +36,7 @@ def _label_values(value: Any, multi: bool, sep: str, rename: dict[str, str]) -> 
     if multi and isinstance(value, list) and not value:
         return []  # multi-label: an explicit empty list means none of the labels applies (all targets 0)
     items = (value if isinstance(value, list) else str(value).split(sep)) if multi else [value]
-    items = [str(v).strip() for v in items if str(v).strip()]
+    items = [text for text in map(label_text, items) if text]
     return [rename.get(v, v) for v in items] or None
 
 
@@ -86,7 +87,7 @@ class Classification:
         require_columns(ds, str(file), columns + ([cfg.label_column] if require_label else []) + grouped,
                         role={cfg.split_by: "data.split_by"} if grouped else None)
         known = set(self.labels) if self.labels else None
-        rename = {str(k): v for k, v in (cfg.label_map or {}).items()}
+        rename = label_renames(cfg.label_map)
 
         def check(row: dict) -> tuple[str, str] | None:
             for column in columns:
@@ -96,6 +97,8 @@ class Classification:
                         f"text must be a string, got {type(value).__name__}"
             if not require_label:
                 return None
+            if not multi and isinstance(row[cfg.label_column], list):
+                return cfg.label_column, "a list of labels; set task.multi_label=true for texts with several labels"
             values = _label_values(row[cfg.label_column], multi, cfg.label_separator, rename)
             if values is None:
                 return cfg.label_column, "missing label"
@@ -106,6 +109,12 @@ class Classification:
 
         before = len(ds)
         ds, skipped = apply_row_checks(ds, str(file), check, cfg.on_bad_rows)
+        if require_label and cfg.label_map and path == cfg.train:
+            found = {v for cell in ds[cfg.label_column][:] for v in _label_values(cell, multi, cfg.label_separator, {})}
+            if problem := label_map_problem(found, cfg.label_map):
+                raise DataError(str(file), problem, field=cfg.label_column)
+            if unmapped := sorted(found - set(rename)):
+                log.warning("labels not in data.label_map, kept as they are: %s", ", ".join(unmapped[:10]))
 
         def convert(batch: dict) -> dict:
             out: dict[str, Any] = {"_row": batch["_row"]}

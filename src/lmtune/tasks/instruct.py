@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from lmtune.config import DataConfig
 from lmtune.data import DataError, apply_row_checks, read_table, resolve_path
+from lmtune.data.labels import label_map_problem, label_renames, label_text
 from lmtune.data.text import read_documents
 from lmtune.registry import register_task
 from lmtune.tasks import lm_common
@@ -87,8 +88,8 @@ class Instruct(lm_common.DecoderTask):
                 value = row.get(name)
                 if value is None or (isinstance(value, str) and not value.strip()):
                     return name, "missing value"
-            rename = {str(k): v for k, v in (cfg.label_map or {}).items()}  # YAML's 0: keys meet a file's "0"
-            label = rename.get(str(row[cfg.label_column]), str(row[cfg.label_column]))
+            label = label_text(row[cfg.label_column])
+            label = label_renames(cfg.label_map).get(label, label)
             return [{"role": "user", "content": opts.prompt_template.format(**{f: row[f] for f in fields})},
                     {"role": "assistant", "content": str(label)}]
         for name in ("instruction", "output"):
@@ -112,6 +113,10 @@ class Instruct(lm_common.DecoderTask):
             return chat if isinstance(chat, tuple) else _check_messages(chat)
 
         ds, messages = apply_row_checks(ds, path, check, self.data.on_bad_rows)
+        if self.options.prompt_template and self.data.label_map and path == self.data.train:
+            found = {label_text(v) for v in ds[self.data.label_column][:]}
+            if problem := label_map_problem(found, self.data.label_map):
+                raise DataError(path, problem, field=self.data.label_column)
         if skipped is not None:
             skipped += messages
         return ds.map(lambda row: {"messages": self._to_messages(row, columns), "_row": row["_row"], "_file": path},
