@@ -159,3 +159,17 @@ def test_group_split_errors():
         split_off_groups(ds, 3, seed=0, column="title")
     with pytest.raises(ValueError, match="1 row"):
         split_off_groups(datasets.Dataset.from_dict({"title": ["a", None]}), 1, seed=0, column="title")
+
+
+def test_a_training_set_too_small_to_split_says_which_split_and_what_to_do(tmp_path):
+    from lmtune.config import load_config
+    from lmtune.data import DataError
+    from lmtune.registry import TASKS
+
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\nonly row,pos\n", encoding="utf-8")
+    cfg = load_config({"data": {"train": str(path)}})
+    with pytest.raises(DataError) as info:
+        TASKS["classification"](cfg.task, cfg.data).load_splits(seed=0)
+    assert str(info.value) == ("data.test_size=0.1: cannot split a dataset of 1 row(s): give the test split its own "
+                               "file (data.test) or set data.test_size=0")

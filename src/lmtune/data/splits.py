@@ -11,6 +11,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from lmtune.data.errors import DataError
+
 logger = logging.getLogger("lmtune")
 
 
@@ -31,15 +33,26 @@ def carve_splits(
         if path:
             splits[name] = read(name, path)
         elif size:
-            count = int(size) if size >= 1 else size
-            train, splits[name] = (split_off_groups(train, count, seed, cfg.split_by) if cfg.split_by
-                                   else split_off(train, count, seed, stratum(train)))
+            train, splits[name] = split_off_named(train, name, size, seed, cfg.split_by, stratum(train))
             report.setdefault("split_off", {})[name] = len(splits[name])
     if cfg.max_train_samples:
         train = stratified_subset(train, cfg.max_train_samples, seed, stratum(train))
     if cfg.max_eval_samples:
         splits = {k: stratified_subset(v, cfg.max_eval_samples, seed, stratum(v)) for k, v in splits.items()}
     return train, splits
+
+
+def split_off_named(train: datasets.Dataset, name: str, size: float, seed: int, split_by: str | None = None,
+                    stratify_by: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split the `name` split (test, validation) off the training data as data.<name>_size asks (a fraction, or a
+    count: of groups with data.split_by, else of rows); a training set too small for it is a DataError saying so."""
+    count = int(size) if size >= 1 else size
+    try:
+        return (split_off_groups(train, count, seed, split_by) if split_by
+                else split_off(train, count, seed, stratify_by))
+    except ValueError as error:
+        raise DataError(f"data.{name}_size={size:g}", f"{error}: give the {name} split its own file (data.{name}) "
+                                                      f"or set data.{name}_size=0") from None
 
 
 def split_off(

@@ -134,7 +134,8 @@ def read_splits(read: Callable[[str, list[str]], Any], cfg: Any, seed: int) -> t
     """Train, test and validation read by `read(path, skipped)` or split off train; then subsets.
 
     Returns (test/validation splits, train, skipped row descriptions per split)."""
-    from lmtune.data import DataError, split_off
+    from lmtune.data import DataError
+    from lmtune.data.splits import split_off_named
 
     if not cfg.train:
         raise DataError("data.train", "no training file given (set data.train)")
@@ -148,7 +149,7 @@ def read_splits(read: Callable[[str, list[str]], Any], cfg: Any, seed: int) -> t
         if path:
             splits[name] = read(path, skipped.setdefault(name, []))
         elif size:
-            train, splits[name] = split_off(train, int(size) if size >= 1 else size, seed, None)
+            train, splits[name] = split_off_named(train, name, size, seed)
     splits, train = subsets(splits, train, cfg, seed)
     return splits, train, skipped
 
