@@ -118,6 +118,11 @@ def test_read_documents_txt_and_blank_line(tmp_path: Path) -> None:
     odd.write_text("one\u2028still one\x0cand one\nthird line\n", encoding="utf-8")
     lines = read_documents(str(odd))
     assert lines["text"][:] == ["one\u2028still one\x0cand one", "third line"] and lines["_row"][:] == [1, 2]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfFirst doc.\nsecond\n")  # an editor's byte-order mark
+    assert read_documents(str(tmp_path / "bom.txt"))["text"][:] == ["First doc.", "second"]
+    (tmp_path / "latin.txt").write_bytes("ok\nstill ok\nna\u00efve\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt, line 3: not UTF-8 text \(invalid continuation byte at byte 3 of"):
+        read_documents(str(tmp_path / "latin.txt"))
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataError, match="empty.txt: no documents"):
         read_documents(str(tmp_path / "empty.txt"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -51,11 +52,16 @@ def _text_documents(file: Path, shown: str, documents: str) -> list[dict[str, An
     if not file.is_file():
         raise DataError(shown, "file not found" if not file.exists() else "is a directory, expected a text file")
     opener = gzip.open if file.suffix == ".gz" else open
+    with opener(file, "rb") as f:
+        data = f.read()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # an editor's byte-order mark: no text
     try:
-        with opener(file, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")  # not splitlines(): U+2028, form feeds ... are not line ends here
+        lines = data[bom:].decode("utf-8").split("\n")  # not splitlines(): U+2028, form feeds ... are no line ends
     except UnicodeDecodeError as err:
-        raise DataError(shown, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+        at = bom + err.start
+        column = at - data.rfind(b"\n", 0, at)  # 1-based byte of the line
+        raise DataError(shown, f"not UTF-8 text ({err.reason} at byte {column} of the line)",
+                        row=data.count(b"\n", 0, at) + 1, unit="line") from None
     docs: list[dict[str, Any]] = []
     if documents == "line":
         docs = [{"text": line.strip(), "_row": i} for i, line in enumerate(lines, 1) if line.strip()]
