@@ -399,8 +399,8 @@ def is_adapter(model: Any) -> bool:
 def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrite: bool = False) -> Path:
     """Write the run's model as a plain HF folder; adapters are merged into the weights (`merge`).
 
-    An existing non-empty `output` folder is replaced only with `overwrite`; a file, the run directory or a folder
-    holding it never is."""
+    An existing non-empty `output` folder is replaced only with `overwrite`; a file, the run directory, a folder
+    holding it or one inside it never is."""
     from lmtune.training.checkpoint import replace_dir
 
     output = Path(output)
@@ -412,6 +412,8 @@ def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrit
         if any(output.iterdir()) and not overwrite:
             raise ValueError(f"{output} exists and is not empty: choose another --output, or pass --overwrite to "
                              "replace it")
+    if output.resolve().is_relative_to(Path(run_dir).resolve()):  # its model/, plots/ ... would be replaced
+        raise ValueError(f"{output} lies inside the run {run_dir}: choose a folder outside it for --output")
     session = Predictor(run_dir).session
     model = session.model
     if is_adapter(model):

@@ -101,6 +101,11 @@ def test_cli_export(lora_run, tmp_path) -> None:
                             (lora_run.run_dir.parent, "holds the run")):
         result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(target)])
         assert result.exit_code != 0 and message in " ".join(result.output.split()), result.output
+    for inside in ("model", "new"):  # a folder inside the run, even with --overwrite: its adapter would be replaced
+        result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(lora_run.run_dir / inside),
+                                          "--overwrite"])
+        assert result.exit_code != 0 and "inside the run" in " ".join(result.output.split()), result.output
+    assert (lora_run.run_dir / "model" / "adapter_config.json").is_file() and not (lora_run.run_dir / "new").exists()
     assert (notes / "notes.txt").read_text() == "keep me" and data.read_text() == "text,label\n"
     assert (lora_run.run_dir / "metrics.json").is_file()
     result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(notes), "--overwrite"])
