@@ -91,6 +91,14 @@ def test_cli_predict_jsonl_and_stdin(trained, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["label"]) for r in rows] == [(1, "positive"), (2, "negative")]
+    # An input column named like a prediction field (a gold label) is kept; the prediction goes beside it.
+    gold = tmp_path / "gold.tsv"
+    gold.write_text("text\tlabel\ngreat best film\t1\nworst awful film\t0\n")
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(gold), "-o", str(tmp_path / "p.tsv")])
+    assert result.exit_code == 0 and "predictions written as predicted_label" in " ".join(result.output.split())
+    table = (tmp_path / "p.tsv").read_text().splitlines()
+    assert table[0].split("\t")[:3] == ["text", "label", "predicted_label"]
+    assert [line.split("\t")[1:3] for line in table[1:]] == [["1", "positive"], ["0", "negative"]]
     result = CliRunner().invoke(app, ["predict", str(trained.run_dir)], input="excellent great\nterrible bad\n")
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
