@@ -299,3 +299,14 @@ def test_import_does_not_pull_in_torch():
     code = "import sys, lmtune.data; assert 'torch' not in sys.modules, 'torch imported'"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_a_stray_quote_in_a_tsv_does_not_swallow_the_rows_after_it(tmp_path):
+    path = tmp_path / "q.tsv"
+    path.write_text('text\tlabel\ngood\tpos\n"Wow what a ride\tpos\nterrible acting\tneg\nit has a 5" screen\tpos\n'
+                    'awful\tneg\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_table(path)
+    assert (info.value.row, info.value.field) == (2, "text") and "remove or double the stray quote" in str(info.value)
+    path.write_text('text\tlabel\n"a ""quoted"" title, fine"\tpos\nit has a 5" screen\tneg\n', encoding="utf-8")
+    assert read_table(path)["text"][:] == ['a "quoted" title, fine', 'it has a 5" screen']

@@ -240,6 +240,8 @@ def _load_csv(
                 keep_default_na=False,
                 na_values=[""],
             )
+            if delimiter == "\t":
+                _refuse_merged_lines(ds, shown)
             return ds, None, []
     except Exception as e:  # noqa: BLE001 - only a pandas parser error is about malformed records
         if not isinstance(e.__cause__ or e, pd.errors.ParserError):
@@ -252,6 +254,24 @@ def _load_csv(
     features = datasets.Features({str(name): datasets.Value("string") for name in frame.columns})
     ds = datasets.Dataset.from_pandas(frame, features=features, preserve_index=False)
     return ds, rows, messages
+
+
+def _refuse_merged_lines(ds: datasets.Dataset, shown: str) -> None:
+    """A TSV field holding a tab and a line break: a field that begins with a double quote runs on to the next
+    closing quote, so one stray quote (`"Wow what a ride<TAB>pos`) reads the lines after it into one field and
+    drops them as rows, silently. Text with its own tabs and line breaks in a TSV is rare enough to refuse."""
+    import pyarrow.compute as pc
+
+    for name in ds.column_names:
+        column = ds.data.column(name)
+        if not pc.any(pc.match_substring(column, "\n")).as_py():
+            continue
+        merged = pc.and_(pc.match_substring(column, "\n"), pc.match_substring(column, "\t"))
+        row = pc.index(merged, True).as_py()
+        if row >= 0:
+            raise DataError(shown, "holds tabs and line breaks, so a double quote that opens it read the lines after "
+                                   "it into this one field: remove or double the stray quote (or quote the whole field "
+                                   "and double the quotes inside it)", row=row + 1, field=name)
 
 
 def _gunzip_to_cache(real: Path, shown: str) -> Path:
