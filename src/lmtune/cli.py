@@ -151,12 +151,12 @@ def _read_inputs(path: str) -> list[Any]:
 def _write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> None:
     """Each input row with its prediction's fields; a field the input has already (a gold `label` column, say) keeps
     the input's value and the prediction's is written as `predicted_<field>`."""
-    rows = []
+    rows, clashes = [], set()
     for given, pred in zip(inputs, preds):
         row = dict(given) if isinstance(given, dict) else {"text": given}
+        clashes.update(k for k in pred if k in row)
         rows.append({**row, **{f"predicted_{k}" if k in row else k: v for k, v in pred.items()}})
-    clashes = sorted({k for given, pred in zip(inputs, preds) if isinstance(given, dict) for k in pred if k in given})
-    if clashes:
+    if clashes := sorted(clashes):
         console.print(f"[yellow]the input has columns named like prediction fields ({', '.join(clashes)}): "
                       f"predictions written as {', '.join('predicted_' + k for k in clashes)}[/yellow]")
     if path == "-":

@@ -264,10 +264,7 @@ def _refuse_merged_lines(ds: datasets.Dataset, shown: str) -> None:
 
     for name in ds.column_names:
         column = ds.data.column(name)
-        if not pc.any(pc.match_substring(column, "\n")).as_py():
-            continue
-        merged = pc.and_(pc.match_substring(column, "\n"), pc.match_substring(column, "\t"))
-        row = pc.index(merged, True).as_py()
+        row = pc.index(pc.and_(pc.match_substring(column, "\n"), pc.match_substring(column, "\t")), True).as_py()
         if row >= 0:
             raise DataError(shown, "holds tabs and line breaks, so a double quote that opens it read the lines after "
                                    "it into this one field: remove or double the stray quote (or quote the whole field "

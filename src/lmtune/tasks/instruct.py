@@ -73,6 +73,7 @@ class Instruct(lm_common.DecoderTask):
 
     def __init__(self, options: InstructOptions, data: DataConfig, labels: list[str] | None = None):
         self.options, self.data = options, data
+        self.renames = label_renames(data.label_map)  # template rows' labels, by label text
         self.encode_report: dict[str, Any] = {}
         self.seed = 0
 
@@ -89,7 +90,7 @@ class Instruct(lm_common.DecoderTask):
                 if value is None or (isinstance(value, str) and not value.strip()):
                     return name, "missing value"
             label = label_text(row[cfg.label_column])
-            label = label_renames(cfg.label_map).get(label, label)
+            label = self.renames.get(label, label)
             return [{"role": "user", "content": opts.prompt_template.format(**{f: row[f] for f in fields})},
                     {"role": "assistant", "content": str(label)}]
         for name in ("instruction", "output"):
