@@ -130,3 +130,92 @@ def test_ls_fields_lists_every_field_with_its_description() -> None:
     for name, method in METHODS.items():
         for field, info in method.Options.model_fields.items():
             assert info.description, f"method {name}: field {field} has no description"
+
+
+# A YAML alias bomb: nine anchors of nine items, each the one before it nine times (9**9 strings written out).
+BOMB_ANCHORS = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+INLINE_BOMB = "[" + ", ".join(line.split(": ", 1)[1] for line in BOMB_ANCHORS) + "]"  # the anchors in one value
+# Runs the CLI commands given as JSON in a fresh process (bounded memory): a bomb that slipped through would take
+# minutes and gigabytes. Imports happen before the clock starts: only the command itself is timed.
+BOMB_CHILD = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+from typer.testing import CliRunner
+from lmtune.cli import app
+import datasets, lmtune.preflight, lmtune.search, optuna, rich.logging, transformers  # what the commands import
+from lmtune.registry import load_builtins
+load_builtins()
+for args in json.loads(sys.argv[1]):
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, args)
+    print(json.dumps({"args": args, "seconds": time.perf_counter() - started, "code": result.exit_code,
+                      "output": result.output[-3000:], "length": len(result.output)}), flush=True)
+"""
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    under_search = tmp_path / "under-search.yaml"  # the anchors under `search:`, the bomb in model.name
+    under_search.write_text("data: {train: train.csv}\nsearch:\n" + "".join(f"  {line}\n" for line in BOMB_ANCHORS)
+                            + "  space: {train.lr: {type: float, low: 1.0e-5, high: 1.0e-3}}\nmodel: {name: *i}\n")
+    in_name = tmp_path / "in-name.yaml"  # the whole bomb inside model.name, and a valid search section
+    in_name.write_text(f"data: {{train: train.csv}}\nmodel: {{name: {INLINE_BOMB}}}\n"
+                       "search: {space: {train.lr: {type: float, low: 1.0e-5, high: 1.0e-3}}}\n")
+    in_method = tmp_path / "in-method.yaml"
+    in_method.write_text(f"data: {{train: train.csv}}\nmethod: {{name: {INLINE_BOMB}}}\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("data: {train: train.csv}\n"
+                     "search: {space: {train.lr: {type: float, low: 1.0e-5, high: 1.0e-3}}}\n")
+    in_choices = tmp_path / "in-choices.yaml"  # a valid search section whose choices are the bomb
+    in_choices.write_text("data: {train: train.csv}\nanchors:\n" + "".join(f"  {line}\n" for line in BOMB_ANCHORS)
+                          + "search: {space: {model.name: {type: categorical, choices: *i}}}\n")
+    commands = [["validate", str(under_search)], ["search", str(under_search)], ["validate", str(in_name)],
+                ["search", str(in_name)], ["search", str(in_choices)], ["validate", str(in_method)],
+                *([command, str(plain), f"model.name={INLINE_BOMB}"] for command in ("validate", "search"))]
+    child = subprocess.run([sys.executable, "-c", BOMB_CHILD, json.dumps(commands)], capture_output=True,
+                           text=True, timeout=90, cwd=tmp_path)
+    results = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(commands), child.stderr[-3000:]
+    for i, r in enumerate(results):
+        said = " ".join(r["output"].split())
+        assert r["code"] == 1 and "error:" in said and r["seconds"] < 2, r
+        assert r["length"] < 5000, r  # no value written out (9**9 of them)
+        if i < 6:  # refused while reading the file (search reads it too), naming it
+            assert "YAML aliases" in said and r["args"][1].rsplit("/", 1)[-1] in said.replace(" ", ""), r
+        else:  # an override's value, refused naming the override
+            assert "YAML aliases" in said and "override 'model.name=" in said, r
+
+
+def test_values_in_error_messages_are_bounded() -> None:
+    long_list = [f"item {i} " * 20 for i in range(2000)]
+    message = error_of({**BASE, "model": {"name": long_list}})
+    assert "model.name: Input should be a valid string (got ['item 0" in message and len(message) < 600
+    message = error_of({**BASE, "method": {"name": long_list}})  # was a TypeError (a list is no key of a table)
+    assert "method.name:" in message and len(message) < 600
+    message = error_of({**BASE, "task": [1, 2]})
+    assert "task:" in message and len(message) < 600
+    message = error_of({**BASE, "train": {"k" * 20_000: 1}})  # a key is shown cut too
+    assert "unknown key" in message and len(message) < 1000
+    message = error_of(BASE, ["train.seeds=[" + ", ".join(["7"] * 5000) + "]"])
+    assert "give distinct seeds" in message and len(message) < 600
+    message = error_of(BASE, ["train.lr=[1, 2"])  # a value that is not YAML: a config error, not a traceback
+    assert "train.lr=[1, 2" in message and "not valid YAML" in message
+
+
+def test_a_yaml_document_refusing_itself_or_too_deep_is_a_config_error(tmp_path) -> None:
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("data: {train: train.csv}\nmodel: {name: &r [*r]}\n")
+    with pytest.raises(ConfigError, match="recursive.yaml: .*YAML aliases"):
+        load_config(recursive)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: {name: " + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(ConfigError, match="deep.yaml: not valid YAML"):
+        load_config(deep)
+    shared = tmp_path / "shared.yaml"  # anchors that stay small are fine
+    shared.write_text("data: {train: train.csv, labels: &l [a, b]}\n"
+                      "search: {space: {data.labels: {type: categorical, choices: [*l, *l]}}}\n")
+    assert load_config(shared).data.labels == ["a", "b"]

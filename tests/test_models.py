@@ -143,3 +143,45 @@ def test_builtin_decoder_converts_and_generates() -> None:
     with torch.inference_mode():
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+class _Payload:
+    """Pickled, it asks the unpickler to call os.makedirs(path): a stand-in for code hidden in a .bin."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return os.makedirs, (str(self.path),)
+
+
+def test_pickled_weights_holding_more_than_tensors_are_refused_in_one_line(tiny_model_dir: Path, tmp_path: Path,
+                                                                            tiny_config: dict) -> None:
+    import torch
+    import yaml
+    from transformers import AutoModelForSequenceClassification
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    folder = pickled_copy(tiny_model_dir, tmp_path)
+    marker = tmp_path / "code-ran"
+    weights = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save({**weights, "extra": _Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError) as info:
+        load_model(AutoModelForSequenceClassification, ModelConfig(name=str(folder), allow_pickle=True),
+                   num_labels=2)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert message.startswith(f"{folder}: ") and "beyond plain tensors" in message and "os.makedirs" in message
+    assert "refused" in message and "nothing in them was run" in message
+    assert not marker.exists()
+    config = tmp_path / "run.yaml"  # the CLI: `error: ...`, exit status 1, no traceback
+    config.write_text(yaml.safe_dump({**tiny_config, "model": {"name": str(folder), "allow_pickle": True}}))
+    result = CliRunner().invoke(app, ["train", str(config)])
+    assert result.exit_code == 1 and "error:" in result.output and "beyond plain tensors" in result.output, \
+        result.output[-2000:]
+    assert isinstance(result.exception, SystemExit)  # a handled error, not a traceback
+    assert not marker.exists()

@@ -109,6 +109,74 @@ def test_cli_predict_jsonl_and_stdin(trained, tmp_path) -> None:
         " ".join(result.output.split())
 
 
+EMPTY = "empty text: nothing to predict"
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_cli_predict_gives_every_input_line_its_own_output_line(trained, tmp_path) -> None:
+    """Blank and whitespace-only lines get an error record in their place (they were dropped: outputs no longer lined
+    up with inputs); CRLF line ends leave no `\\r` in the text, on stdin as in a file."""
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    lines = ["great best film", "", "   ", "worst awful film", "\t", "love it, excellent"]
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir)], input="\r\n".join(lines) + "\r\n")
+    assert result.exit_code == 0, result.output
+    rows = _json_lines(result.stdout)
+    assert [r["text"] for r in rows] == lines
+    assert [r.get("label") or r["error"] for r in rows] == ["positive", EMPTY, EMPTY, "negative", EMPTY, "positive"]
+    assert all(set(r) == {"text", "error"} for r in rows if "error" in r)
+    # a text file: 1,003 lines (three blank) in, 1,003 out, each where its input was; the final newline ends the
+    # last line and makes none
+    texts = ["great best film" if i % 2 else "worst awful film" for i in range(1003)]
+    for i in (0, 500, 1002):
+        texts[i] = " " * (i % 3)
+    source = tmp_path / "in.txt"
+    source.write_bytes(("\r\n".join(texts) + "\r\n").encode())
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(source), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = _json_lines(out.read_text())
+    assert len(rows) == 1003 and [r["text"] for r in rows] == texts
+    assert [i for i, r in enumerate(rows) if r.get("error") == EMPTY] == [0, 500, 1002]
+    assert [r["label"] for r in rows[1:5]] == ["positive", "negative", "positive", "negative"]
+    source.write_text("great best film\n\n")  # a blank last line is a line (only the final newline is not)
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(source)])
+    assert [r.get("error") for r in _json_lines(result.stdout)] == [None, EMPTY]
+
+
+def test_cli_predict_table_rows_with_empty_text_get_an_error_record(trained, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text('{"id": 1, "text": ""}\n{"id": 2, "text": "great best film"}\n{"id": 3, "text": " \\t "}\n'
+                     '{"id": 4, "text": "worst awful film"}\n')
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(jsonl)])
+    assert result.exit_code == 0, result.output
+    rows = _json_lines(result.stdout)
+    assert [(r["id"], r.get("label") or r["error"]) for r in rows] == [(1, EMPTY), (2, "positive"), (3, EMPTY),
+                                                                        (4, "negative")]
+    table = tmp_path / "in.csv"  # an empty CSV field is empty text too
+    table.write_text("id,text\n1,great best film\n2,\n3,   \n4,worst awful film\n")
+    out = tmp_path / "out.csv"
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(table), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    written = pd.read_csv(out, keep_default_na=False)
+    assert list(written["id"]) == [1, 2, 3, 4] and list(written["label"]) == ["positive", "", "", "negative"]
+    assert list(written["error"]) == ["", EMPTY, EMPTY, ""]
+    # any other problem still stops the command, naming the row as the file counts it
+    jsonl.write_text('{"id": 1, "text": ""}\n{"id": 2, "text": "great"}\n{"id": 3, "text": 7}\n')
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(jsonl)])
+    assert result.exit_code == 1 and "row 3" in result.output, result.output
+
 def test_cli_eval_and_validate(trained, tiny_config, tmp_path) -> None:
     import yaml
     from typer.testing import CliRunner

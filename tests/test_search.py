@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +130,8 @@ def test_unknown_space_key_fails_before_any_trial(tiny_config, tmp_path) -> None
         read_search(bad)
     assert "search.trails: unknown key; did you mean 'trials'" in str(info.value)
     assert "float takes `low` and `high`" in str(info.value)
+    with pytest.raises(ConfigError, match="grace_seconds at least twice it"):  # a late heartbeat must not fail a trial
+        read_search(write_config(tiny_config, tmp_path, heartbeat_seconds=10, grace_seconds=15))
 
 
 def test_a_metric_the_task_lacks_fails_before_any_trial(tiny_config, tmp_path) -> None:
@@ -153,3 +164,185 @@ def test_importances_are_fanova_shares_and_a_flat_study_gets_none(tmp_path) -> N
     flat = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     flat.optimize(lambda t: 0.5 + 0 * t.suggest_float("lr", 0, 1) + 0 * t.suggest_float("x", 0, 1), n_trials=6)
     assert plot_importances(flat, tmp_path / "b.png") is None  # no variance to share out (PED-ANOVA split it 50/50)
+
+
+def test_ctrl_c_in_a_trial_exits_130_and_the_next_search_redoes_it(tiny_config, tmp_path, monkeypatch) -> None:
+    import optuna
+
+    from lmtune import search as search_module
+
+    config = write_config(tiny_config, tmp_path, trials=1, pruner="none")
+    folder = tmp_path / "search"
+    prune_check = search_module._PruneCallback.__call__
+
+    def ctrl_c_after_the_first_checkpoint(self, state) -> None:  # as a Ctrl-C lands: deep inside training
+        prune_check(self, state)
+        if (Path(self.trial.user_attrs["run_dir"]) / "checkpoints").is_dir():
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_module._PruneCallback, "__call__", ctrl_c_after_the_first_checkpoint)
+    result = CliRunner().invoke(app, ["search", config, "--output", str(folder)])
+    assert result.exit_code == 130, result.output
+    assert "search interrupted: trial 0 will run again when you re-run this command" in result.output
+    assert "Traceback" not in result.output and "KeyboardInterrupt" not in result.output
+    assert (folder / "trials" / "0" / "config.yaml").is_file()
+    assert not (folder / "trials" / "0" / "checkpoints").exists()
+    interrupted, queued = optuna.load_study(study_name="sst", storage=f"sqlite:///{folder / 'search.db'}").trials
+    assert interrupted.state.name == "FAIL" and queued.state.name == "WAITING"
+    assert queued.params == interrupted.params and queued.system_attrs["failed_trial"] == 0
+
+    monkeypatch.setattr(search_module._PruneCallback, "__call__", prune_check)
+    result = search(config, output=folder)  # the same search again: trial 0's parameters run, the count is reached
+    assert [(r["number"], r["state"]) for r in result.rows] == [(0, "fail"), (1, "complete")]
+    assert result.rows[1]["train.lr"] == interrupted.params["train.lr"]
+    assert (folder / "trials" / "1" / "metrics.json").is_file()
+    assert issubclass(search_module.SearchInterrupted, KeyboardInterrupt)  # Python callers see a Ctrl-C as ever
+
+
+def test_a_trial_started_past_the_count_at_the_same_moment_as_anothers_is_handed_back(tmp_path, monkeypatch) -> None:
+    import threading
+
+    import optuna
+
+    from lmtune import search as search_module
+    from lmtune.search import SearchConfig
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    other = optuna.load_study(study_name="s", storage=url)  # another process of the search
+    spec = SearchConfig.model_validate({**SPACE, "trials": 1, "timeout_minutes": 1, "heartbeat_seconds": 1,
+                                        "grace_seconds": 2})
+    ask, theirs = study.ask, []
+
+    def ask_just_after_the_other_process() -> optuna.Trial:
+        if not theirs:  # both counted 0 of 1 trials finished and none running; the other asked first
+            theirs.append(other.ask())
+            threading.Timer(1.5, lambda: other.tell(theirs[0], 0.5)).start()  # and finishes it a little later
+        return ask()
+
+    monkeypatch.setattr(study, "ask", ask_just_after_the_other_process)
+    monkeypatch.setattr("lmtune.run.train", lambda *a, **k: pytest.fail("a surplus trial must not train"))
+    started = time.monotonic()
+    search_module._run_trials(study, lambda t: search_module._objective(t, {}, [], spec, "accuracy", tmp_path),
+                              spec, failures=1)
+    assert time.monotonic() - started >= 1.4  # it waited for the other's trial to finish, rather than train
+    assert [(t.number, t.state.name, t.params) for t in study.trials] == [(0, "COMPLETE", {}), (1, "WAITING", {})]
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs: initdb on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    found = [Path(p).resolve().parent for p in [shutil.which("initdb")] if p]
+    found += sorted((Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")), reverse=True,
+                    key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    return next((d for d in found if (d / "initdb").is_file() and (d / "pg_ctl").is_file()), None)
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL server of its own in a temporary folder, reached through a Unix socket there (no TCP port);
+    stopped and removed at the end, whatever happened. Skipped without the server programs, except under CI."""
+    import pwd
+
+    def unavailable(why: str):
+        if os.environ.get("CI"):  # .ci/run installs the server: in CI this test must run
+            pytest.fail(why)
+        pytest.skip(why)
+
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None:
+        unavailable("psycopg is not installed (pip install -e '.[dev]')")
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        unavailable("PostgreSQL's server programs (initdb, pg_ctl) not found; Debian: apt-get install postgresql")
+    as_postgres, owner = (lambda cmd: cmd), None
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root: run them as the postgres user
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            unavailable("running as root and there is no `postgres` user to run the PostgreSQL server as")
+        if shutil.which("runuser"):
+            as_postgres = lambda cmd: ["runuser", "-u", "postgres", "--", *cmd]  # noqa: E731
+        else:
+            as_postgres = lambda cmd: ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(cmd)]  # noqa: E731
+    # Not under pytest's tmp_path: its parent folders are the user's alone, closed to the postgres user.
+    folder = Path(tempfile.mkdtemp(prefix="lmtune-pg-", dir="/tmp" if owner else None))
+    if owner:
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+    data, port = folder / "data", 5432  # the port only names the socket file in `folder`
+    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
+
+    def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(as_postgres(cmd), capture_output=True, text=True, timeout=60)
+        assert not check or done.returncode == 0, f"{shlex.join(cmd)}: {done.stdout}{done.stderr}"
+        return done
+
+    try:
+        run([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+        started = run([*pg_ctl, "-l", str(folder / "server.log"), "-w", "-t", "30", "-o",
+                       f"-c listen_addresses='' -k {folder} -p {port} -c fsync=off", "start"], check=False)
+        assert started.returncode == 0, started.stdout + started.stderr + (
+            (folder / "server.log").read_text(errors="replace") if (folder / "server.log").exists() else "")
+        yield f"postgresql+psycopg://postgres@/postgres?host={folder}&port={port}"
+    finally:
+        if (data / "postmaster.pid").exists():
+            stopped = run([*pg_ctl, "-m", "immediate", "-w", "-t", "30", "stop"], check=False)
+            if stopped.returncode != 0 and (data / "postmaster.pid").exists():
+                os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _start_worker(config: str, storage: str, output: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "COLUMNS": "160"}
+    output.mkdir(parents=True)
+    log = (output.parent / f"{output.name}.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "lmtune.cli", "search", config, "--storage", storage,
+                             "--output", str(output)], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_postgresql_search_and_redo_a_killed_ones_trial(tiny_config, tmp_path,
+                                                                              postgres_url) -> None:
+    import optuna
+
+    tiny_config["train"].update(epochs=1, checkpoint=False)
+    config = tmp_path / "sst.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config, "search": {
+        **SPACE, "trials": 2, "pruner": "none", "heartbeat_seconds": 1, "grace_seconds": 5}}))
+    a_dir, b_dir = tmp_path / "worker-a", tmp_path / "worker-b"
+    a, b = _start_worker(str(config), postgres_url, a_dir), _start_worker(str(config), postgres_url, b_dir)
+    try:
+        # A is killed (kill -9: no chance to clean up) as soon as it has started a trial (its parameters drawn).
+        deadline, study, killed = time.monotonic() + 60, None, None
+        while killed is None:
+            assert a.poll() is None and time.monotonic() < deadline, (a_dir.parent / "worker-a.log").read_text()
+            time.sleep(0.2)
+            try:
+                study = study or optuna.load_study(study_name="sst", storage=postgres_url)
+            except KeyError:  # not created yet
+                continue
+            killed = next((t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                           if t.user_attrs.get("run_dir", "").startswith(str(a_dir))), None)
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        assert study.trials[killed].state.name == "RUNNING"  # left so by its dead process
+        # B finishes the search: after A's trial's heartbeat has been silent for 5 s it fails it and redoes it.
+        assert b.wait(90) == 0, (b_dir.parent / "worker-b.log").read_text()
+    finally:
+        for worker in (a, b):
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+    trials = optuna.load_study(study_name="sst", storage=postgres_url).trials
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(numbers)))  # no number twice, none skipped
+    states = {t.number: t.state.name for t in trials}
+    assert states[killed] == "FAIL" and sum(s == "COMPLETE" for s in states.values()) == 2, states
+    assert set(states.values()) == {"COMPLETE", "FAIL"}, states
+    redo = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(redo) == 1 and redo[0].state.name == "COMPLETE" and redo[0].params == trials[killed].params
+    assert Path(redo[0].user_attrs["run_dir"]).parent.parent == b_dir  # run by the surviving process
+    log = (b_dir.parent / "worker-b.log").read_text()
+    assert "Traceback" not in log and (b_dir / "trials.csv").is_file()

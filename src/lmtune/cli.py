@@ -44,7 +44,9 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # brackets in it are text
     raise typer.Exit(1)
 
 
@@ -52,8 +54,26 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from lmtune.config import ConfigError
     from lmtune.data import DataError
     from lmtune.models import ModelError
+    from lmtune.training.checkpoint import CheckpointError
+    from lmtune.training.guard import DivergedError
 
-    return ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError, ValueError
+    return (ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError, ValueError, DivergedError,
+            CheckpointError)
+
+
+# A run folder is data: what its model may do on loading is the caller's to allow, never its config's.
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Let code shipped in the run's model folder run "
+                                 "(a run folder's own config can never allow it).")
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow pickled (.bin) weights, which can run code "
+                            "(a run folder's own config can never allow it).")
+
+
+def _interrupted(err: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line saying what is kept and how to go on, exit status 130 (as a shell reports SIGINT)."""
+    from rich.markup import escape
+
+    console.print(f"[bold yellow]{escape(str(err) or 'interrupted')}[/]", highlight=False)
+    raise typer.Exit(130)
 
 
 def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
@@ -91,6 +111,8 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
         result = run_train(config, overrides, resume=resume)
     except _user_errors() as err:
         _fail(err)
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     m = result.metrics
     if "runs" in m:  # several seeds
         console.print((result.run_dir / "seeds.md").read_text(encoding="utf-8"), markup=False, highlight=False)
@@ -134,18 +156,25 @@ def validate(config: Path = typer.Argument(..., help="Run config (YAML)."),
     console.print("[green]config and data are valid[/]")
 
 
-def _read_inputs(path: str) -> list[Any]:
-    """Inputs for predict: JSONL/JSON/CSV/TSV rows (dicts), or plain text lines (file or stdin)."""
-    if path == "-":
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+def _read_inputs(path: str, column: str = "text") -> list[Any]:
+    """Inputs for predict: JSONL/JSON/CSV/TSV rows (dicts), or plain text lines (file or stdin), every line one
+    input, blank ones too (the final line end makes no line)."""
+    if path == "-" or Path(path).suffix in (".txt", ""):
+        stdin = getattr(sys.stdin, "buffer", None) if path == "-" else None
+        data = Path(path).read_bytes() if path != "-" else stdin.read() if stdin is not None else sys.stdin.read()
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        # Universal newlines (\r\n and \r end a line, as \n does: no \r is left on a text), on stdin as in a file;
+        # not splitlines(): U+2028, form feeds ... end no line.
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        return lines[:-1] if lines[-1] == "" else lines
     from lmtune.data import read_table
 
     file = Path(path)
-    if file.suffix in (".txt", ""):
-        with file.open(encoding="utf-8") as f:  # universal newlines; not splitlines(): U+2028 ends no line
-            return [line for line in f.read().split("\n") if line.strip()]
     ds = read_table(file)  # fields other rows of the file have and this one lacks (None) are left out
-    return [{k: v for k, v in row.items() if k != "_row" and v is not None} for row in ds]
+    # Every CSV row has every column: an empty text field is empty text (an error record), not a missing field.
+    kept = column if file.name.lower().removesuffix(".gz").endswith((".csv", ".tsv")) else None
+    return [{k: "" if v is None else v for k, v in row.items() if k != "_row" and (v is not None or k == kept)}
+            for row in ds]
 
 
 def _write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> None:
@@ -179,19 +208,19 @@ def predict(run: Path = typer.Argument(..., help="Run directory."),
             input: str = typer.Option("-", "--input", "-i", help="JSONL/CSV/TSV/JSON file, text lines, or - for stdin."),
             output: str = typer.Option("-", "--output", "-o", help="Output file (.jsonl/.csv/.tsv) or - for stdout."),
             text_column: Optional[str] = typer.Option(None, help="Input column holding the text (default: "
-                                                      "the run's data.text_column, else 'text').")) -> None:
+                                                      "the run's data.text_column, else 'text')."),
+            trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
     """Predict with a trained run for every input row."""
     _setup_logging()
+    from lmtune.data import DataError
     from lmtune.run import load
 
     try:
-        predictor = load(run)
-        inputs = _read_inputs(input)
+        predictor = load(run, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         column = text_column or predictor.session.cfg.data.text_column
         pair = predictor.session.cfg.data.text_pair_column
+        inputs = _read_inputs(input, column)
         if text_column:  # asked for by name: a row without it is an error naming it, not a missing `text`
-            from lmtune.data import DataError
-
             for row, record in enumerate(inputs, 1):
                 if isinstance(record, dict) and text_column not in record:
                     raise DataError(str(input), f"no {text_column!r} field (--text-column); fields found: "
@@ -200,10 +229,23 @@ def predict(run: Path = typer.Argument(..., help="Run directory."),
         # the text beside them: kept).
         records = [{**i, "text": i[column], **({"text_pair": i.get(pair)} if pair else {})}
                    if isinstance(i, dict) and column in i else i for i in inputs]
-        preds = predictor.predict(records)
+        # An empty or blank text gets an error record in its place (every input its own output line, in order); the
+        # others are predicted together, a problem with one of them named by its input row.
+        texts = [r.get("text") if isinstance(r, dict) and "tokens" not in r else r for r in records]
+        empty = [isinstance(text, str) and not text.strip() for text in texts]
+        rows = [i for i, e in enumerate(empty, 1) if not e]  # the input row of each record predicted
+        try:
+            found = iter(predictor.predict([records[i - 1] for i in rows]) if rows else [])
+        except DataError as err:
+            if err.row is None or not 0 < err.row <= len(rows):
+                raise
+            raise DataError(err.path, err.message, row=rows[err.row - 1], field=err.field, unit=err.unit) from None
+        preds = [{"error": "empty text: nothing to predict"} if e else next(found) for e in empty]
     except (*_user_errors(), KeyError) as err:
         _fail(err)
     _write_outputs(output, inputs, preds)
+    if any(empty):
+        console.print(f"{sum(empty)} of {len(preds)} inputs have empty text: an error record each, in their place")
     if output != "-":
         console.print(f"{len(preds)} predictions written to {output}")
 
@@ -213,13 +255,15 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
              data: Path = typer.Option(..., "--data", "-d", help="Labelled file in the training data's format."),
              output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the metrics as JSON here."),
              skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Drop rows that fail the data checks "
-                                                "(counted in the log) instead of stopping at the first.")) -> None:
+                                                "(counted in the log) instead of stopping at the first."),
+             trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
     """Score a trained run on a labelled file."""
     _setup_logging()
     from lmtune.run import evaluate as run_evaluate
 
     try:
-        metrics = run_evaluate(run, data, "skip" if skip_bad_rows else None)
+        metrics = run_evaluate(run, data, "skip" if skip_bad_rows else None, trust_remote_code=trust_remote_code,
+                               allow_pickle=allow_pickle)
     except _user_errors() as err:
         _fail(err)
     console.print(_metrics_table(f"{data} ({metrics['rows']} rows)", metrics))
@@ -332,6 +376,8 @@ def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `se
                             storage=storage, output=output)
     except (*_user_errors(), KeyError) as err:
         _fail(err)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line saying which trial runs again, no traceback
+        _interrupted(err)
     params = [k for k in result.rows[0] if "." in k] if result.rows else []
     table = Table(title=f"trials (validation {result.metric}, {result.direction})")
     for column in ("trial", "state", *params, result.metric, "seconds"):
@@ -360,13 +406,15 @@ def export_model(run: Path = typer.Argument(..., help="Run directory."),
                  merge: bool = typer.Option(True, "--merge/--no-merge",
                                             help="Merge adapters (LoRA ...) into the weights."),
                  overwrite: bool = typer.Option(False, "--overwrite",
-                                                help="Replace an existing, non-empty output folder.")) -> None:
+                                                help="Replace the folder an earlier export wrote there."),
+                 trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
     """Write a run's model as a plain Hugging Face folder (adapters merged)."""
     _setup_logging()
     from lmtune.run import export
 
     try:
-        folder = export(run, output, merge=merge, overwrite=overwrite)
+        folder = export(run, output, merge=merge, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle)
     except _user_errors() as err:
         _fail(err)
     console.print(f"model written to {folder}")

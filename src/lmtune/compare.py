@@ -11,6 +11,7 @@ from typing import Any
 
 from lmtune.config import ConfigError, load_config
 from lmtune.preflight import check_setup
+from lmtune.rundir import claim
 from lmtune.seeds import describe
 
 log = logging.getLogger("lmtune")
@@ -77,9 +78,6 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
     folder = Path(output or Path(base.output.dir) / (base.output.name
                                                      or f"compare-{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"))
     refuse_run_folder(folder, "compare")
-    if folder.is_dir() and any(folder.iterdir()) and not base.output.overwrite:
-        raise ConfigError(f"compare: {folder} exists and is not empty; choose another output.name or --output, "
-                          "or set output.overwrite=true to train into it again")
     seeds = seeds or [base.train.seed]
     plan, errors = [], []
     for method, options in methods:  # every run's config checked before the first one trains
@@ -98,17 +96,22 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
             plan.append((_label(method, options), seed, raw))
     if errors:
         raise ConfigError("compare: " + "\n".join(dict.fromkeys(errors)))
-    folder.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for label, seed, raw in plan:
-        log.info("compare: %s, seed %d", label, seed)
-        result = train(raw)
-        metric = result.metrics["selection"]["metric"]
-        rows.append({"method": label, "seed": seed, "run": str(result.run_dir), **_summary(result.metrics, metric)})
-    (folder / "runs.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    table = aggregate(rows)
-    write_table(table, folder, metric)
-    plot_comparison(table, folder / "compare.png", metric)
+    # Made (or taken over: output.overwrite trains into it again) and locked only now that every run checked out.
+    lock = claim(folder, "compare", overwrite=base.output.overwrite, clear=False)
+    try:
+        rows: list[dict[str, Any]] = []
+        for label, seed, raw in plan:
+            log.info("compare: %s, seed %d", label, seed)
+            result = train(raw)
+            metric = result.metrics["selection"]["metric"]
+            rows.append({"method": label, "seed": seed, "run": str(result.run_dir),
+                         **_summary(result.metrics, metric)})
+        (folder / "runs.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        table = aggregate(rows)
+        write_table(table, folder, metric)
+        plot_comparison(table, folder / "compare.png", metric)
+    finally:
+        lock.release()
     return folder
 
 

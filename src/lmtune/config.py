@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,105 @@ def _report(problems: list[str]) -> None:
     """A section's own checks raise once with all their problems (shown as separate lines of the config error)."""
     if problems:
         raise ValueError("\n  - ".join(problems))
+
+
+_SHOWN = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 60, 60, 40
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfrozenset = 6
+
+
+def shown(value: Any) -> str:
+    """A config value as a message shows it: its repr cut to a few items, levels and characters (a value can be
+    huge: a long list, a YAML alias bomb)."""
+    try:
+        text = _SHOWN.repr(value)
+    except Exception:  # an int too long to print, a broken __repr__
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A message part that holds user text (a key, a YAML error) cut to `limit` characters."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# How many values YAML aliases (`*name`) may add to a document once written out: an alias bomb (nine anchors, each
+# nine of the one before) stays a few hundred bytes and a few dozen objects, and expands to 9**9 values that a message
+# or pydantic would walk. A text of 100 characters or more counts one value per 100 characters.
+MAX_ALIAS_GROWTH = 100_000
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def alias_growth_exceeds(value: Any, limit: int = MAX_ALIAS_GROWTH) -> bool:
+    """Whether the parts of `value` (a loaded YAML document, or a dict) that occur more than once add over `limit`
+    values when written out, or a part contains itself. Each distinct part is walked once (its written-out size
+    computed from its children's): nothing is expanded."""
+    sizes: dict[int, int] = {}  # id of a container -> its size written out
+    open_: set[int] = set()  # containers on the current path: one met again there contains itself
+    texts: set[int] = set()  # long texts met already
+    literal = 0  # the size of the document as written, each repeated part counting once
+
+    def weight(item: Any) -> int:
+        return 1 + len(item) // 100 if isinstance(item, (str, bytes)) else 1
+
+    def children(item: Any) -> Any:
+        return [*item.keys(), *item.values()] if isinstance(item, dict) else item
+
+    if not isinstance(value, _CONTAINERS):
+        return False
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        item, done = stack.pop()
+        if not done:
+            if id(item) in sizes:
+                continue
+            if id(item) in open_:
+                return True
+            open_.add(id(item))
+            stack.append((item, True))
+            for child in children(item):
+                if isinstance(child, _CONTAINERS) and id(child) not in sizes:
+                    if id(child) in open_:
+                        return True
+                    stack.append((child, False))
+            continue
+        open_.discard(id(item))
+        size = written = 1
+        for child in children(item):
+            if isinstance(child, _CONTAINERS):
+                size += sizes[id(child)]
+            else:
+                size += weight(child)
+                long_text = isinstance(child, (str, bytes)) and len(child) >= 100
+                written += 1 if long_text and id(child) in texts else weight(child)
+                if long_text:
+                    texts.add(id(child))
+        sizes[id(item)] = size
+        literal += written
+    return sizes[id(value)] - literal > limit
+
+
+def _alias_growth_problem(parts: str = "its YAML aliases (*name)") -> str:
+    return (f"{parts} expand to more than {MAX_ALIAS_GROWTH:,} values (an alias bomb, or an anchor that contains "
+            "itself); refused: write the values out")
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's document; a file that is not YAML, or whose aliases expand past MAX_ALIAS_GROWTH values, is a
+    ConfigError naming it."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start + 1})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_clip(str(err), 600)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    except ValueError as err:  # a value YAML reads but Python cannot hold: a 5,000-digit integer, month 13
+        raise ConfigError(f"{path}: not valid YAML: {_clip(str(err))}") from None
+    if alias_growth_exceeds(data):
+        raise ConfigError(f"{path}: {_alias_growth_problem()}")
+    return data
 
 
 class Section(BaseModel):
@@ -145,6 +245,9 @@ class TrainConfig(Section):
     """Learning-rate decay after warmup."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value; null = no clipping."""
+    max_skipped_steps: int = 10
+    """An optimizer step whose gradients are not finite (NaN/inf: a diverging run, a bad batch) is skipped on the
+    device and counted; this many skipped in a row stop the run with an error (its last checkpoint kept)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Autocast precision: auto = bf16 on a GPU that supports it, else fp32."""
     seed: int = 42
@@ -204,7 +307,8 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "pad_to_multiple_of": self.pad_to_multiple_of or 1}
+                    "log_every": self.log_every, "max_skipped_steps": self.max_skipped_steps,
+                    "pad_to_multiple_of": self.pad_to_multiple_of or 1}
         problems = [f"train.{name}={value}: must be at least 1" for name, value in positive.items() if value < 1]
         if self.lr <= 0:
             problems.append(f"train.lr={self.lr}: must be positive")
@@ -215,7 +319,7 @@ class TrainConfig(Section):
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"train.label_smoothing={self.label_smoothing}: must be in [0, 1)")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            problems.append(f"train.seeds={self.seeds}: give distinct seeds (or null for the one train.seed)")
+            problems.append(f"train.seeds={shown(self.seeds)}: give distinct seeds (or null for the one train.seed)")
         for name in ("max_steps", "eval_every", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -245,7 +349,16 @@ class OutputConfig(Section):
     name: str | None = None
     """Run directory name; default: `<config file name>-<date>-<time>`."""
     overwrite: bool = False
-    """Replace an existing run directory of the same name (otherwise an error)."""
+    """Replace an existing run directory of the same name (otherwise an error): only a folder lmtune made (it holds a
+    `.lmtune` marker) and that no running process holds; what it holds is removed, nothing outside it."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "OutputConfig":
+        from lmtune.rundir import name_problem
+
+        if self.name is not None and (problem := name_problem(self.name)):
+            raise ValueError(f"output.name={shown(self.name)} {problem}")
+        return self
 
 
 class RunConfig(Section):
@@ -281,7 +394,17 @@ def parse_value(text: str) -> Any:
             return kind(text)
         except ValueError:
             pass
-    return yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"value {shown(text)}: not valid YAML ({_clip(problem)})") from None
+    except (RecursionError, ValueError) as err:
+        raise ConfigError(f"value {shown(text)}: not valid YAML "
+                          f"({'nested too deeply' if isinstance(err, RecursionError) else _clip(str(err))})") from None
+    if alias_growth_exceeds(value):
+        raise ConfigError(f"value {shown(text)}: {_alias_growth_problem()}")
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -289,15 +412,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=3e-5")
+            raise ConfigError(f"override {shown(item)}: expected section.key=value, e.g. train.lr=3e-5")
         parts = key.strip().split(".")
         node = raw
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"override {shown(item)}: {shown(part)} is a value, not a section")
             node = child
-        node[parts[-1]] = parse_value(value)
+        try:
+            node[parts[-1]] = parse_value(value)
+        except ConfigError as err:
+            raise ConfigError(f"override {shown(item)}: {str(err).removeprefix(f'value {shown(value)}: ')}") from None
     return raw
 
 
@@ -318,7 +444,7 @@ def unknown_metric(option: str, metric: str, names: list[str], task: str) -> str
     """The message for an `option` (e.g. eval.metric) naming no metric of `task` (e.g. "the ner task"): the nearest
     name, else all of them."""
     near = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
-    return (f"{option} {metric!r} is not a metric of {task}"
+    return (f"{option} {shown(metric)} is not a metric of {task}"
             + (f"; did you mean {near[0]!r}?" if near else f" (its metrics: {', '.join(names)})"))
 
 
@@ -342,24 +468,28 @@ def _format_errors(err: ValidationError, prefix: tuple[str, ...], model: type[Ba
     lines = []
     for e in err.errors():
         loc = prefix + tuple(str(p) for p in e["loc"])
-        where = ".".join(loc) or "config"
+        where = _clip(".".join(loc)) or "config"  # a key can be any text of the file
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key{_closest(loc[-1], _fields_at(model, e['loc'][:-1]))}")
         elif e["type"] == "value_error":
-            lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
+            lines.append(_clip(str(e["ctx"]["error"]) if "ctx" in e else e["msg"], 2000))
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{where}: {e['msg']}{shown}")
+            value = "" if isinstance(got, dict) else f" (got {shown(got)})"
+            lines.append(f"{where}: {e['msg']}{value}")
     return lines
 
 
 def _validate_registered(raw: Any, section: str, table: dict[str, Any], default: str) -> tuple[Any, list[str]]:
+    if raw is not None and not isinstance(raw, (str, dict)):
+        return None, [f"{section}: give a {section} name or a mapping with `name` (got {shown(raw)})"]
     raw = {"name": raw} if isinstance(raw, str) else dict(raw or {})
     raw.setdefault("name", default)
     name = raw["name"]
+    if not isinstance(name, str):  # a list is no key of the table (it raised TypeError)
+        return None, [f"{section}.name: give a {section} name (got {shown(name)})"]
     if name not in table:
-        return None, [f"{section}.name: unknown {section} {name!r}{_closest(str(name), list(table))}"
+        return None, [f"{section}.name: unknown {section} {shown(name)}{_closest(name, list(table))}"
                       .replace("valid keys", f"known {section}s")]
     options = table[name].Options
     try:
@@ -374,7 +504,8 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"a config is a mapping of sections, got {type(raw).__name__}")
     known = set(SECTIONS) | {"task", "method"}
-    errors = [f"{key}: unknown section{_unknown_section(str(key), sorted(known))}" for key in raw if key not in known]
+    errors = [f"{_clip(str(key))}: unknown section{_unknown_section(str(key), sorted(known))}" for key in raw
+              if key not in known]
     task, task_errors = _validate_registered(raw.get("task"), "task", TASKS, DEFAULT_TASK)
     method, method_errors = _validate_registered(raw.get("method"), "method", METHODS, DEFAULT_METHOD)
     errors += task_errors + method_errors
@@ -398,15 +529,15 @@ def load_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list
     if isinstance(source, RunConfig):
         raw = source.model_dump(mode="json")
     elif isinstance(source, dict):
+        if alias_growth_exceeds(source):
+            parts = "its repeated parts (YAML aliases, shared objects)"
+            raise ConfigError(f"the config: {_alias_growth_problem(parts)}")
         raw = yaml.safe_load(yaml.safe_dump(source))  # deep copy; callers keep their dict
     else:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raw = read_yaml(path) or {}
     if isinstance(raw, dict) and raw.get("search") is not None:
         # One file may hold a run and its search space; `lmtune search` reads the space, training ignores it.
         logging.getLogger("lmtune").info("config: the search section is read by `lmtune search` only")
@@ -430,8 +561,14 @@ def _switch_sections(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any
             key, _, value = item.partition("=")
             current = raw.get(section)
             name = current.get("name") if isinstance(current, dict) else current
-            if key.strip() == f"{section}.name" and name is not None and str(parse_value(value)) != str(name):
-                note = f"{section}.name={value} replaces the config's {section} section ({name})"
+            if key.strip() != f"{section}.name" or name is None:
+                continue
+            try:
+                given = parse_value(value)
+            except ConfigError:
+                continue  # apply_overrides says so, naming the override
+            if str(given) != str(name):
+                note = f"{section}.name={_clip(value)} replaces the config's {section} section ({_clip(str(name))})"
                 if note not in _SAID:  # the CLI resolves the config to print it, then the run resolves it again
                     _SAID.add(note)
                     logging.getLogger("lmtune").info(note)

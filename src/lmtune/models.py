@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmtune.config import ModelConfig
 
@@ -109,7 +110,9 @@ def check_weight_format(folder: Path, cfg: ModelConfig) -> None:
     has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
     if not has_safetensors and has_pickle and not cfg.allow_pickle:
         raise ModelError(f"{folder} holds only pickled weights (.bin), which can run arbitrary code when "
-                         "loaded; convert them to safetensors or set model.allow_pickle=true if you trust them")
+                         "loaded; convert them to safetensors, or if you trust them allow them: model.allow_pickle=true "
+                         "in your own config for training, --allow-pickle on predict, eval and export "
+                         "(lmtune.load(..., allow_pickle=True)); a saved run's config.yaml never allows it")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
@@ -139,7 +142,8 @@ def load_tokenizer(cfg: ModelConfig, folder: Path | None = None) -> Any:
         # transformers would build an empty tokenizer that turns every word into the unknown token
         raise ModelError(f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the "
                          "tokenizer of the model it came from into that folder")
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    with remote_code_refused(folder):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"{folder}: lmtune needs a fast (Rust) tokenizer; this one is {type(tokenizer).__name__}")
     return tokenizer
@@ -169,14 +173,16 @@ def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, l
         kwargs = {**dropout_overrides(load_model_config(cfg), cfg.dropout), **kwargs}
     load = dict(use_safetensors=None if cfg.allow_pickle else True, trust_remote_code=cfg.trust_remote_code,
                 output_loading_info=True, **kwargs)
-    model, info = auto_class.from_pretrained(folder, **load)
+    with remote_code_refused(folder), pickle_refused(folder):
+        model, info = auto_class.from_pretrained(folder, **load)
     moved = moved_backbone(getattr(model, "base_model_prefix", ""), info.get("missing_keys", []),
                            info.get("unexpected_keys", []))
     if moved:
         log.info("model %s: its %s.* weights are this %s's %s.* (read again under that name)", cfg.name, moved,
                  type(model).__name__, model.base_model_prefix)
-        model, info = auto_class.from_pretrained(
-            folder, key_mapping={rf"^{re.escape(moved)}\.": f"{model.base_model_prefix}."}, **load)
+        with pickle_refused(folder):
+            model, info = auto_class.from_pretrained(
+                folder, key_mapping={rf"^{re.escape(moved)}\.": f"{model.base_model_prefix}."}, **load)
     if getattr(model.config, "_attn_implementation", None) == "eager":
         model.register_forward_pre_hook(_additive_block_mask, with_kwargs=True)
     return model, sorted(info.get("missing_keys", []))
@@ -236,7 +242,61 @@ def dropout_overrides(model_config: Any, p: float) -> dict[str, float]:
 def load_model_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_model(cfg.name), trust_remote_code=cfg.trust_remote_code)
+    folder = resolve_model(cfg.name)
+    with remote_code_refused(folder):
+        return AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+
+
+@contextlib.contextmanager
+def remote_code_refused(folder: Path) -> Iterator[None]:
+    """transformers' refusal of a model's own code, as an error that says how a user allows it."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ModelError(f"{folder} needs code shipped inside it to load (config.json's auto_map), which runs only "
+                         "if you trust it and say so: model.trust_remote_code=true in your own config for training; "
+                         "--trust-remote-code on predict, eval and export (lmtune.load(..., trust_remote_code=True)); "
+                         "a saved run's config.yaml never allows it") from None
+
+
+@contextlib.contextmanager
+def pickle_refused(folder: Path) -> Iterator[None]:
+    """PyTorch's weights-only unpickler refusing a .bin (model.allow_pickle=true loads pickled tensors only), as one
+    line instead of its traceback: the file holds other objects, whose loading could run code, and none was loaded."""
+    try:
+        yield
+    except Exception as err:
+        refused = _unpickling_error(err)
+        if refused is None:
+            raise
+        text = str(refused)
+        if "Weights only load failed" not in text:  # not the safe loader's refusal: a damaged file
+            raise ModelError(f"{folder}: its pickled weights cannot be read: "
+                             f"{text.strip().splitlines()[0][:200] if text.strip() else type(refused).__name__}") \
+                from None
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+        what = f"it names {found.group(1)}" if found else \
+            f"or are damaged: {lines[0][:120] if lines else 'no reason given'}"
+        raise ModelError(f"{folder}: its pickled weights hold objects beyond plain tensors ({what}), so PyTorch's "
+                         "safe loader refused them and nothing in them was run; model.allow_pickle allows pickled "
+                         "tensors only: convert a copy you trust to safetensors") from None
+
+
+def _unpickling_error(err: BaseException | None) -> BaseException | None:
+    """The pickle.UnpicklingError that `err` is, or that caused it (transformers versions differ in wrapping it)."""
+    import pickle
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, pickle.UnpicklingError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def find_layers(model: Any) -> tuple[str, Any]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,62 +28,44 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-# Options a resumed run may change: where outputs go, and how fast the same steps run (not what they compute).
-# Not train.compile: compiled runs fold a one-row last batch into the one before it (other batches, other steps).
-RESUME_MAY_CHANGE: dict[str, Any] = {"output": True, "train": {"cuda_graphs", "num_workers"}}
+def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
+    """The run's folder, created (or taken over) and locked for the run's life: (folder, lock)."""
+    from lmtune import rundir
+    from lmtune.training.checkpoint import has_checkpoint
 
-
-def _run_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
     root = Path(cfg.output.dir)
     if cfg.output.name:
         run_dir = root / cfg.output.name
     elif resume:
-        candidates = sorted(p for p in root.glob(f"{stem}-*") if (p / "checkpoints" / "last").is_dir())
-        if not candidates:
-            raise FileNotFoundError(f"--resume: no run of {stem!r} with a checkpoint under {root}/")
-        run_dir = candidates[-1]
+        run_dir = rundir.find_run(root, stem, lambda p: has_checkpoint(p, mend=False))
     else:
-        run_dir = root / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = root / rundir.new_name(stem)
+    lock = rundir.claim(run_dir, "run", overwrite=cfg.output.overwrite, resume=resume)
     if resume:
-        if not (run_dir / "checkpoints" / "last").is_dir():
-            raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
-        saved = load_config(run_dir / "config.yaml")
-        changed = _differences(saved.model_dump(exclude=RESUME_MAY_CHANGE), cfg.model_dump(exclude=RESUME_MAY_CHANGE))
-        if changed:
-            raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
-                             f"({run_dir / 'config.yaml'}): {'; '.join(changed)}. Resume with that config (only "
-                             f"output.* and train.{', train.'.join(sorted(RESUME_MAY_CHANGE['train']))} may change)")
-        from lmtune.training.checkpoint import read_loop_state
-
-        at = read_loop_state(run_dir / "checkpoints" / "last")
-        log.info("resuming %s at step %d (stage %d, epoch %d, batch %d of it)", run_dir, at.step, at.stage + 1,
-                 at.epoch + 1, at.batch)
-    else:
-        clear_run_dir(run_dir, cfg.output.overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        try:
+            _check_resume(cfg, run_dir)
+        except BaseException:
+            lock.release()
+            raise
+    return run_dir, lock
 
 
-def _differences(saved: Any, now: Any, path: str = "") -> list[str]:
-    """'train.lr: 2e-05 -> 3e-05' for every leaf that differs between two config dumps."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return [d for key in dict.fromkeys([*saved, *now])
-                for d in _differences(saved.get(key), now.get(key), f"{path}.{key}" if path else key)]
-    return [] if saved == now else [f"{path}: {saved!r} -> {now!r}"]
+def _check_resume(cfg: RunConfig, run_dir: Path) -> None:
+    from lmtune.rundir import RESUME_MAY_CHANGE, differences
+    from lmtune.training.checkpoint import has_checkpoint, read_loop_state
 
-
-def clear_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Make way for a new run: an existing folder is an error unless output.overwrite allows removing it, or it holds
-    only the config of a run that stopped before training (bad data, a missing model): that one is replaced."""
-    if run_dir.exists():
-        if {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
-            log.info("replacing %s: it holds only the config of a run that stopped before training", run_dir)
-        elif not overwrite:
-            resumable = (run_dir / "checkpoints" / "last").is_dir() and not (run_dir / "model").is_dir()
-            raise FileExistsError(f"run directory {run_dir} exists; choose another output.name"
-                                  + (", set output.overwrite=true, or pass --resume to continue it" if resumable
-                                     else " or set output.overwrite=true"))
-        shutil.rmtree(run_dir)
+    last = run_dir / "checkpoints" / "last"
+    if not has_checkpoint(run_dir):  # (mended first where a crash fell between the two renames of a save)
+        raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+    saved = load_config(run_dir / "config.yaml")
+    changed = differences(saved.model_dump(exclude=RESUME_MAY_CHANGE), cfg.model_dump(exclude=RESUME_MAY_CHANGE))
+    if changed:
+        raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
+                         f"({run_dir / 'config.yaml'}): {'; '.join(changed)}. Resume with that config (only "
+                         f"output.* and train.{', train.'.join(sorted(RESUME_MAY_CHANGE['train']))} may change)")
+    at = read_loop_state(last)
+    log.info("resuming %s at step %d (stage %d, epoch %d, batch %d of it)", run_dir, at.step, at.stage + 1,
+             at.epoch + 1, at.batch)
 
 
 def make_accelerator(precision: str) -> Any:
@@ -150,14 +132,9 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
           callbacks: list[Callable] | None = None) -> RunResult:
     """Fine-tune as configured and write a run directory; returns its path and final metrics.
 
-    With `train.seeds`, one run per seed goes under one folder: see `lmtune.seeds.train_seeds` for the result."""
-    import transformers
-
-    from lmtune import models
-    from lmtune.methods import TaskInfo
-    from lmtune.training.checkpoint import write_text
-    from lmtune.training.loop import Job, fit
-
+    With `train.seeds`, one run per seed goes under one folder: see `lmtune.seeds.train_seeds` for the result.
+    The run's folder is locked while it trains; Ctrl-C raises `RunInterrupted` (a KeyboardInterrupt) saying how
+    to continue."""
     cfg = load_config(config, overrides)
     setup = check_setup(cfg)  # what validate checks beyond the config file, before anything is written
     stem = Path(config).stem if isinstance(config, (str, Path)) else "run"
@@ -166,13 +143,57 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
 
         return train_seeds(cfg, stem, resume=resume, callbacks=callbacks)
     accelerator = make_accelerator(cfg.train.precision)
-    # One process picks (and creates) the run directory; the others are told its name.
-    picked = [str(_run_dir(cfg, stem, resume)) if accelerator.is_main_process else None]
+    # One process picks, creates and locks the run directory; the others are told its name (or that it failed).
+    picked, lock, problem = [None], None, None
+    if accelerator.is_main_process:
+        try:
+            run_dir, lock = _run_dir(cfg, stem, resume)
+            picked = [str(run_dir)]
+        except Exception as err:
+            problem = err
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(picked)
+    if problem is not None:
+        raise problem
+    if picked[0] is None:
+        raise RuntimeError("the main process could not create the run directory (its error is in its log)")
     run_dir = Path(picked[0])
+    try:
+        return _train(cfg, setup, accelerator, run_dir, resume, callbacks)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says whether and how it can be continued."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from lmtune.training.checkpoint import read_loop_state
+
+        last = run_dir / "checkpoints" / "last"
+        if (last / "loop_state.json").is_file():
+            how = (f"its last checkpoint (step {read_loop_state(last).step}) is kept: the same `lmtune train` command "
+                   "with --resume continues it from there")
+        else:
+            how = "no checkpoint was written yet, so there is nothing to resume: train again"
+        super().__init__(f"interrupted; run directory {run_dir}: {how}")
+        self.run_dir = run_dir
+
+
+def _train(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, resume: bool,
+           callbacks: list[Callable] | None) -> RunResult:
+    import transformers
+
+    from lmtune import models
+    from lmtune.methods import TaskInfo
+    from lmtune.training.checkpoint import write_text
+    from lmtune.training.loop import Job, fit
+
     log.info("run directory: %s", run_dir)
     if accelerator.is_main_process:
         write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -232,6 +253,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         "selection": {"metric": metric, "best": state.best_metric, "best_step": state.best_step},
         **results,
         "steps": state.step,
+        "skipped_steps": state.skipped_steps,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds_after_resume": round(time.perf_counter() - started, 2),
         "stage_seconds": {k: round(v, 2) for k, v in state.stage_seconds.items()},
@@ -242,6 +264,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         "data": data_report,
         **({"overfitting": overfitting} if overfitting else {}),
     }
+    from lmtune.training.guard import diverged, weights_finite
+
+    if not weights_finite(list(model.parameters()), accelerator):  # never saved as the run's model
+        raise diverged(run_dir, state.step, "the final weights hold values that are not finite (NaN/inf)")
     if accelerator.is_main_process:
         _save_outputs(run_dir, model, tokenizer, task, metrics, metric)
     accelerator.wait_for_everyone()
@@ -310,7 +336,7 @@ def _training_loss(cfg: RunConfig, task: Any) -> Callable | None:
 def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, metric: str) -> None:
     from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting
     from lmtune.training.checkpoint import replace_dir, write_text
-    from lmtune.training.logs import read_records
+    from lmtune.training.logs import finite_json, read_records
 
     tmp = run_dir / "model.tmp"
     if tmp.exists():
@@ -320,7 +346,7 @@ def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics:
         model.get_base_model().config.save_pretrained(tmp / "base_config")  # label names for reloading
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, run_dir / "model")
-    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    write_text(run_dir / "metrics.json", json.dumps(finite_json(metrics), indent=2, default=str, allow_nan=False))
     plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
     if "overfitting" in metrics:
         plot_overfitting(metrics["overfitting"], run_dir / "plots" / "overfitting.png")
@@ -333,9 +359,12 @@ def _save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics:
 
 
 class Predictor:
-    """A finished run loaded back for prediction and evaluation: `lmtune.load(run_dir)`."""
+    """A finished run loaded back for prediction and evaluation: `lmtune.load(run_dir)`.
 
-    def __init__(self, run_dir: str | Path) -> None:
+    A run folder is data: the code and pickle permissions in its config.yaml are ignored; only the caller's
+    `trust_remote_code` / `allow_pickle` (command-line flags, keyword arguments) let its model run code."""
+
+    def __init__(self, run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
         from lmtune import models
 
         self.run_dir = Path(run_dir)
@@ -343,6 +372,7 @@ class Predictor:
         if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{self.run_dir} holds no finished model (expected {folder}/config.json)")
         cfg = load_config(self.run_dir / "config.yaml")
+        cfg.model = cfg.model.model_copy(update={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle})
         adapter = (folder / "adapter_config.json").is_file()
         model_cfg = cfg.model.model_copy(update={"name": str(folder / "base_config" if adapter else folder)})
         model_config = models.load_model_config(model_cfg)
@@ -374,7 +404,9 @@ class Predictor:
         if hasattr(task, "generate"):
             return self.session.generate(task.from_texts(list(inputs)))
         features = self.session.encode(task.from_texts(list(inputs)))
-        return task.postprocess(self.session.outputs(features), len(features))
+        return [pred if _finite(pred) else {"error": "the model's scores for this input are not finite (NaN/inf): "
+                                                     "the model is broken (a diverged run?)"}
+                for pred in task.postprocess(self.session.outputs(features), len(features))]
 
     def evaluate(self, path: str | Path, on_bad_rows: str | None = None) -> dict[str, Any]:
         """Score the model on a labelled file in the same format as the training data; bad rows are an error, or
@@ -392,18 +424,32 @@ class Predictor:
         return {**scalars, **details, "rows": len(features), **({"generation": generation} if generation else {})}
 
 
+def _finite(value: Any) -> bool:
+    """Whether every number in a prediction is finite (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite, value))
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def is_adapter(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrite: bool = False) -> Path:
+def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrite: bool = False,
+           **permissions: bool) -> Path:
     """Write the run's model as a plain HF folder; adapters are merged into the weights (`merge`).
 
-    An existing non-empty `output` folder is replaced only with `overwrite`; a file, the run directory, a folder
-    holding it or one inside it never is."""
+    An existing non-empty `output` folder is replaced only with `overwrite`, and only if an earlier export wrote it
+    (its `.lmtune` marker); a file, the run directory, a folder holding it or one inside it never is."""
+    import tempfile
+
+    from lmtune import rundir
     from lmtune.training.checkpoint import replace_dir
 
     output = Path(output)
+    rundir.refuse_special(output)
     if output.exists():
         if not output.is_dir():
             raise ValueError(f"{output} is a file; export writes a folder: choose another --output")
@@ -414,7 +460,11 @@ def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrit
                              "replace it")
     if output.resolve().is_relative_to(Path(run_dir).resolve()):  # its model/, plots/ ... would be replaced
         raise ValueError(f"{output} lies inside the run {run_dir}: choose a folder outside it for --output")
-    session = Predictor(run_dir).session
+    if output.is_dir() and any(output.iterdir()) and (rundir.read_marker(output) or {}).get("kind") != "export":
+        raise rundir.FolderError(f"{output} was not written by `lmtune export` (it has no {rundir.MARKER} marker of "
+                                 "one): --overwrite replaces only an earlier export; choose another --output or move "
+                                 "that folder away yourself")
+    session = Predictor(run_dir, **permissions).session
     model = session.model
     if is_adapter(model):
         if model.active_peft_config.is_prompt_learning:
@@ -423,19 +473,25 @@ def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrit
         if not merge:
             raise ValueError(f"{run_dir} holds an adapter: export it with --merge")
         model = model.merge_and_unload()
-    tmp = output.with_name(output.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    session.tokenizer.save_pretrained(tmp)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(tmp, output)
+    rundir.make_parent(output.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))  # a name of its own
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    try:
+        model.save_pretrained(tmp)
+        session.tokenizer.save_pretrained(tmp)
+        (tmp / rundir.MARKER).write_text(json.dumps({"kind": "export", "run": str(run_dir)}), encoding="utf-8")
+        replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return output
 
 
-def load(run_dir: str | Path) -> Predictor:
-    return Predictor(run_dir)
+def load(run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Predictor:
+    """A finished run, ready to predict; `trust_remote_code` / `allow_pickle` are yours to give (never its config's)."""
+    return Predictor(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
-def evaluate(run_dir: str | Path, data: str | Path, on_bad_rows: str | None = None) -> dict[str, Any]:
-    return Predictor(run_dir).evaluate(data, on_bad_rows)
+def evaluate(run_dir: str | Path, data: str | Path, on_bad_rows: str | None = None, **permissions: bool
+             ) -> dict[str, Any]:
+    return Predictor(run_dir, **permissions).evaluate(data, on_bad_rows)

@@ -6,6 +6,7 @@ import difflib
 import gc
 import json
 import logging
+import random
 import time
 import traceback
 import warnings
@@ -17,8 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmtune.compare import refuse_run_folder
-from lmtune.config import ConfigError, load_config, override
+from lmtune.config import ConfigError, load_config, override, read_yaml, shown
 from lmtune.preflight import metric_problem
+from lmtune.rundir import claim
 
 log = logging.getLogger("lmtune")
 
@@ -91,6 +93,11 @@ class SearchConfig(BaseModel):
     """Evaluations of a trial before it can be pruned."""
     seed: int | None = None
     """Sampler seed; default: train.seed."""
+    heartbeat_seconds: int = 30
+    """A running trial writes a heartbeat to the study's database this often."""
+    grace_seconds: int = 120
+    """A trial whose heartbeat has been silent this long (its process died) is failed and run again by any
+    process of the search; at least twice heartbeat_seconds."""
 
     @model_validator(mode="after")
     def _check(self) -> "SearchConfig":
@@ -98,6 +105,10 @@ class SearchConfig(BaseModel):
             raise ValueError("search.space is empty: name at least one field to search")
         if self.trials < 1 or self.startup_trials < 0 or self.warmup_evals < 0:
             raise ValueError("search.trials must be at least 1; startup_trials and warmup_evals at least 0")
+        if self.heartbeat_seconds < 1 or self.grace_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(f"search.heartbeat_seconds must be at least 1 and grace_seconds at least twice it "
+                             f"(got {self.heartbeat_seconds} and {self.grace_seconds}): a live trial whose "
+                             f"heartbeat is late would be failed")
         return self
 
 
@@ -121,10 +132,7 @@ def read_search(config: str | Path, space_file: str | Path | None = None) -> tup
     def read(path: Path) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        data = read_yaml(path) or {}  # an alias bomb is refused there, before anything walks it
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping")
         return data
@@ -154,7 +162,7 @@ def check_space(raw: dict[str, Any], overrides: list[str], spec: SearchConfig) -
             try:
                 load_config(raw, overrides + _assignments({key: value}))
             except ConfigError as err:
-                raise ConfigError(f"search.space.{key} = {value!r} does not make a valid config: {err}") from None
+                raise ConfigError(f"search.space.{key} = {shown(value)} does not make a valid config: {err}") from None
 
 
 @dataclass
@@ -195,7 +203,45 @@ def _release_memory(trial: Any) -> None:
         trial.set_user_attr("cuda_memory_mb", round(torch.cuda.memory_allocated() / 2**20, 1))
 
 
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search. The trial it stopped (`trial`) is failed, its checkpoints removed and its parameters
+    queued again, so running the same search again redoes it."""
+
+    def __init__(self, trial: int) -> None:
+        super().__init__(f"search interrupted: trial {trial} will run again when you re-run this command")
+        self.trial = trial
+
+
+class _Stop(BaseException):
+    """Leaves Optuna's trial loop without Optuna ending the trial (for a Ctrl-C it would fail the trial and log the
+    traceback): the search decides what becomes of it. Not an Exception, so Optuna's handler lets it through."""
+
+    def __init__(self, trial: Any, surplus: bool = False) -> None:
+        super().__init__(trial.number)
+        self.number, self.trial_id, self.surplus = trial.number, trial._trial_id, surplus
+
+
 def _objective(trial: Any, raw: dict, overrides: list[str], spec: SearchConfig, metric: str, folder: Path) -> float:
+    import shutil
+
+    from optuna.trial import TrialState
+
+    # Processes sharing a search may start trials at the same moment, each having counted one slot left: the
+    # trial with the lowest number takes it, the others are handed back (and their processes wait).
+    taken = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    if sum(t.state != TrialState.RUNNING or t.number < trial.number for t in taken) >= spec.trials:
+        raise _Stop(trial, surplus=True)
+    run_dir = folder / "trials" / str(trial.number)
+    try:
+        return _train_trial(trial, raw, overrides, spec, metric, run_dir)
+    except KeyboardInterrupt as err:
+        traceback.clear_frames(err.__traceback__)  # the run's frames hold its model and optimizer
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the trial is redone from its start
+        raise _Stop(trial) from None
+
+
+def _train_trial(trial: Any, raw: dict, overrides: list[str], spec: SearchConfig, metric: str,
+                 run_dir: Path) -> float:
     import shutil
 
     import optuna
@@ -204,11 +250,10 @@ def _objective(trial: Any, raw: dict, overrides: list[str], spec: SearchConfig, 
     from lmtune.training.checkpoint import write_text
 
     params = {key: param.suggest(trial, key) for key, param in spec.space.items()}
-    run_dir = folder / "trials" / str(trial.number)
     trial.set_user_attr("run_dir", str(run_dir))
     log.info("search: trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in params.items()))
     started = time.perf_counter()
-    run = _assignments({**params, "eval.metric": metric, "output.dir": str(folder / "trials"),
+    run = _assignments({**params, "eval.metric": metric, "output.dir": str(run_dir.parent),
                         "output.name": str(trial.number), "output.overwrite": True})
     value = pruned = None
     try:
@@ -234,24 +279,83 @@ def _objective(trial: Any, raw: dict, overrides: list[str], spec: SearchConfig, 
     return value
 
 
+def _run_trials(study: Any, objective: Any, spec: SearchConfig, failures: int) -> None:
+    """Run trials until `spec.trials` are finished (complete or pruned) in the study, by this process or others,
+    the time budget is spent, or `failures` trials of this process have failed. While the last trials run in other
+    processes, wait for them: one whose process dies is failed once its heartbeat has been silent for the grace
+    period, its parameters are queued again, and this process runs them."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.trial import TrialState
+
+    deadline = time.monotonic() + spec.timeout_minutes * 60 if spec.timeout_minutes else float("inf")
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    ended: list[Any] = []
+    waited_for = None
+    while failures > 0 and time.monotonic() < deadline:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)  # as Optuna does before each trial; a waiting process must do it too
+        trials = study.get_trials(deepcopy=False, states=(*finished, TrialState.RUNNING))
+        done = sum(t.state in finished for t in trials)
+        running = [t.number for t in trials if t.state == TrialState.RUNNING]
+        if done >= spec.trials:
+            return
+        if done + len(running) >= spec.trials:
+            if running != waited_for:
+                log.info("search: %d of %d trials finished; waiting for trial %s, running elsewhere (redone here "
+                         "if its heartbeat stops for %d s)", done, spec.trials, ", ".join(map(str, running)),
+                         spec.grace_seconds)
+                waited_for = running
+            time.sleep(max(0.0, min(spec.heartbeat_seconds, 10, deadline - time.monotonic())))
+            continue
+        try:
+            study.optimize(objective, n_trials=1, catch=(ConfigError,), callbacks=[lambda _, t: ended.append(t)])
+        except _Stop as stop:
+            if stop.surplus:  # untouched: back in the queue (parameters fixed for it, if any, stay)
+                study._storage.set_trial_state_values(stop.trial_id, TrialState.WAITING)
+                continue
+            frozen = study.tell(stop.number, state=TrialState.FAIL, skip_if_finished=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                # Queued again as a heartbeat-stale trial is (same record of which trial it redoes), but every
+                # time: a Ctrl-C says nothing against the trial.
+                RetryHeartbeatStaleTrialCallback(max_retry=None)(study, frozen)
+            raise SearchInterrupted(stop.number) from None
+        failures -= sum(t.state == TrialState.FAIL for t in ended)
+        ended.clear()
+
+
 def _open_study(name: str, url: str, local: bool, direction: str, spec: SearchConfig, seed: int) -> Any:
     import optuna
+    import sqlalchemy.exc
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    # A trial whose process died (Ctrl-C, kill -9, a lost machine) stays RUNNING in the database. With the
-    # heartbeat, any process of the search marks such a trial FAIL once it has been silent for `grace_period`
-    # seconds, and the retry callback enqueues its parameters again (once): the trial is redone, never
-    # counted as finished.
-    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna, and exactly what we need
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
-        storage = RDBStorage(url, heartbeat_interval=30, grace_period=120, heartbeat_stale_trial_callback=retry,
-                             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+    # A trial whose process died (kill -9, a lost machine) stays RUNNING in the database. With the heartbeat, any
+    # process of the search marks such a trial FAIL once it has been silent for `grace_seconds`, and the retry
+    # callback enqueues its parameters again (once): the trial is redone, never counted as finished. (A Ctrl-C
+    # queues its trial again at once: `_run_trials`.)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials, n_warmup_steps=spec.warmup_evals) \
         if spec.pruner == "median" else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=direction,
-                                pruner=pruner)
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna, and exactly what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+                storage = RDBStorage(url, heartbeat_interval=spec.heartbeat_seconds, grace_period=spec.grace_seconds,
+                                     heartbeat_stale_trial_callback=retry, engine_kwargs={"connect_args": {
+                                         "timeout": 60}} if url.startswith("sqlite") else None)
+            study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=direction,
+                                        pruner=pruner)
+            break
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Processes starting together on an empty database all create Optuna's tables; the losers fail on
+            # "already exists" (optuna#1092) and find them there the next time.
+            if attempt == 4:
+                raise
+            log.info("search: another process is creating the study's tables in %s; trying again", url)
+            time.sleep(0.5 + random.random())
     if study.direction.name.lower() != direction:
         raise ConfigError(f"study {name!r} in {url} was created to {study.direction.name.lower()}; "
                           f"this search asks to {direction}")
@@ -261,8 +365,10 @@ def _open_study(name: str, url: str, local: bool, direction: str, spec: SearchCo
                      frozen.number)
             storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
             retry(study, storage.get_trial(frozen._trial_id))
-    # Seeded by how far the search got, so a resumed search does not replay the first trials' samples.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    # Seeded by how far the search got, so a resumed search does not replay the first trials' samples. Processes
+    # sharing a search (whose order of trials is timing's anyway) take fresh seeds: started together, they would
+    # otherwise sample the same parameters.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials) if local else None)
     return study
 
 
@@ -293,7 +399,8 @@ def search(config: str | Path, overrides: list[str] | None = None, *, space: str
     stem = Path(config).stem
     folder = Path(output or Path(base.output.dir) / (base.output.name or f"{stem}-search"))
     refuse_run_folder(folder, "search")
-    folder.mkdir(parents=True, exist_ok=True)
+    # A search folder is continued, never emptied; several workers may share it (no lock: the study coordinates).
+    claim(folder, "search", resume=True, lock=False)
     url = storage or f"sqlite:///{(folder / 'search.db').resolve()}"
     study = _open_study(stem, url, storage is None, direction, spec,
                         base.train.seed if spec.seed is None else spec.seed)
@@ -303,9 +410,7 @@ def search(config: str | Path, overrides: list[str] | None = None, *, space: str
              max(remaining, 0), spec.trials, url)
     if remaining > 0:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # lmtune logs each trial itself
-        study.optimize(lambda t: _objective(t, raw, overrides, spec, metric, folder), n_trials=remaining,
-                       timeout=spec.timeout_minutes * 60 if spec.timeout_minutes else None, catch=(ConfigError,),
-                       callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=finished)])
+        _run_trials(study, lambda t: _objective(t, raw, overrides, spec, metric, folder), spec, failures=remaining)
     return write_outputs(study, raw, overrides, spec, metric, folder, Path(config))
 
 

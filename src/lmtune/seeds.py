@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,23 +68,18 @@ def _markdown(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> s
     return "\n".join(lines) + "\n"
 
 
-def _parent_dir(cfg: RunConfig, stem: str, resume: bool) -> Path:
+def _parent_dir(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
+    """The several-seed run's folder, created (or taken over) and locked for its life: (folder, lock)."""
+    from lmtune import rundir
+
     root = Path(cfg.output.dir)
     if cfg.output.name:
         parent = root / cfg.output.name
     elif resume:
-        candidates = sorted(p for p in root.glob(f"{stem}-*") if any(p.glob("seed-*")))
-        if not candidates:
-            raise FileNotFoundError(f"--resume: no several-seed run of {stem!r} under {root}/")
-        parent = candidates[-1]
+        parent = rundir.find_run(root, stem, lambda p: any(p.glob("seed-*")))
     else:
-        parent = root / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    if not resume:
-        from lmtune.run import clear_run_dir
-
-        clear_run_dir(parent, cfg.output.overwrite)
-    parent.mkdir(parents=True, exist_ok=True)
-    return parent
+        parent = root / rundir.new_name(stem)
+    return parent, rundir.claim(parent, "seeds", overwrite=cfg.output.overwrite, resume=resume)
 
 
 def train_seeds(cfg: RunConfig, stem: str, resume: bool = False, callbacks: list[Callable] | None = None) -> Any:
@@ -93,10 +87,17 @@ def train_seeds(cfg: RunConfig, stem: str, resume: bool = False, callbacks: list
     seeds.md there. Returns a RunResult whose run_dir is that parent folder and whose metrics are the summary
     (`validation`/`test`: metric -> {mean, std, min, max, n}) plus `runs` (seed -> run directory).
     With `resume`, seeds that finished are read back and an unfinished one continues from its checkpoint."""
-    from lmtune.run import RunResult, train
-    from lmtune.training.checkpoint import write_text
+    parent, lock = _parent_dir(cfg, stem, resume)
+    try:
+        return _train_seeds(cfg, parent, resume, callbacks)
+    finally:
+        lock.release()
 
-    parent = _parent_dir(cfg, stem, resume)
+
+def _train_seeds(cfg: RunConfig, parent: Path, resume: bool, callbacks: list[Callable] | None) -> Any:
+    from lmtune.run import RunResult, train
+    from lmtune.training.checkpoint import has_checkpoint, write_text
+
     write_text(parent / "config.yaml", cfg.to_yaml())
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in cfg.train.seeds or []:
@@ -109,7 +110,7 @@ def train_seeds(cfg: RunConfig, stem: str, resume: bool = False, callbacks: list
             per_seed[seed] = json.loads((child / "metrics.json").read_text(encoding="utf-8"))
             continue
         log.info("seed %d of %s", seed, cfg.train.seeds)
-        per_seed[seed] = train(raw, resume=resume and (child / "checkpoints" / "last").is_dir(),
+        per_seed[seed] = train(raw, resume=resume and has_checkpoint(child),
                                callbacks=callbacks).metrics
     summary = {**summarise(per_seed), "runs": {str(s): str(parent / f"seed-{s}") for s in per_seed}}
     write_text(parent / "seeds.json", json.dumps(summary, indent=2))

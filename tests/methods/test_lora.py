@@ -108,8 +108,14 @@ def test_cli_export(lora_run, tmp_path) -> None:
     assert (lora_run.run_dir / "model" / "adapter_config.json").is_file() and not (lora_run.run_dir / "new").exists()
     assert (notes / "notes.txt").read_text() == "keep me" and data.read_text() == "text,label\n"
     assert (lora_run.run_dir / "metrics.json").is_file()
+    # --overwrite replaces only what an earlier export wrote: the user's own folder stays as it is.
     result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(notes), "--overwrite"])
-    assert result.exit_code == 0 and (notes / "config.json").is_file() and not (notes / "notes.txt").exists()
+    assert result.exit_code != 0 and "not written by `lmtune export`" in " ".join(result.output.split())
+    assert (notes / "notes.txt").read_text() == "keep me" and not (notes / "config.json").exists()
+    (tmp_path / "plain" / "stale.txt").write_text("from the first export")
+    result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(tmp_path / "plain"), "--overwrite"])
+    assert result.exit_code == 0 and not (tmp_path / "plain" / "stale.txt").exists()
+    assert (tmp_path / "plain" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("variant", ["dora", "ia3", "prompt_tuning"])

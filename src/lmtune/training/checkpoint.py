@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("lmtune")
 
 
 @dataclass
@@ -27,6 +31,7 @@ class LoopState:
     stage_done: bool = False
     evals: int = 0            # evaluations so far, all stages together
     last_eval: dict[str, Any] = field(default_factory=dict)  # the latest evaluation's metrics (for callbacks)
+    skipped_steps: int = 0    # optimizer steps skipped: their gradients were not finite
     examples: int = 0         # training examples seen (for throughput)
     tokens: int = 0           # real (non-pad) training tokens seen
     scheduler: dict[str, Any] = field(default_factory=dict)
@@ -34,30 +39,96 @@ class LoopState:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: params, steps, time, memory
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from exactly."""
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written folder into place; the old one is removed only after the swap."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    """Swap a fully written folder into place: its files are flushed to disk first, the old folder is moved aside
+    under a name of its own and removed only after the swap (`recover_dir` mends a crash between the two renames)."""
+    sync_tree(tmp)
+    old = None
     if final.exists():
+        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
     os.replace(tmp, final)
-    if old.exists():
+    _sync_dir(final.parent)
+    if old is not None:
         shutil.rmtree(old)
+
+
+def recover_dir(final: Path, complete: Callable[[Path], bool] = lambda p: (p / "loop_state.json").is_file()) -> None:
+    """Put a checkpoint folder back after a crash inside `replace_dir`: the new one if `final`.tmp was complete,
+    else the old one moved aside; leftovers of finished swaps are removed. (Only for folders inside a run's own.)"""
+    olds = sorted(final.parent.glob(f"{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds += [p for p in [final.with_name(final.name + ".old")] if p.is_dir()]  # an older lmtune's name
+    tmp = final.with_name(final.name + ".tmp")
+    if not final.exists():
+        if tmp.is_dir() and complete(tmp):
+            log.warning("%s: a checkpoint save was cut off between its two renames; the new checkpoint was "
+                        "complete and is used", final)
+            os.replace(tmp, final)
+        elif olds:
+            log.warning("%s: a checkpoint save was cut off; the checkpoint before it is used", final)
+            os.replace(olds.pop(), final)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def has_checkpoint(run_dir: Path, mend: bool = True) -> bool:
+    """Whether `run_dir` holds a checkpoint to resume from; with `mend` (only in a folder this process holds), a
+    save cut off between its renames is mended first, else such a save counts as a checkpoint as it is."""
+    last = Path(run_dir) / "checkpoints" / "last"
+    if not last.parent.is_dir():
+        return False
+    if mend:
+        recover_dir(last)
+        return last.is_dir()
+    return last.is_dir() or (last.with_name("last.tmp") / "loop_state.json").is_file() or \
+        any(last.parent.glob("last.old*"))
+
+
+def sync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders themselves, to disk (a rename must not outrun its data)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(root))
+
+
+def _sync_dir(folder: Path) -> None:
+    if os.name != "posix":  # folders cannot be opened for fsync on Windows
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def replace_file(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, then move the finished file into place."""
+    """Call `write(tmp_path)`, then move the finished (flushed) file into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(accelerator: Any, folder: Path, state: LoopState, extra: Any = None) -> None:
@@ -77,6 +148,34 @@ def save_checkpoint(accelerator: Any, folder: Path, state: LoopState, extra: Any
     accelerator.wait_for_everyone()
 
 
+def load_checkpoint(accelerator: Any, folder: Path) -> None:
+    """Load a checkpoint's model, optimizer and RNG states (Accelerate), every part or none: Accelerate skips a random
+    state it cannot read without a word, and the resumed run would then differ from an uninterrupted one."""
+    from accelerate.utils import load
+
+    rng = folder / "state" / f"random_states_{accelerator.process_index}.pkl"
+    if rng.exists() or accelerator.process_index == 0:
+        try:
+            states = load(rng)
+            missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
+            if missing:
+                raise ValueError(f"it lacks {', '.join(sorted(missing))}")
+        except Exception as err:  # noqa: BLE001 - whatever the reader says, the resume would not be exact
+            raise CheckpointError(f"{rng} cannot be read ({type(err).__name__}: {_first_line(err)}): resuming "
+                                  "would not repeat the uninterrupted run's random draws. The checkpoint is damaged; "
+                                  "train again without --resume (or into another output.name)") from None
+    try:
+        accelerator.load_state(str(folder / "state"))
+    except Exception as err:  # noqa: BLE001 - a missing or damaged part: say which checkpoint
+        raise CheckpointError(f"checkpoint {folder} cannot be loaded ({type(err).__name__}: {_first_line(err)}); "
+                              "it is damaged: train again without --resume") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else "no message"
+
+
 def read_loop_state(folder: Path) -> LoopState:
     return LoopState(**json.loads((folder / "loop_state.json").read_text(encoding="utf-8")))
 
@@ -89,10 +188,7 @@ def save_weights(model: Any, path: Path, names: set[str] | None = None) -> None:
         if (names is None or k in names) and v.data_ptr() not in seen:
             seen.add(v.data_ptr())
             tensors[k] = v.detach().contiguous().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_weights(model: Any, path: Path) -> None:

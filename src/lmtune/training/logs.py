@@ -32,10 +32,12 @@ class MetricsLog:
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, step: int, stage: str, values: dict[str, Any]) -> None:
+        """Log `values` at `step`; a value that is None or not a finite number is left out (never NaN in a log)."""
         if not self.enabled:
             return
+        values = {k: v for k, v in values.items() if v is not None and not _not_finite(v)}
         record = {"step": step, "stage": stage, "time": round(time.time(), 3), **values}
-        self._file.write(json.dumps(record, default=_plain) + "\n")
+        self._file.write(json.dumps(finite_json(record), default=_plain, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in values.items():
@@ -47,6 +49,19 @@ class MetricsLog:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, inf) replaced by None: what JSON can hold."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return None if _not_finite(value) else value
 
 
 def _plain(value: Any) -> Any:

@@ -21,8 +21,9 @@ from transformers import get_scheduler
 
 from lmtune.config import TrainConfig
 from lmtune.training.batching import TrainRows, eval_batches, steps_per_epoch, to_device, train_batches
-from lmtune.training.checkpoint import LoopState, load_weights, read_loop_state, save_checkpoint, save_weights
-from lmtune.training import averaging, compiling, feature_cache, graphs
+from lmtune.training.checkpoint import (LoopState, load_checkpoint, load_weights, read_loop_state, save_checkpoint,
+                                        save_weights)
+from lmtune.training import averaging, compiling, feature_cache, graphs, guard
 from lmtune.training.graphs import StepGraphs, optimizer_mode
 from lmtune.training.losses import window_scales
 from lmtune.training.logs import MetricsLog, logged_lr
@@ -125,8 +126,10 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
 
 
 def _improved(value: float, best: float | None, job: Job, min_delta: float) -> bool:
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
+    if not math.isfinite(value):  # a NaN score is never the best
+        return False
+    if best is None or not math.isfinite(best):
+        return True
     return value > best + min_delta if job.greater_is_better else value < best - min_delta
 
 
@@ -137,13 +140,17 @@ def _evaluate(job: Job, model: Any, state: LoopState, cfg: TrainConfig, accelera
         return False
     metrics = job.evaluate(accelerator.unwrap_model(model))
     logs.write(state.step, stage_name, {f"eval/{k}": v for k, v in metrics.items()})
+    if not math.isfinite(metrics.get("loss", 0.0)):  # NaN outputs: no metric of this model means anything
+        raise guard.diverged(job.run_dir, state.step, "the validation loss is not finite (the model's outputs are "
+                             "NaN/inf)")
     if job.metric not in metrics:  # preflight checked the task's metric_names; a task may still not report one
         from lmtune.config import ConfigError, unknown_metric
 
         raise ConfigError(unknown_metric("eval.metric", job.metric, sorted(metrics), "this task"))
     value = float(metrics[job.metric])
     state.evals += 1
-    state.last_eval = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}  # JSON-safe
+    state.last_eval = {k: float(v) for k, v in metrics.items()  # JSON-safe
+                       if isinstance(v, numbers.Real) and math.isfinite(v)}
     if _improved(value, state.best_metric, job, cfg.early_stopping_min_delta):
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         if cfg.load_best and accelerator.is_main_process:
@@ -176,8 +183,11 @@ class _StageRun:
         self.stage = stage = job.stages[index]
         trainable, total = set_trainable(job.model, stage.trainable)
         no_graphs = graphs.unavailable(cfg, accelerator)
-        optimizer = build_optimizer(job.model, stage, cfg, fused=accelerator.device.type == "cuda",
+        fused = guard.fused_adamw_supported(accelerator.device)
+        optimizer = build_optimizer(job.model, stage, cfg, fused=fused,
                                     capturable=no_graphs is None and accelerator.device.type == "cuda")
+        self.guard = guard.FiniteGuard(optimizer, accelerator.device, "scaler" if accelerator.mixed_precision == "fp16"
+                                       else "device" if fused else "host")
         self.total_steps, self.epochs = _stage_length(stage, cfg, len(job.train_set), accelerator.num_processes)
         self.scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
                                        optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
@@ -192,7 +202,7 @@ class _StageRun:
         self.cache = self._feature_cache()  # after prepare: the model is on its device
         self.compiled = compiling.blocks(accelerator.unwrap_model(self.model)) if cfg.compile and self.cache is None else []
         if resume_from is not None:
-            accelerator.load_state(str(resume_from / "state"))
+            load_checkpoint(accelerator, resume_from)
             self.scheduler.load_state_dict(state.scheduler)
             if self.average is not None:
                 self.average.load(resume_from)
@@ -217,7 +227,6 @@ class _StageRun:
                                             "stage/steps": self.total_steps})
         self.lengths, self.rows, self.mean_targets = train_rows.lengths, train_rows.rows, train_rows.mean_targets
         self.penalty_sum = torch.zeros((), device=accelerator.device)
-        self.running = torch.zeros((), device=accelerator.device)  # loss summed on device: no host sync per step
         self.started = started - state.stage_seconds.get(stage.name, 0.0)
 
     def _feature_cache(self) -> Any:
@@ -291,15 +300,15 @@ class _StageRun:
                 evaluating = end_of_stage or (cfg.eval_every and state.stage_step % cfg.eval_every == 0) \
                     or (cfg.eval_every is None and end_of_epoch)
                 if state.stage_step % cfg.log_every == 0 or evaluating:  # each evaluation has its training loss
-                    loss_value = self.acc.reduce(self.running, "mean").item() / since_log
+                    loss_value = self._check_steps(since_log)
                     values = {"train/loss": loss_value, "lr": logged_lr(self.scheduler, self.optimizer),
                               "epoch": state.epoch + state.batch / len(batches)}
                     if getattr(stage, "penalty", None) is not None:  # its share of train/loss
                         values["train/penalty"] = self.acc.reduce(self.penalty_sum, "mean").item() / since_log
                         self.penalty_sum.zero_()
                     self.logs.write(state.step, stage.name, values)
-                    postfix["loss"] = f"{loss_value:.4f}"
-                    self.running.zero_()
+                    if loss_value is not None:
+                        postfix["loss"] = f"{loss_value:.4f}"
                     since_log = 0
                 if end_of_epoch:
                     state.epoch, state.batch = state.epoch + 1, 0
@@ -348,7 +357,7 @@ class _StageRun:
             self.penalty_sum += value.detach()
             loss = loss + value
         self.acc.backward(loss)
-        self.running += loss.detach()
+        self.guard.add_loss(loss)
 
     def _optimizer_step(self) -> None:
         if self.graphs is not None:
@@ -369,20 +378,41 @@ class _StageRun:
             self.average.update(self.state.stage_step)
 
     def _update(self, _inputs: dict[str, Any]) -> None:
-        if self.cfg.max_grad_norm:
-            if self.acc.distributed_type in SHARDED:  # Accelerate gathers the norm over the shards
-                self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-            else:
-                # Accelerate's clip walks every parameter and probes installed packages at each call, a
-                # visible share of a small model's step; clipping the trainable list directly is the same.
-                self.acc.unscale_gradients()
-                torch.nn.utils.clip_grad_norm_(self.trainable_params, self.cfg.max_grad_norm, foreach=True)
-        self.optimizer.step()
+        norm = None
+        if self.acc.distributed_type in SHARDED:  # Accelerate gathers the norm over the shards
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
+        elif self.cfg.max_grad_norm:
+            # Accelerate's clip walks every parameter and probes installed packages at each call, a
+            # visible share of a small model's step; clipping the trainable list directly is the same.
+            self.acc.unscale_gradients()
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, self.cfg.max_grad_norm, foreach=True)
+        else:
+            self.acc.unscale_gradients()
+            norm = guard.total_norm(self.trainable_params)
+        self.guard.flag(norm)  # a step whose gradients are not finite is skipped (on the device)
+        if not self.guard.skip_on_host():
+            self.optimizer.step()
         # Recorded steps keep the gradient tensors (zeroed in place): a graph adds into the ones it saw.
         self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
+    def _check_steps(self, steps: int) -> float | None:
+        """At a logging step: the mean training loss of the steps taken since the last one (None if none was); warns
+        of skipped steps and stops a run whose last `train.max_skipped_steps` steps were all skipped."""
+        loss, skipped, in_row = self.guard.read(self.acc)
+        if skipped:
+            self.state.skipped_steps += skipped
+            log.warning("%s: %d of the last %d optimizer steps were skipped: their gradients were not finite "
+                        "(NaN/inf)", self.stage.name, skipped, steps)
+        if in_row >= self.cfg.max_skipped_steps:
+            raise guard.diverged(self.job.run_dir, self.state.step, f"the last {in_row} optimizer steps had gradients "
+                                 f"that are not finite (NaN/inf) and were skipped (train.max_skipped_steps="
+                                 f"{self.cfg.max_skipped_steps})")
+        return loss
+
     def _evaluate_and_checkpoint(self) -> bool:
         state = self.state
+        if not guard.weights_finite(self.trainable_params, self.acc):  # never evaluated, selected or checkpointed
+            raise guard.diverged(self.job.run_dir, state.step, "the weights hold values that are not finite (NaN/inf)")
         if self.cache is not None:
             self.cache.current = None
         info, started = state.stages[self.stage.name], time.perf_counter()

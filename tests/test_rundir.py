@@ -1,0 +1,193 @@
+"""Output folders are lmtune's own: names are one path component, overwrite empties only marked folders, a run
+holds its folder's lock for its life, and two runs on one name never share it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import lmtune
+import lmtune.run as run_module
+from lmtune.cli import app
+from lmtune.config import ConfigError, load_config
+from lmtune.rundir import MARKER, FolderError, FolderLock, claim
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "/tmp/x", "a/b", "a\\b", ""])
+def test_a_run_name_is_one_plain_path_component(name: str, tiny_config: dict, tmp_path: Path) -> None:
+    # output.dir holds another run and a folder of the user's beside it: nothing of either may go.
+    root = Path(tiny_config["output"]["dir"])
+    (root / "other-run").mkdir(parents=True)
+    (root / "other-run" / "metrics.json").write_text("{}")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    before = _tree(tmp_path)
+    tiny_config["output"].update(name=name, overwrite=True)
+    with pytest.raises(ConfigError, match="output.name"):
+        lmtune.train(tiny_config)
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_replaces_only_a_folder_lmtune_marked(tiny_config: dict) -> None:
+    tiny_config["train"]["max_steps"] = 1
+    folder = Path(tiny_config["output"]["dir"]) / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work")
+    tiny_config["output"]["overwrite"] = True
+    with pytest.raises(FolderError, match="did not make it"):
+        lmtune.train(tiny_config)
+    assert _tree(folder) == ["thesis.tex"]
+    (folder / "thesis.tex").unlink()  # an empty folder is taken: nothing in it to lose
+    first = lmtune.train(tiny_config)
+    assert (first.run_dir / MARKER).is_file() and json.loads((first.run_dir / MARKER).read_text())["kind"] == "run"
+    (first.run_dir / "note.txt").write_text("written into the run")
+    again = lmtune.train(tiny_config)  # marked: replaced
+    assert again.run_dir == first.run_dir and not (again.run_dir / "note.txt").exists()
+    assert (again.run_dir / "model" / "config.json").is_file()
+
+
+def test_the_working_directory_and_folders_above_it_are_never_output_folders(tmp_path: Path, monkeypatch) -> None:
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "data.csv").write_text("text,label\n")
+    monkeypatch.chdir(work)
+    for folder in (Path("."), Path(".."), work, tmp_path):
+        with pytest.raises(FolderError, match="working directory"):
+            claim(folder, "run", overwrite=True)
+    assert _tree(tmp_path) == ["project", "project/data.csv"]
+
+
+def test_output_dir_that_is_a_file_is_a_one_line_error(tiny_config: dict, tmp_path: Path) -> None:
+    (tmp_path / "runs-file").write_text("not a folder")
+    tiny_config["output"]["dir"] = str(tmp_path / "runs-file")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["train", str(config)])
+    assert result.exit_code == 1
+    assert "is a file, not a folder" in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_a_folder_held_by_a_live_run_is_refused_and_free_once_released(tiny_config: dict) -> None:
+    tiny_config["train"]["max_steps"] = 1
+    folder = Path(tiny_config["output"]["dir"]) / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("started by another process\n")
+    lock = FolderLock(folder)  # what a run in another process holds while it lives
+    lock.note("run")
+    try:
+        with pytest.raises(FolderError, match=rf"in use by another lmtune process \(pid {os.getpid()}"):
+            lmtune.train(tiny_config)
+        assert (folder / "config.yaml").read_text() == "started by another process\n"  # not "stopped": it is held
+    finally:
+        lock.release()
+    # Free now, it holds only a config: a run that stopped before training, replaced without overwrite.
+    result = lmtune.train(tiny_config)
+    assert load_config(result.run_dir / "config.yaml").train.max_steps == 1
+
+
+def test_the_lock_is_released_when_a_run_fails(tiny_config: dict, tmp_path: Path) -> None:
+    tiny_config["data"]["train"] = str(tmp_path / "missing.csv")
+    with pytest.raises(lmtune.data.DataError):
+        lmtune.train(tiny_config)
+    FolderLock(Path(tiny_config["output"]["dir"]) / "tiny").release()  # would raise if still held
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_on_one_name_one_trains_the_other_is_refused(tiny_config: dict,
+                                                                                 tmp_path: Path) -> None:
+    tiny_config["train"].update(epochs=2, eval_every=3)
+    configs = []
+    for seed in (1, 2):
+        tiny_config["train"]["seed"] = seed
+        configs.append(tmp_path / f"seed{seed}.yaml")
+        configs[-1].write_text(yaml.safe_dump(tiny_config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    cli = [sys.executable, "-m", "lmtune.cli", "train"]
+    procs = [subprocess.Popen([*cli, str(c)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in configs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1], outputs
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    said = " ".join(outputs[loser].split())
+    assert "in use by another lmtune process" in said or "exists; choose another output.name" in said, said
+    assert "Traceback" not in outputs[loser]
+    run = Path(tiny_config["output"]["dir"]) / "tiny"
+    assert load_config(run / "config.yaml").train.seed == winner + 1  # the survivor's own config ...
+    metrics = json.loads((run / "metrics.json").read_text())
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "eval/loss" in line]
+    assert steps == sorted(set(steps)) and metrics["steps"] == steps[-1]  # ... its own evaluations, once each
+    assert lmtune.load(run).predict(["great excellent"])[0]["label"] in ("positive", "negative")
+
+
+def test_several_seeds_compare_and_export_keep_to_marked_folders(tiny_config: dict, tmp_path: Path) -> None:
+    from lmtune.compare import compare
+    from lmtune.run import export
+
+    tiny_config["train"]["max_steps"] = 1
+    root = Path(tiny_config["output"]["dir"])
+    users = root / "mine"
+    users.mkdir(parents=True)
+    (users / "keep.txt").write_text("mine")
+    for seeds in (None, [1, 2]):
+        tiny_config["train"]["seeds"] = seeds
+        tiny_config["output"].update(name="mine", overwrite=True)
+        with pytest.raises(FolderError, match="did not make it"):
+            lmtune.train(tiny_config)
+    tiny_config["train"]["seeds"] = None
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    with pytest.raises(FolderError, match="did not make it"):
+        compare(config, [("head", {})], output=users)
+    assert _tree(users) == ["keep.txt"]
+
+    tiny_config["output"].update(name="tiny", overwrite=False)
+    run = lmtune.train(tiny_config).run_dir
+    with pytest.raises(FolderError, match="not written by `lmtune export`"):
+        export(run, users, overwrite=True)
+    assert _tree(users) == ["keep.txt"]
+    with pytest.raises(FolderError, match="working directory"):
+        export(run, Path.cwd(), overwrite=True)
+    out = tmp_path / "exported"
+    export(run, out)
+    (out / "stale.txt").write_text("from before")
+    export(run, out, overwrite=True)  # an earlier export: replaced
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert not list(tmp_path.glob(".exported*")) and not list(tmp_path.glob("exported.*"))  # no leftovers
+
+
+def test_a_run_interrupted_by_ctrl_c_says_how_to_resume(tiny_config: dict, tmp_path: Path, monkeypatch) -> None:
+    from lmtune.run import RunInterrupted
+
+    tiny_config["train"].update(eval_every=3)
+
+    def ctrl_c(state) -> None:
+        if state.step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted, match=r"last checkpoint \(step 3\) is kept: .* with --resume continues it"):
+        lmtune.train(tiny_config, callbacks=[ctrl_c])
+    config = tmp_path / "run.yaml"
+    tiny_config["output"]["name"] = "cli"
+    config.write_text(yaml.safe_dump(tiny_config))
+    real = run_module.train
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: real(*a, **k, callbacks=[ctrl_c]))
+    result = CliRunner().invoke(app, ["train", str(config)])
+    assert result.exit_code == 130
+    text = " ".join(result.output.split())
+    assert "interrupted; run directory" in text and "--resume continues it" in text and "Traceback" not in text
+    monkeypatch.setattr(run_module, "train", real)
+    assert lmtune.train(tiny_config, resume=True).metrics["steps"] > 4
