@@ -22,8 +22,8 @@ import lmtune
 def untuned_perplexity(cfg: Any) -> float:
     """Perplexity of the pretrained model on the test split, measured as the run measures it after training."""
     from lmtune import models
-    from lmtune.registry import TASKS
-    from lmtune.run import make_accelerator
+    from lmtune.tasks import TASKS
+    from lmtune.session import make_accelerator
     from lmtune.tasks.lm_common import text_perplexity
 
     task = TASKS[cfg.task.name](cfg.task, cfg.data)

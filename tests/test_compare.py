@@ -39,7 +39,7 @@ def test_compare_methods_and_seeds(tiny_config, tmp_path) -> None:
 def test_method_specs_with_options() -> None:
     import pytest
 
-    from lmtune.compare import parse_methods
+    from lmtune.studies.compare import parse_methods
 
     assert parse_methods("full, lora(lr=5e-4 r=16),bitfit(lr=1e-3)") == [
         ("full", {}), ("lora", {"lr": 5e-4, "r": 16}), ("bitfit", {"lr": 1e-3})]
@@ -95,7 +95,7 @@ def test_setup_problems_stop_compare_before_any_run(tiny_config, tmp_path) -> No
 def test_chart_has_a_memory_panel_only_where_memory_was_measured(tmp_path) -> None:
     import struct
 
-    from lmtune.compare import plot_comparison
+    from lmtune.studies.compare import plot_comparison
 
     rows = [{"method": name, "seeds": 1, "split": "test", "metric_mean": acc, "metric_std": 0.0,
              "trainable_params": params, "total_params": 1000, "train_seconds_mean": 3.0, "peak_memory_mb": memory}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmtune.config import ConfigError, apply_overrides, load_config
+from lmtune.config import ConfigError, load_config
+from lmtune.config_read import apply_overrides
 
 BASE = {"data": {"train": "train.csv"}}
 
@@ -143,9 +144,9 @@ import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 from typer.testing import CliRunner
 from lmtune.cli import app
-import datasets, lmtune.preflight, lmtune.search, optuna, rich.logging, transformers  # what the commands import
-from lmtune.registry import load_builtins
-load_builtins()
+import datasets, lmtune.preflight, lmtune.studies.search, optuna, rich.logging, transformers  # what the commands import
+import lmtune.methods  # noqa: E402,F401  (registers the built-in methods and tasks)
+import lmtune.tasks  # noqa: E402,F401
 for args in json.loads(sys.argv[1]):
     started = time.perf_counter()
     result = CliRunner().invoke(app, args)

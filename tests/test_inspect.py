@@ -59,7 +59,7 @@ def test_profile_of_ner_and_pairs(tiny_model_dir) -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from lmtune.inspect_data import profile
+    from lmtune.studies.inspect import profile
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ner = datasets.Dataset.from_dict({"tokens": [["good", "film"], ["bad", "films", "."]],
@@ -78,7 +78,7 @@ def test_profile_of_chats_counts_every_turn(tiny_model_dir) -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from lmtune.inspect_data import profile, segments
+    from lmtune.studies.inspect import profile, segments
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     chats = datasets.Dataset.from_dict({
@@ -93,7 +93,7 @@ def test_profile_of_chats_counts_every_turn(tiny_model_dir) -> None:
 @pytest.mark.parametrize("task", ["causal_lm", "instruct"])
 def test_replay_documents_are_a_split_of_their_own(task, tiny_decoder_dir, tmp_path) -> None:
     from lmtune.config import load_config
-    from lmtune.inspect_data import load_data
+    from lmtune.studies.inspect import load_data
 
     (tmp_path / "general.txt").write_text("".join(f"general text number {i}\n" for i in range(5)))
     if task == "causal_lm":

@@ -140,13 +140,13 @@ def test_a_method_registered_elsewhere_is_left_to_train(tiny_config: dict, monke
     from pydantic import BaseModel
 
     from lmtune.config import load_config
-    from lmtune.methods import METHODS, ParamGroup, Stage
+    from lmtune.methods import METHODS, Method, ParamGroup, Stage
     from lmtune.preflight import check_setup
 
     class LargestOptions(BaseModel):
         name: Literal["largest"] = "largest"
 
-    class Largest:  # trains the matrix of the largest mean magnitude: needs the loaded values
+    class Largest(Method):  # trains the matrix of the largest mean magnitude: needs the loaded values
         Options = LargestOptions
 
         @staticmethod

@@ -325,7 +325,7 @@ def test_a_run_that_failed_on_its_data_does_not_block_the_next(tiny_config, tmp_
 
 
 def test_seed_summary_covers_generation_scores_and_forgetting() -> None:
-    from lmtune.seeds import summarise
+    from lmtune.studies.seeds import summarise
 
     per_seed = {seed: {"test": {"perplexity": 10.0 + seed, "generation": {"accuracy": 0.5 + seed / 10},
                                 "per_class": {"neg": {"f1": 0.5}}},
@@ -392,7 +392,7 @@ def test_evaluation_batches_are_sized_by_the_width_the_collate_pads_to(tiny_conf
     from transformers import AutoTokenizer
 
     from lmtune.registry import TASKS
-    from lmtune.run import Session
+    from lmtune.session import Session
     from lmtune.training.batching import eval_batches
 
     tiny_config["model"]["max_length"] = 60

@@ -134,8 +134,8 @@ def test_two_runs_started_together_on_one_name_one_trains_the_other_is_refused(t
 
 
 def test_several_seeds_compare_and_export_keep_to_marked_folders(tiny_config: dict, tmp_path: Path) -> None:
-    from lmtune.compare import compare
-    from lmtune.run import export
+    from lmtune.studies.compare import compare
+    from lmtune.predict import export
 
     tiny_config["train"]["max_steps"] = 1
     root = Path(tiny_config["output"]["dir"])
@@ -170,7 +170,7 @@ def test_several_seeds_compare_and_export_keep_to_marked_folders(tiny_config: di
 
 
 def test_a_run_interrupted_by_ctrl_c_says_how_to_resume(tiny_config: dict, tmp_path: Path, monkeypatch) -> None:
-    from lmtune.run import RunInterrupted
+    from lmtune.rundir import RunInterrupted
 
     tiny_config["train"].update(eval_every=3)
 
@@ -191,3 +191,43 @@ def test_a_run_interrupted_by_ctrl_c_says_how_to_resume(tiny_config: dict, tmp_p
     assert "interrupted; run directory" in text and "--resume continues it" in text and "Traceback" not in text
     monkeypatch.setattr(run_module, "train", real)
     assert lmtune.train(tiny_config, resume=True).metrics["steps"] > 4
+
+
+def test_a_marker_that_is_a_link_or_a_folder_marks_nothing(tmp_path: Path) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's data")
+    linked = tmp_path / "out" / "linked"
+    linked.mkdir(parents=True)
+    (linked / MARKER).symlink_to(precious)  # a run folder handed over with a link for a marker
+    (linked / "config.yaml").write_text("x: 1\n")
+    nested = tmp_path / "out" / "nested"
+    (nested / MARKER).mkdir(parents=True)
+    for folder in (linked, nested):
+        with pytest.raises(FolderError):
+            claim(folder, "run", overwrite=True)
+    assert precious.read_text() == "the user's data" and (linked / "config.yaml").is_file()
+
+
+def test_eval_of_a_run_whose_outputs_are_nan_is_refused_and_writes_no_nan(tiny_config: dict, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lmtune.errors import DivergedError
+
+    tiny_config["train"]["max_steps"] = 1
+    run = lmtune.train(tiny_config).run_dir
+    weights = run / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: torch.full_like(v, float("nan")) if "classifier" in k else v for k, v in tensors.items()},
+              str(weights), metadata={"format": "pt"})
+    test_file = load_config(run / "config.yaml").data.test
+    with pytest.raises(DivergedError, match="not finite"):
+        lmtune.evaluate(run, test_file)
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", test_file, "-o", str(out)])
+    assert result.exit_code == 1 and "not finite" in result.output and not out.exists()
+    preds = lmtune.load(run).predict(["great film"])
+    assert "error" in preds[0] and "score" not in preds[0]
+    shutil.rmtree(run)

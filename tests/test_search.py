@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from lmtune.cli import app
 from lmtune.config import ConfigError, load_config
-from lmtune.search import read_search, search
+from lmtune.studies.search import read_search, search
 
 SPACE = {"metric": "accuracy", "trials": 2, "pruner": "median", "startup_trials": 1, "seed": 0,
          "space": {"train.lr": {"type": "float", "low": 1e-8, "high": 5e-3, "log": True},
@@ -41,7 +41,7 @@ def _count_live_models(monkeypatch) -> list[int]:
     import weakref
 
     from lmtune import models
-    from lmtune import search as search_module
+    from lmtune.studies import trials as search_module
 
     refs, alive = [], []
     load_model, release = models.load_model, search_module._release_memory
@@ -155,7 +155,7 @@ def test_search_refuses_a_training_runs_folder(tiny_config, tmp_path) -> None:
 def test_importances_are_fanova_shares_and_a_flat_study_gets_none(tmp_path) -> None:
     import optuna
 
-    from lmtune.search_report import plot_importances
+    from lmtune.studies.report import plot_importances
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
@@ -169,7 +169,7 @@ def test_importances_are_fanova_shares_and_a_flat_study_gets_none(tmp_path) -> N
 def test_ctrl_c_in_a_trial_exits_130_and_the_next_search_redoes_it(tiny_config, tmp_path, monkeypatch) -> None:
     import optuna
 
-    from lmtune import search as search_module
+    from lmtune.studies import trials as search_module
 
     config = write_config(tiny_config, tmp_path, trials=1, pruner="none")
     folder = tmp_path / "search"
@@ -204,8 +204,8 @@ def test_a_trial_started_past_the_count_at_the_same_moment_as_anothers_is_handed
 
     import optuna
 
-    from lmtune import search as search_module
-    from lmtune.search import SearchConfig
+    from lmtune.studies import trials as search_module
+    from lmtune.studies.search import SearchConfig
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -346,3 +346,52 @@ def test_two_processes_share_a_postgresql_search_and_redo_a_killed_ones_trial(ti
     assert Path(redo[0].user_attrs["run_dir"]).parent.parent == b_dir  # run by the surviving process
     log = (b_dir.parent / "worker-b.log").read_text()
     assert "Traceback" not in log and (b_dir / "trials.csv").is_file()
+
+
+def test_a_diverging_trial_fails_and_the_search_goes_on(tiny_config, tmp_path, monkeypatch) -> None:
+    from lmtune.errors import DivergedError
+    from lmtune.run import RunResult
+
+    calls = []
+
+    def fake_train(raw, overrides, callbacks=None):
+        calls.append(overrides)
+        if len(calls) == 1:
+            raise DivergedError("training diverged at step 3: the validation loss is not finite")
+        return RunResult(tmp_path, {"validation": {"accuracy": 0.5 + len(calls) / 10}})
+
+    monkeypatch.setattr("lmtune.run.train", fake_train)
+    result = search(write_config(tiny_config, tmp_path), output=tmp_path / "s")
+    assert [r["state"] for r in result.rows] == ["fail", "complete", "complete"]  # two finished, as asked
+    assert result.best is not None and (tmp_path / "s" / "best.yaml").is_file()
+
+
+def test_a_search_with_its_own_database_locks_its_folder(tiny_config, tmp_path) -> None:
+    from lmtune.errors import FolderError
+    from lmtune.rundir import FolderLock
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    lock = FolderLock(folder)  # another `lmtune search` on the same folder and its own search.db
+    try:
+        with pytest.raises(FolderError, match="in use by another lmtune process"):
+            search(write_config(tiny_config, tmp_path), output=folder)
+    finally:
+        lock.release()
+
+
+def test_a_trial_left_running_without_a_heartbeat_is_redone(tiny_config, tmp_path, monkeypatch) -> None:
+    import optuna
+
+    from lmtune.run import RunResult
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = optuna.create_study(study_name="sst", storage=url, direction="maximize")
+    study._storage.create_new_trial(study._study_id)  # its process died inside ask(): RUNNING, no heartbeat
+    time.sleep(2.2)  # older than the grace period
+    monkeypatch.setattr("lmtune.run.train", lambda *a, **k: RunResult(tmp_path, {"validation": {"accuracy": 0.5}}))
+    config = write_config(tiny_config, tmp_path, trials=1, heartbeat_seconds=1, grace_seconds=2, timeout_minutes=1)
+    started = time.monotonic()
+    result = search(config, output=tmp_path / "s", storage=url)
+    assert time.monotonic() - started < 30  # not waiting on it for the whole time budget
+    assert [r["state"] for r in result.rows] == ["fail", "complete"]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from helpers import FIXTURES, FILLER, NEGATIVE, POSITIVE
 from lmtune.cli import app
-from lmtune.select import rank, select
+from lmtune.studies.select import rank, select
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

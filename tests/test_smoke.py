@@ -12,9 +12,9 @@ import lmtune
 from helpers import make_sentiment_rows, write_csv
 from lmtune.config import ConfigError, load_config
 from lmtune.preflight import check_setup
-from lmtune.registry import METHODS, TASKS, load_builtins
+from lmtune.methods import METHODS  # importing the packages registers the built-in ones
+from lmtune.tasks import TASKS
 
-load_builtins()
 
 
 def classification_data(tmp_path: Path) -> tuple[dict, list]:

@@ -51,14 +51,9 @@ def _fail(err: Exception) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from lmtune.config import ConfigError
-    from lmtune.data import DataError
-    from lmtune.models import ModelError
-    from lmtune.training.checkpoint import CheckpointError
-    from lmtune.training.guard import DivergedError
+    from lmtune.errors import USER_ERRORS
 
-    return (ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError, ValueError, DivergedError,
-            CheckpointError)
+    return USER_ERRORS
 
 
 # A run folder is data: what its model may do on loading is the caller's to allow, never its config's.
@@ -98,17 +93,20 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Fine-tune a model as the config says; writes a run directory."""
     _setup_logging(verbose)
+    from lmtune import run
     from lmtune.config import load_config
-    from lmtune.run import train as run_train
-    from lmtune.seeds import parse_seeds
+    from lmtune.studies.seeds import parse_seeds, train_seeds
 
     try:
         if seeds:
             overrides = [*(overrides or []), f"train.seeds={json.dumps(parse_seeds(seeds))}"]
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides)  # parsed once, printed, then trained as it is
         console.rule("resolved config")
         console.print(cfg.to_yaml(), highlight=False, markup=False)
-        result = run_train(config, overrides, resume=resume)
+        if cfg.train.seeds:
+            result = train_seeds(cfg, config.stem, resume=resume)
+        else:
+            result = run.train(cfg, resume=resume, stem=config.stem)
     except _user_errors() as err:
         _fail(err)
     except KeyboardInterrupt as err:
@@ -156,53 +154,6 @@ def validate(config: Path = typer.Argument(..., help="Run config (YAML)."),
     console.print("[green]config and data are valid[/]")
 
 
-def _read_inputs(path: str, column: str = "text") -> list[Any]:
-    """Inputs for predict: JSONL/JSON/CSV/TSV rows (dicts), or plain text lines (file or stdin), every line one
-    input, blank ones too (the final line end makes no line)."""
-    if path == "-" or Path(path).suffix in (".txt", ""):
-        stdin = getattr(sys.stdin, "buffer", None) if path == "-" else None
-        data = Path(path).read_bytes() if path != "-" else stdin.read() if stdin is not None else sys.stdin.read()
-        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
-        # Universal newlines (\r\n and \r end a line, as \n does: no \r is left on a text), on stdin as in a file;
-        # not splitlines(): U+2028, form feeds ... end no line.
-        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        return lines[:-1] if lines[-1] == "" else lines
-    from lmtune.data import read_table
-
-    file = Path(path)
-    ds = read_table(file)  # fields other rows of the file have and this one lacks (None) are left out
-    # Every CSV row has every column: an empty text field is empty text (an error record), not a missing field.
-    kept = column if file.name.lower().removesuffix(".gz").endswith((".csv", ".tsv")) else None
-    return [{k: "" if v is None else v for k, v in row.items() if k != "_row" and (v is not None or k == kept)}
-            for row in ds]
-
-
-def _write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> None:
-    """Each input row with its prediction's fields; a field the input has already (a gold `label` column, say) keeps
-    the input's value and the prediction's is written as `predicted_<field>`."""
-    rows, clashes = [], set()
-    for given, pred in zip(inputs, preds):
-        row = dict(given) if isinstance(given, dict) else {"text": given}
-        clashes.update(k for k in pred if k in row)
-        rows.append({**row, **{f"predicted_{k}" if k in row else k: v for k, v in pred.items()}})
-    if clashes := sorted(clashes):
-        console.print(f"[yellow]the input has columns named like prediction fields ({', '.join(clashes)}): "
-                      f"predictions written as {', '.join('predicted_' + k for k in clashes)}[/yellow]")
-    if path == "-":
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
-        return
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    if file.suffix in (".csv", ".tsv"):
-        import pandas as pd
-
-        flat = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows]
-        pd.DataFrame(flat).to_csv(file, index=False, sep="\t" if file.suffix == ".tsv" else ",")
-    else:
-        file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 @app.command()
 def predict(run: Path = typer.Argument(..., help="Run directory."),
             input: str = typer.Option("-", "--input", "-i", help="JSONL/CSV/TSV/JSON file, text lines, or - for stdin."),
@@ -212,40 +163,19 @@ def predict(run: Path = typer.Argument(..., help="Run directory."),
             trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
     """Predict with a trained run for every input row."""
     _setup_logging()
-    from lmtune.data import DataError
-    from lmtune.run import load
+    from lmtune.predict import load, predict_rows, read_inputs, write_outputs
 
     try:
         predictor = load(run, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        column = text_column or predictor.session.cfg.data.text_column
-        pair = predictor.session.cfg.data.text_pair_column
-        inputs = _read_inputs(input, column)
-        if text_column:  # asked for by name: a row without it is an error naming it, not a missing `text`
-            for row, record in enumerate(inputs, 1):
-                if isinstance(record, dict) and text_column not in record:
-                    raise DataError(str(input), f"no {text_column!r} field (--text-column); fields found: "
-                                    f"{', '.join(record) or 'none'}", row=row)
-        # A row without the text goes to the task as it is: NER takes pre-tokenized {"tokens": [...]} rows (with
-        # the text beside them: kept).
-        records = [{**i, "text": i[column], **({"text_pair": i.get(pair)} if pair else {})}
-                   if isinstance(i, dict) and column in i else i for i in inputs]
-        # An empty or blank text gets an error record in its place (every input its own output line, in order); the
-        # others are predicted together, a problem with one of them named by its input row.
-        texts = [r.get("text") if isinstance(r, dict) and "tokens" not in r else r for r in records]
-        empty = [isinstance(text, str) and not text.strip() for text in texts]
-        rows = [i for i, e in enumerate(empty, 1) if not e]  # the input row of each record predicted
-        try:
-            found = iter(predictor.predict([records[i - 1] for i in rows]) if rows else [])
-        except DataError as err:
-            if err.row is None or not 0 < err.row <= len(rows):
-                raise
-            raise DataError(err.path, err.message, row=rows[err.row - 1], field=err.field, unit=err.unit) from None
-        preds = [{"error": "empty text: nothing to predict"} if e else next(found) for e in empty]
+        inputs = read_inputs(input, text_column or predictor.session.cfg.data.text_column)
+        preds, empty = predict_rows(predictor, inputs, input, text_column)
     except (*_user_errors(), KeyError) as err:
         _fail(err)
-    _write_outputs(output, inputs, preds)
-    if any(empty):
-        console.print(f"{sum(empty)} of {len(preds)} inputs have empty text: an error record each, in their place")
+    if clashes := write_outputs(output, inputs, preds):
+        console.print(f"[yellow]the input has columns named like prediction fields ({', '.join(clashes)}): "
+                      f"predictions written as {', '.join('predicted_' + k for k in clashes)}[/yellow]")
+    if empty:
+        console.print(f"{empty} of {len(preds)} inputs have empty text: an error record each, in their place")
     if output != "-":
         console.print(f"{len(preds)} predictions written to {output}")
 
@@ -259,7 +189,7 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
              trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
     """Score a trained run on a labelled file."""
     _setup_logging()
-    from lmtune.run import evaluate as run_evaluate
+    from lmtune.predict import evaluate as run_evaluate
 
     try:
         metrics = run_evaluate(run, data, "skip" if skip_bad_rows else None, trust_remote_code=trust_remote_code,
@@ -269,7 +199,9 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
     console.print(_metrics_table(f"{data} ({metrics['rows']} rows)", metrics))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        from lmtune.training.logs import finite_json
+
+        output.write_text(json.dumps(finite_json(metrics), indent=2, allow_nan=False), encoding="utf-8")
 
 
 @app.command()
@@ -283,10 +215,10 @@ def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for runs and tables.")) -> None:
     """Run one config under several methods (and seeds); write a table (Markdown, CSV) and a chart."""
     _setup_logging()
-    from lmtune.compare import compare as run_compare
-    from lmtune.compare import parse_methods
+    from lmtune.studies.compare import compare as run_compare
+    from lmtune.studies.compare import parse_methods
 
-    from lmtune.seeds import parse_seeds
+    from lmtune.studies.seeds import parse_seeds
 
     try:
         folder = run_compare(config, parse_methods(methods), parse_seeds(seeds) if seeds else None, overrides,
@@ -305,7 +237,7 @@ def inspect_data(config: Path = typer.Argument(..., help="Run config (YAML)."),
                  ) -> None:
     """Profile the data against the model's tokenizer: lengths, truncation, unknown tokens, labels, duplicates."""
     _setup_logging()
-    from lmtune.inspect_data import inspect, tables
+    from lmtune.studies.inspect import inspect, tables
 
     try:
         folder, result = inspect(config, overrides, output)
@@ -329,7 +261,7 @@ def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the
                  ) -> None:
     """Rank candidate pretrained models for the task and data: tokenizer fit, linear probe, perplexity, cost."""
     _setup_logging()
-    from lmtune.select import select, table
+    from lmtune.studies.select import select, table
 
     names = [c.strip() for c in candidates.split(",") if c.strip()]
     try:
@@ -342,7 +274,7 @@ def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the
     if then_train:
         if result.winner is None:
             _fail(ValueError("--then-train: no candidate could be assessed, nothing to train"))
-        from lmtune.run import train as run_train
+        from lmtune import train as run_train
 
         try:
             trained = run_train(config, [*(overrides or []), f"model.name={result.winner}"])
@@ -369,7 +301,7 @@ def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `se
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Search hyperparameters with Optuna; re-running the same command resumes the search."""
     _setup_logging(verbose)
-    from lmtune.search import search as run_search
+    from lmtune.studies.search import search as run_search
 
     try:
         result = run_search(config, overrides, space=space, trials=trials, timeout_minutes=timeout_minutes,
@@ -378,26 +310,11 @@ def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `se
         _fail(err)
     except KeyboardInterrupt as err:  # Ctrl-C: one line saying which trial runs again, no traceback
         _interrupted(err)
-    params = [k for k in result.rows[0] if "." in k] if result.rows else []
-    table = Table(title=f"trials (validation {result.metric}, {result.direction})")
-    for column in ("trial", "state", *params, result.metric, "seconds"):
-        table.add_column(column, justify="left" if column == "state" else "right")
-    for r in result.rows:
-        value = r["value"] if r["state"] == "complete" else r["last_reported"]
-        table.add_row(str(r["number"]), r["state"], *(_short(r.get(p)) for p in params), _short(value),
-                      _short(r["seconds"]))
-    console.print(table)
-    if result.best is None:
-        console.print("no trial completed yet")
-    else:
-        chosen = ", ".join(f"{p}={_short(result.best[p])}" for p in params)
-        console.print(f"best: trial {result.best['number']}, {result.metric} {result.best['value']:.4f} ({chosen}); "
-                      f"config: [bold]{result.folder / 'best.yaml'}[/]")
+    from lmtune.studies.report import console_summary, console_table
+
+    console.print(console_table(result))
+    console.print(console_summary(result), highlight=False)
     console.print(f"trials table, plots and runs in {result.folder}")
-
-
-def _short(value: Any) -> str:
-    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command("export")
@@ -410,7 +327,7 @@ def export_model(run: Path = typer.Argument(..., help="Run directory."),
                  trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
     """Write a run's model as a plain Hugging Face folder (adapters merged)."""
     _setup_logging()
-    from lmtune.run import export
+    from lmtune.predict import export
 
     try:
         folder = export(run, output, merge=merge, overwrite=overwrite, trust_remote_code=trust_remote_code,
@@ -425,9 +342,9 @@ def list_things(fields: bool = typer.Option(False, "--fields", help="Also list e
     """List tasks, methods, built-in models and example configs."""
     from lmtune.config import SECTIONS
     from lmtune.models import BUILTIN_MODELS
-    from lmtune.registry import METHODS, TASKS, load_builtins
+    from lmtune.methods import METHODS
+    from lmtune.tasks import TASKS
 
-    load_builtins()
     table = Table(title="lmtune")
     table.add_column("kind")
     table.add_column("name")
@@ -444,18 +361,22 @@ def list_things(fields: bool = typer.Option(False, "--fields", help="Also list e
         from rich.markup import escape
 
         from lmtune.config import ReplayConfig
-        from lmtune.search import ParamSpace, SearchConfig
+        from lmtune.studies.search import ParamSpace, SearchConfig
 
-        sections = {**SECTIONS, "data.replay": ReplayConfig, **{f"task ({n})": o.Options for n, o in TASKS.items()},
-                    **{f"method ({n})": o.Options for n, o in METHODS.items()},
-                    "search (lmtune search)": SearchConfig, "search.space.<field>": ParamSpace}
-        for section, model in sections.items():
-            t = Table(title=section)
+        # (title, the prefix a field takes in an override, its model): fields as users write them, `train.lr`
+        sections = [*((name, name, model) for name, model in SECTIONS.items()),
+                    ("data.replay", "data.replay", ReplayConfig),
+                    *((f"task: {n}", "task", o.Options) for n, o in TASKS.items()),
+                    *((f"method: {n}", "method", o.Options) for n, o in METHODS.items()),
+                    ("search (lmtune search)", "search", SearchConfig),
+                    ("search.space.<field>", "search.space.<field>", ParamSpace)]
+        for title, prefix, model in sections:
+            t = Table(title=title)
             for column in ("field", "default", "description"):
                 t.add_column(column)
             for name, field in model.model_fields.items():
                 default = "(required)" if field.is_required() else repr(field.default)
-                t.add_row(name, escape(default), escape(field.description or ""))  # "[low, high]" is no markup
+                t.add_row(escape(f"{prefix}.{name}"), escape(default), escape(field.description or ""))  # "[a, b]"
             console.print(t)
 
 

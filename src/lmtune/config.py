@@ -2,125 +2,24 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
-import reprlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
 
-from lmtune.registry import METHODS, TASKS, load_builtins
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the config."""
+from lmtune.config_read import (ALIASES, _alias_growth_problem, _clip, _closest, _format_errors, alias_growth_exceeds,
+                                override, read_yaml, shown)
+from lmtune.errors import ConfigError
+from lmtune.registry import METHODS, TASKS
 
 
 def _report(problems: list[str]) -> None:
     """A section's own checks raise once with all their problems (shown as separate lines of the config error)."""
     if problems:
         raise ValueError("\n  - ".join(problems))
-
-
-_SHOWN = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
-_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 60, 60, 40
-_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfrozenset = 6
-
-
-def shown(value: Any) -> str:
-    """A config value as a message shows it: its repr cut to a few items, levels and characters (a value can be
-    huge: a long list, a YAML alias bomb)."""
-    try:
-        text = _SHOWN.repr(value)
-    except Exception:  # an int too long to print, a broken __repr__
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    """A message part that holds user text (a key, a YAML error) cut to `limit` characters."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-# How many values YAML aliases (`*name`) may add to a document once written out: an alias bomb (nine anchors, each
-# nine of the one before) stays a few hundred bytes and a few dozen objects, and expands to 9**9 values that a message
-# or pydantic would walk. A text of 100 characters or more counts one value per 100 characters.
-MAX_ALIAS_GROWTH = 100_000
-_CONTAINERS = (dict, list, tuple, set, frozenset)
-
-
-def alias_growth_exceeds(value: Any, limit: int = MAX_ALIAS_GROWTH) -> bool:
-    """Whether the parts of `value` (a loaded YAML document, or a dict) that occur more than once add over `limit`
-    values when written out, or a part contains itself. Each distinct part is walked once (its written-out size
-    computed from its children's): nothing is expanded."""
-    sizes: dict[int, int] = {}  # id of a container -> its size written out
-    open_: set[int] = set()  # containers on the current path: one met again there contains itself
-    texts: set[int] = set()  # long texts met already
-    literal = 0  # the size of the document as written, each repeated part counting once
-
-    def weight(item: Any) -> int:
-        return 1 + len(item) // 100 if isinstance(item, (str, bytes)) else 1
-
-    def children(item: Any) -> Any:
-        return [*item.keys(), *item.values()] if isinstance(item, dict) else item
-
-    if not isinstance(value, _CONTAINERS):
-        return False
-    stack: list[tuple[Any, bool]] = [(value, False)]
-    while stack:
-        item, done = stack.pop()
-        if not done:
-            if id(item) in sizes:
-                continue
-            if id(item) in open_:
-                return True
-            open_.add(id(item))
-            stack.append((item, True))
-            for child in children(item):
-                if isinstance(child, _CONTAINERS) and id(child) not in sizes:
-                    if id(child) in open_:
-                        return True
-                    stack.append((child, False))
-            continue
-        open_.discard(id(item))
-        size = written = 1
-        for child in children(item):
-            if isinstance(child, _CONTAINERS):
-                size += sizes[id(child)]
-            else:
-                size += weight(child)
-                long_text = isinstance(child, (str, bytes)) and len(child) >= 100
-                written += 1 if long_text and id(child) in texts else weight(child)
-                if long_text:
-                    texts.add(id(child))
-        sizes[id(item)] = size
-        literal += written
-    return sizes[id(value)] - literal > limit
-
-
-def _alias_growth_problem(parts: str = "its YAML aliases (*name)") -> str:
-    return (f"{parts} expand to more than {MAX_ALIAS_GROWTH:,} values (an alias bomb, or an anchor that contains "
-            "itself); refused: write the values out")
-
-
-def read_yaml(path: Path) -> Any:
-    """A YAML file's document; a file that is not YAML, or whose aliases expand past MAX_ALIAS_GROWTH values, is a
-    ConfigError naming it."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start + 1})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {_clip(str(err), 600)}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
-    except ValueError as err:  # a value YAML reads but Python cannot hold: a 5,000-digit integer, month 13
-        raise ConfigError(f"{path}: not valid YAML: {_clip(str(err))}") from None
-    if alias_growth_exceeds(data):
-        raise ConfigError(f"{path}: {_alias_growth_problem()}")
-    return data
 
 
 class Section(BaseModel):
@@ -255,8 +154,8 @@ class TrainConfig(Section):
     seeds: list[int] | None = None
     """Train once per seed (each run sets `seed`) and report mean, std, min and max of every metric."""
     label_smoothing: float = 0.0
-    """Share of the target probability spread over all classes in the training loss (cross-entropy tasks).
-    SST-2 (five seeds, with ema_decay 0.9995, lr 1e-4): 0.1 took full fine-tuning from 89.5 to 89.6 dev accuracy."""
+    """Share of the target probability spread over all classes in the training loss (cross-entropy tasks); 0.1 is
+    the usual choice (measured: benchmarks/RESULTS.md)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster), order still shuffled."""
     loss_normalization: Literal["batch", "dataset"] = "batch"
@@ -267,7 +166,7 @@ class TrainConfig(Section):
     pad_to_multiple_of: int | None = None
     """Pad each batch to a multiple of this many tokens (tensor-core friendly). Default: 8 on a CPU; on a GPU
     the max length / 8, rounded up to a multiple of 8 (at most 8 batch widths: each new width costs an eager
-    step and a CUDA-graph recording; SQuAD at 384 tokens trained in 10.6 s with widths of 64 vs 19.2 s with 8)."""
+    step and a CUDA-graph recording; measured: benchmarks/RESULTS.md)."""
     eval_every: int | None = None
     """Evaluate (and checkpoint) every N optimizer steps; null = at the end of every epoch."""
     log_every: int = 10
@@ -282,8 +181,7 @@ class TrainConfig(Section):
     model is the last average); validation losses are then the average's, training losses the weights'. Up to step
     decay / (1 - decay) it is a plain mean of the stage's weights so far, early ones included: pick a decay with
     1 / (1 - decay) well under the stage's steps. Memory: one more copy of the trainable weights. null = off.
-    SST-2 (5,685 steps, five seeds): 0.9995 took full fine-tuning from 89.2 to 89.4 dev accuracy at lr 5e-5, to 89.5
-    at lr 1e-4, LP-FT to 89.7 (benchmarks/RESULTS.md)."""
+    What it gained on SST-2: benchmarks/RESULTS.md."""
     load_best: bool = True
     """At the end, restore the weights of the best evaluation (by `eval.metric`)."""
     checkpoint: bool = True
@@ -292,8 +190,8 @@ class TrainConfig(Section):
     """DataLoader worker processes."""
     compile: bool = False
     """Compile each transformer block with torch.compile (in place, shapes dynamic; not for stages on cached
-    features; evaluation runs plain). Fuses the element-wise work around the matrix products: a 0.5B decoder
-    trains 1.45x faster once compiled, after a start of 20-70 s on a slow host CPU: for long runs. A one-row last
+    features; evaluation runs plain). Fuses the element-wise work around the matrix products: faster once compiled,
+    after a start of tens of seconds, so for long runs (measured: benchmarks/RESULTS.md). A one-row last
     batch joins the batch before it (a batch of one row would compile everything again)."""
     cuda_graphs: bool = True
     """On one CUDA device (bf16 or fp32), record each batch shape's training step
@@ -343,6 +241,20 @@ class EvalConfig(Section):
     """Forgetting probe: use at most this many documents (lines) of general_text, the first ones."""
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a folder inside output.dir (None if it can): one plain path component."""
+    if not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return f"is {name!r}: it names output.dir itself or the folder above it, not a run folder inside output.dir"
+    seps = {os.sep, "/", "\\"} | ({os.altsep} if os.altsep else set())
+    if any(s in name for s in seps) or os.path.isabs(name) or Path(name).drive:
+        return "holds a path separator; a run name is one folder name inside output.dir (set output.dir for where)"
+    if "\0" in name:
+        return "holds a NUL character"
+    return None
+
+
 class OutputConfig(Section):
     dir: str = "runs"
     """Folder that holds run directories."""
@@ -354,8 +266,6 @@ class OutputConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "OutputConfig":
-        from lmtune.rundir import name_problem
-
         if self.name is not None and (problem := name_problem(self.name)):
             raise ValueError(f"output.name={shown(self.name)} {problem}")
         return self
@@ -387,67 +297,6 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eva
 DEFAULT_TASK, DEFAULT_METHOD = "classification", "full"
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value: numbers as numbers (also `5e-4`, which YAML 1.1 reads as a string), else YAML."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"value {shown(text)}: not valid YAML ({_clip(problem)})") from None
-    except (RecursionError, ValueError) as err:
-        raise ConfigError(f"value {shown(text)}: not valid YAML "
-                          f"({'nested too deeply' if isinstance(err, RecursionError) else _clip(str(err))})") from None
-    if alias_growth_exceeds(value):
-        raise ConfigError(f"value {shown(text)}: {_alias_growth_problem()}")
-    return value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict, in place."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {shown(item)}: expected section.key=value, e.g. train.lr=3e-5")
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {shown(item)}: {shown(part)} is a value, not a section")
-            node = child
-        try:
-            node[parts[-1]] = parse_value(value)
-        except ConfigError as err:
-            raise ConfigError(f"override {shown(item)}: {str(err).removeprefix(f'value {shown(value)}: ')}") from None
-    return raw
-
-
-# Names other tools (Trainer arguments, peft's LoraConfig) give our keys: suggested before spelling neighbours.
-ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
-           "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-           "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length",
-           "model_name_or_path": "name"}
-
-
-def _closest(name: str, choices: list[str]) -> str:
-    match = [ALIASES[name]] if ALIASES.get(name) in choices else difflib.get_close_matches(name, choices, n=1,
-                                                                                            cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(choices))}"
-
-
-def unknown_metric(option: str, metric: str, names: list[str], task: str) -> str:
-    """The message for an `option` (e.g. eval.metric) naming no metric of `task` (e.g. "the ner task"): the nearest
-    name, else all of them."""
-    near = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
-    return (f"{option} {shown(metric)} is not a metric of {task}"
-            + (f"; did you mean {near[0]!r}?" if near else f" (its metrics: {', '.join(names)})"))
-
-
 def _unknown_section(key: str, known: list[str]) -> str:
     """A top-level key that is no section: the section field it names (`lr` -> train.lr), else the nearest section."""
     field = ALIASES.get(key, key)
@@ -455,29 +304,6 @@ def _unknown_section(key: str, known: list[str]) -> str:
     return f"; did you mean {owners[0]!r}?" if len(owners) == 1 else _closest(key, known)
 
 
-def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
-    for part in loc:
-        if model is None:
-            return []
-        field = model.model_fields.get(str(part))
-        model = field.annotation if field and isinstance(field.annotation, type) else None
-    return list(model.model_fields) if model is not None and issubclass(model, BaseModel) else []
-
-
-def _format_errors(err: ValidationError, prefix: tuple[str, ...], model: type[BaseModel]) -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = prefix + tuple(str(p) for p in e["loc"])
-        where = _clip(".".join(loc)) or "config"  # a key can be any text of the file
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key{_closest(loc[-1], _fields_at(model, e['loc'][:-1]))}")
-        elif e["type"] == "value_error":
-            lines.append(_clip(str(e["ctx"]["error"]) if "ctx" in e else e["msg"], 2000))
-        else:
-            got = e.get("input")
-            value = "" if isinstance(got, dict) else f" (got {shown(got)})"
-            lines.append(f"{where}: {e['msg']}{value}")
-    return lines
 
 
 def _validate_registered(raw: Any, section: str, table: dict[str, Any], default: str) -> tuple[Any, list[str]]:
@@ -500,7 +326,9 @@ def _validate_registered(raw: Any, section: str, table: dict[str, Any], default:
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw nested dict into a RunConfig, raising one ConfigError listing every problem."""
-    load_builtins()
+    import lmtune.methods  # noqa: F401  (importing the packages registers the built-in tasks and methods)
+    import lmtune.tasks  # noqa: F401
+
     if not isinstance(raw, dict):
         raise ConfigError(f"a config is a mapping of sections, got {type(raw).__name__}")
     known = set(SECTIONS) | {"task", "method"}
@@ -544,33 +372,3 @@ def load_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list
     raw = {k: v for k, v in raw.items() if k != "search"} if isinstance(raw, dict) else raw
     return build_config(override(raw, overrides or []))
 
-
-def override(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw config dict (in place), as `load_config` does."""
-    return apply_overrides(_switch_sections(raw, overrides), overrides)
-
-
-_SAID: set[str] = set()
-
-
-def _switch_sections(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """An override naming another method (or task) starts that section afresh: the file's options were
-    written for the method it named and mostly do not exist on another one."""
-    for section in ("method", "task"):
-        for item in overrides:
-            key, _, value = item.partition("=")
-            current = raw.get(section)
-            name = current.get("name") if isinstance(current, dict) else current
-            if key.strip() != f"{section}.name" or name is None:
-                continue
-            try:
-                given = parse_value(value)
-            except ConfigError:
-                continue  # apply_overrides says so, naming the override
-            if str(given) != str(name):
-                note = f"{section}.name={_clip(value)} replaces the config's {section} section ({_clip(str(name))})"
-                if note not in _SAID:  # the CLI resolves the config to print it, then the run resolves it again
-                    _SAID.add(note)
-                    logging.getLogger("lmtune").info(note)
-                raw[section] = {}
-    return raw

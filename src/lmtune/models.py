@@ -7,9 +7,12 @@ import importlib.metadata
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from lmtune.config import ModelConfig
+from lmtune.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from lmtune.config import ModelConfig
 
 log = logging.getLogger("lmtune")
 
@@ -23,10 +26,6 @@ BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
 CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
                    "{% endif %}")
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded as configured."""
 
 
 def resolve_model(name: str) -> Path:
@@ -55,7 +54,7 @@ def resolve_model(name: str) -> Path:
 def converted_gguf(file: Path, name: str, version: str, convert: Any = None) -> Path:
     """The cached HF folder converted from a GGUF file: made on first use (atomically), reused after."""
     from lmtune.data.builtin import cache_dir
-    from lmtune.training.checkpoint import replace_dir
+    from lmtune.files import replace_dir
 
     folder = cache_dir() / "models" / f"{name}-{version}"
     if (folder / "config.json").is_file():
@@ -329,3 +328,20 @@ def embedding_names(model: Any) -> list[str]:
         owner = embeddings
     ids = {id(p) for p in owner.parameters()}
     return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def is_adapter(model: Any) -> bool:
+    """Whether `model` is wrapped by peft (its save holds the adapter, not the whole model)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def checkpoint_activations(model: Any) -> None:
+    """train.gradient_checkpointing: keep each layer's input only, recompute the rest in backward."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+    # Not the reentrant variant: it needs inputs that require grad (frozen embeddings, adapters) and breaks DDP.
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

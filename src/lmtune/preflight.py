@@ -4,9 +4,13 @@ and `train` both run them first, so a config that cannot train is refused early,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmtune.config import ConfigError, RunConfig, unknown_metric
+from lmtune.config_read import unknown_metric
+from lmtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmtune.config import RunConfig
 from lmtune.registry import TASKS
 
 
@@ -32,7 +36,7 @@ def check_setup(cfg: RunConfig) -> Setup:
     max_length = models.max_length(cfg.model, tokenizer, model_config)
     if cfg.model.dropout is not None:
         models.dropout_overrides(model_config, cfg.model.dropout)
-    problems = [task.config_problem(tokenizer, max_length) if hasattr(task, "config_problem") else None,
+    problems = [task.config_problem(tokenizer, max_length),
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
                 replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"),
                 precision_problem(cfg.train.precision)]
@@ -68,8 +72,7 @@ def method_problem(cfg: RunConfig, task: Any, model_config: Any) -> str | None:
     try:
         with warnings.catch_warnings():  # peft's wrapping warns as it will again in train
             warnings.simplefilter("ignore")
-            if hasattr(method, "prepare"):
-                model = method.prepare(model, info, cfg.method)
+            model = method.prepare(model, info, cfg.method)
             method.apply(model, info, cfg.method)
     except ValueError as err:  # lmtune's own messages name the method; peft's do not
         return str(err) if str(err).startswith("method ") else f"method {cfg.method.name!r}: {err}"
@@ -77,7 +80,7 @@ def method_problem(cfg: RunConfig, task: Any, model_config: Any) -> str | None:
 
 
 def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
-    if not cfg.train.label_smoothing or getattr(task, "cross_entropy_targets", []):
+    if not cfg.train.label_smoothing or task.cross_entropy_targets:
         return None
     return (f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
             f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
@@ -101,7 +104,7 @@ def metric_problem(metric: str | None, task: Any, option: str) -> str | None:
 
 
 def replay_problem(cfg: RunConfig, task: Any) -> str | None:
-    if not cfg.data.replay or getattr(task, "mixes_replay", False):
+    if not cfg.data.replay or task.mixes_replay:
         return None
     return (f"data.replay mixes general text into a language model's training; the {cfg.task.name} task would "
             "ignore it: remove data.replay (forgetting mitigations for it: method lp_ft, method.l2sp)")

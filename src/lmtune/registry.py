@@ -1,4 +1,6 @@
-"""Name -> implementation registries for tasks and methods; configs refer to these names only."""
+"""Name -> implementation registries for tasks and methods; configs refer to these names only.
+
+Imports nothing: the `lmtune.tasks` and `lmtune.methods` packages fill the tables when they are imported."""
 
 from __future__ import annotations
 
@@ -28,9 +30,3 @@ def register_task(name: str) -> Callable[[Any], Any]:
 def register_method(name: str) -> Callable[[Any], Any]:
     """Register a method (an object with `Options` and `apply`) under `name` (`method.name`)."""
     return _register(METHODS, "method", name)
-
-
-def load_builtins() -> None:
-    """Import the built-in task and method modules so that they register themselves."""
-    import lmtune.methods  # noqa: F401
-    import lmtune.tasks  # noqa: F401

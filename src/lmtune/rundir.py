@@ -10,13 +10,19 @@ the first one lives, and a folder is only "left by a run that stopped before tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
+
+from lmtune.errors import ConfigError, FolderError
+
+if TYPE_CHECKING:
+    from lmtune.config import RunConfig
 
 log = logging.getLogger("lmtune")
 
@@ -26,31 +32,17 @@ MARKER = ".lmtune"
 RESUME_MAY_CHANGE: dict[str, Any] = {"output": True, "train": {"cuda_graphs", "num_workers"}}
 
 
-class FolderError(FileExistsError):
-    """An output folder that lmtune may not create, use or replace."""
-
-
-def name_problem(name: str) -> str | None:
-    """Why `name` cannot name a folder inside output.dir (None if it can): one plain path component."""
-    if not name.strip():
-        return "is empty"
-    if name in (".", ".."):
-        return f"is {name!r}: it names output.dir itself or the folder above it, not a run folder inside output.dir"
-    seps = {os.sep, "/", "\\"} | ({os.altsep} if os.altsep else set())
-    if any(s in name for s in seps) or os.path.isabs(name) or Path(name).drive:
-        return "holds a path separator; a run name is one folder name inside output.dir (set output.dir for where)"
-    if "\0" in name:
-        return "holds a NUL character"
-    return None
-
-
 class FolderLock:
     """An exclusive lock on a folder's marker file, held until `release` (or the process ends: the system drops
     the lock of a dead process, so a crash never leaves a folder locked)."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / MARKER
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise FolderError(f"{self.path} is not a plain file (a link, a folder): lmtune does not use {folder}")
+        # O_NOFOLLOW: a link put there after the check is refused too, never written through.
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                          0o644)
         try:
             _lock(self.fd)
         except OSError:
@@ -87,10 +79,14 @@ def _holder(marker: Path) -> str:
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
-    """The marker's contents ({} while the first process is still writing it), or None for an unmarked folder."""
+    """The marker's contents ({} while the first process is still writing it), or None for an unmarked folder (a
+    marker that is a link or a folder marks nothing)."""
+    marker = folder / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return None
     try:
-        text = (folder / MARKER).read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
+        text = marker.read_text(encoding="utf-8")
+    except OSError:
         return None
     try:
         info = json.loads(text)
@@ -209,3 +205,124 @@ def differences(saved: Any, now: Any, path: str = "") -> list[str]:
 
 def new_name(stem: str) -> str:
     return f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says whether and how it can be continued."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from lmtune.training.checkpoint import read_loop_state
+
+        last = run_dir / "checkpoints" / "last"
+        if (last / "loop_state.json").is_file():
+            how = (f"its last checkpoint (step {read_loop_state(last).step}) is kept: the same `lmtune train` command "
+                   "with --resume continues it from there")
+        else:
+            how = "no checkpoint was written yet, so there is nothing to resume: train again"
+        super().__init__(f"interrupted; run directory {run_dir}: {how}")
+        self.run_dir = run_dir
+
+
+@contextlib.contextmanager
+def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any) -> Iterator[Path]:
+    """The run's folder for the block: picked, created (or taken over) and locked by the main process, its name told
+    to the others; config.yaml written; Ctrl-C inside turned into `RunInterrupted`; the lock released after."""
+    picked, lock, problem = [None], None, None
+    if accelerator.is_main_process:
+        try:
+            run_dir, lock = _claim_run(cfg, stem, resume)
+            picked = [str(run_dir)]
+        except Exception as err:
+            problem = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(picked)
+    if problem is not None:
+        raise problem
+    if picked[0] is None:
+        raise RuntimeError("the main process could not create the run directory (its error is in its log)")
+    run_dir = Path(picked[0])
+    try:
+        log.info("run directory: %s", run_dir)
+        if accelerator.is_main_process:
+            from lmtune.files import write_text
+
+            write_text(run_dir / "config.yaml", cfg.to_yaml())
+        yield run_dir
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
+    """The run's folder, created (or taken over) and locked for the run's life: (folder, lock)."""
+    from lmtune.training.checkpoint import has_checkpoint
+
+    root = Path(cfg.output.dir)
+    if cfg.output.name:
+        run_dir = root / cfg.output.name
+    elif resume:
+        run_dir = find_run(root, stem, lambda p: has_checkpoint(p, mend=False))
+    else:
+        run_dir = root / new_name(stem)
+    lock = claim(run_dir, "run", overwrite=cfg.output.overwrite, resume=resume)
+    if resume:
+        try:
+            _check_resume(cfg, run_dir)
+        except BaseException:
+            lock.release()
+            raise
+    return run_dir, lock
+
+
+def _check_resume(cfg: RunConfig, run_dir: Path) -> None:
+    from lmtune.config import load_config
+    from lmtune.training.checkpoint import has_checkpoint, read_loop_state
+
+    last = run_dir / "checkpoints" / "last"
+    if not has_checkpoint(run_dir):  # (mended first where a crash fell between the two renames of a save)
+        raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+    saved = load_config(run_dir / "config.yaml")
+    changed = differences(saved.model_dump(exclude=RESUME_MAY_CHANGE), cfg.model_dump(exclude=RESUME_MAY_CHANGE))
+    if changed:
+        raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
+                         f"({run_dir / 'config.yaml'}): {'; '.join(changed)}. Resume with that config (only "
+                         f"output.* and train.{', train.'.join(sorted(RESUME_MAY_CHANGE['train']))} may change)")
+    at = read_loop_state(last)
+    log.info("resuming %s at step %d (stage %d, epoch %d, batch %d of it)", run_dir, at.step, at.stage + 1,
+             at.epoch + 1, at.batch)
+
+
+def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, metric: str) -> None:
+    from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting
+    from lmtune.models import is_adapter
+    from lmtune.files import replace_dir, write_text
+    from lmtune.training.logs import finite_json, read_records
+
+    tmp = run_dir / "model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)  # a peft model saves its adapter (and head) only
+    if is_adapter(model):
+        model.get_base_model().config.save_pretrained(tmp / "base_config")  # label names for reloading
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, run_dir / "model")
+    write_text(run_dir / "metrics.json", json.dumps(finite_json(metrics), indent=2, default=str, allow_nan=False))
+    plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
+    if "overfitting" in metrics:
+        plot_overfitting(metrics["overfitting"], run_dir / "plots" / "overfitting.png")
+    for split in ("test", "validation"):
+        matrix = metrics.get(split, {}).get("confusion_matrix")
+        if matrix:
+            plot_confusion_matrix(matrix, metrics[split]["labels"], run_dir / "plots" / f"confusion_{split}.png",
+                                  title=f"Confusion matrix ({split})")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed to resume an unfinished run
+
+
+def refuse_run_folder(folder: Path, command: str) -> None:
+    """A training run's own folder is no place for a compare or a search (and `train --overwrite` would delete it)."""
+    if (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir():
+        raise ConfigError(f"{command}: {folder} holds a training run; choose another output.name or --output")

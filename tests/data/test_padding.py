@@ -53,7 +53,7 @@ def test_widths_are_multiples_capped_at_the_max_width(tiny_model_dir: Path) -> N
 
 
 def test_default_multiple_gives_few_widths_on_a_gpu_only() -> None:
-    from lmtune.run import pad_multiple
+    from lmtune.session import pad_multiple
 
     assert pad_multiple(None, 384, "cpu") == 8
     assert [pad_multiple(None, n, "cuda") for n in (128, 384, 512, 100)] == [16, 48, 64, 16]

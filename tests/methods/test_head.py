@@ -50,13 +50,13 @@ def test_cache_falls_back_when_the_trunk_trains(tiny_config: dict, caplog) -> No
 
     from pydantic import BaseModel
 
-    from lmtune.methods import ParamGroup, Stage
+    from lmtune.methods import Method, ParamGroup, Stage
     from lmtune.registry import METHODS
 
     class LeakyOptions(BaseModel):
         name: Literal["leaky"] = "leaky"
 
-    class Leaky:
+    class Leaky(Method):  # a method registered outside lmtune, written against the contract
         Options = LeakyOptions
 
         @staticmethod

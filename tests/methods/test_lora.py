@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmtune
-from lmtune.run import export
+from lmtune.predict import export
 
 TEXTS = ["great excellent film", "awful terrible film", "some time it was", "best drug, love it"]
 
@@ -128,7 +128,7 @@ def test_relatives_train_and_reload(variant, tiny_config) -> None:
     first = lmtune.load(result.run_dir).predict(TEXTS)
     assert first == lmtune.load(result.run_dir).predict(TEXTS)
     if variant == "prompt_tuning":  # virtual tokens added at run time: nothing to merge into the weights
-        from lmtune.run import export
+        from lmtune.predict import export
 
         with pytest.raises(ValueError, match="holds a prompt-tuning adapter: its virtual tokens are added at run"):
             export(result.run_dir, result.run_dir.parent / "exported")

@@ -225,7 +225,7 @@ def test_lora_saves_adapter_only_and_merged_export_generates_the_same(tiny_decod
     predictor = lmtune.load(result.run_dir)
     prompts = ["the film", "bad drug , awful"]
     tuned = [o["generated"] for o in predictor.predict(prompts)]
-    merged = lmtune.run.export(result.run_dir, tmp_path / "merged")
+    merged = lmtune.predict.export(result.run_dir, tmp_path / "merged")
     tokenizer, model = load(merged)
     assert lm_common.generate(model, tokenizer, prompts, predictor.session.task.options, "cpu") == tuned
 

@@ -18,7 +18,8 @@ from lmtune.config import load_config
 from lmtune.data import DataError
 from lmtune.data.conll import NerReadOptions, TagError, read_ner, to_bio
 from lmtune.registry import TASKS
-from lmtune.tasks.ner import entity_scores, owned_ranges, plan_windows, split_words
+from lmtune.evaluation.entities import entity_scores
+from lmtune.tasks.ner_words import owned_ranges, plan_windows, split_words
 
 # Easy synthetic NER: every word has one tag, so a tiny model learns it in seconds.
 LEXICON = {"B-PER": ["doctor", "actor"], "I-PER": ["people", "thing"], "B-LOC": ["night", "day"],
@@ -440,7 +441,7 @@ def test_cli_predict_mixes_raw_and_pretokenized_rows(trained, tmp_path: Path, mo
     from typer.testing import CliRunner
 
     from lmtune.cli import app
-    from lmtune.run import Predictor
+    from lmtune.predict import Predictor
 
     seen: list = []
     predict = Predictor.predict

@@ -15,9 +15,9 @@ import lmtune
 from lmtune.config import load_config
 from lmtune.data import DataError
 from lmtune.data.squad import read_squad
-from lmtune.registry import METHODS, TASKS, load_builtins
+from lmtune.methods import METHODS  # importing the packages registers the built-in ones
+from lmtune.tasks import TASKS
 
-load_builtins()  # fills METHODS for the parametrisation below
 
 FILLER = "the film was good and the drug was bad but the pill worked very well for one week".split()
 QUESTION = "what time ?"

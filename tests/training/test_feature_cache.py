@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -48,6 +49,23 @@ def test_served_outputs_equal_computed_ones_in_any_order_and_padding() -> None:
         torch.testing.assert_close(served.pooler_output, expected.pooler_output)
     cache.remove()
     assert "forward" not in vars(trunk)
+
+
+def test_the_trunk_is_served_inside_the_block_only_and_runs_again_after_it_even_after_an_error() -> None:
+    torch.manual_seed(0)
+    data = [torch.randint(1, 50, (n,)).tolist() for n in (3, 2)]
+    trunk = Trunk()
+    cache = FeatureCache(trunk, "trunk")
+    cache.build("d", [([0, 1], _batch(data, left=False))], lambda b: trunk(**b), n_rows=2, n_tokens=5,
+                device=torch.device("cpu"))
+    batch = _batch(data, left=False)
+    stale = {"last_hidden_state": torch.zeros(2, 5, 4), "pooler_output": torch.zeros(2, 4)}
+    with cache.serving(stale):
+        assert trunk(**batch).pooler_output.eq(0).all()
+    assert cache.current is None and trunk(**batch).pooler_output.ne(0).any()
+    with pytest.raises(KeyError), cache.serving(cache.serve("d", [0, 1], batch["attention_mask"])):
+        raise KeyError("a failing step")
+    assert cache.current is None
 
 
 def test_per_row_output_is_not_mistaken_for_per_token_when_width_equals_hidden_size() -> None:

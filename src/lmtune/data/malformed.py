@@ -64,15 +64,11 @@ class _Record:
 
 def read_malformed(real: Path, shown: str, gz: bool,
                    delimiter: str) -> tuple[pandas.DataFrame, list[int] | None, list[Malformed]]:
-    """The good records of a CSV/TSV file (a DataFrame of text), their data record numbers and the bad ones.
-
-    Record numbers count the data records of the file (not the header, not blank lines) including the
-    malformed ones, so that rows keep the numbers they would have if the file were fixed. They are
-    None if the csv module and pandas disagree on how many records there are (numbering by position
-    then). The malformed records come sorted by line. Raises DataError for a malformed header, and
-    where ``MAX_PASSES`` parses do not get past the records to leave out; pandas' ParserError for any
-    other failure.
-    """
+    """The good records of a CSV/TSV file (a DataFrame of text), their data record numbers and the bad ones (sorted
+    by line). Record numbers count the data records (not the header, not blank lines), malformed ones included, as
+    if the file were fixed; None where the csv module and pandas disagree on the count (numbering by position then).
+    Raises DataError for a malformed header or where ``MAX_PASSES`` parses do not get past the records to leave
+    out; pandas' ParserError for any other failure."""
     import pandas as pd
 
     opener = gzip.open if gz else open

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmtune.config import TrainConfig
+
+log = logging.getLogger("lmtune")
 
 
 def _number(value: Any) -> float | None:
@@ -107,3 +114,12 @@ def _message(d: dict[str, Any], best_kept: bool) -> str:
         f"the final weights are from step {d['final_step']} (train.load_best=false)"
     return f"{change} while training loss kept falling ({d['train_loss_at_peak']:.3g} -> " \
            f"{d['train_loss_final']:.3g}): the run overfit; {kept}."
+
+
+def diagnose_run(run_dir: Path, cfg: TrainConfig, metric: str, task: Any) -> dict[str, Any]:
+    from lmtune.training.logs import read_records
+
+    diagnosis = diagnose(read_records(run_dir), metric, task.greater_is_better(metric), best_kept=cfg.load_best,
+                         min_delta=cfg.early_stopping_min_delta)
+    log.info("overfitting: %s", diagnosis["message"])
+    return diagnosis

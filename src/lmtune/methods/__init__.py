@@ -1,63 +1,14 @@
-"""Tuning methods: each decides which parameters train, in which stages, knowing nothing about tasks."""
+"""Tuning methods: each decides which parameters train, in which stages, knowing nothing about tasks.
+
+A method is one module here registered with `@register_method("name")`: an `Options` pydantic model (its `method:`
+section) and `apply(model, task_info, options) -> list[Stage]`; optionally `prepare(model, task_info, options)`
+returning a wrapped model (peft adapters). Importing this package registers the built-in ones.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
+from lmtune.methods import full, head, lora, lp_ft, partial  # noqa: F401  (register the built-in methods)
+from lmtune.methods.stage import Method, ParamGroup, Stage, TaskInfo, head_parameters
 from lmtune.registry import METHODS, register_method
 
-
-@dataclass
-class ParamGroup:
-    """Parameters (by name) that share optimizer settings; None means the run's train.* value."""
-
-    names: list[str]
-    lr: float | None = None
-    weight_decay: float | None = None
-    lr_scale: float = 1.0  # multiplies the group's rate (layer-wise decay)
-
-
-@dataclass
-class Stage:
-    """One phase of training: what trains, at what rate, for how long (None = the run's train.* value)."""
-
-    name: str
-    groups: list[ParamGroup]
-    epochs: int | None = None
-    max_steps: int | None = None
-    cache_features: bool = False
-    """The loop may run the frozen transformer stack once and train on its stored outputs."""
-    penalty: Callable[[Any], Any] | None = None
-    """Extra loss term computed from the model (e.g. L2-SP), added at every step and logged."""
-
-    @property
-    def trainable(self) -> set[str]:
-        return {n for g in self.groups for n in g.names}
-
-
-@dataclass
-class TaskInfo:
-    """What a method may know about the run: which parameters form the task head, the planned epochs."""
-
-    head_names: list[str] = field(default_factory=list)
-    epochs: int = 1
-
-
-def head_parameters(model: Any, info: TaskInfo, method: str) -> list[str]:
-    """The task head's parameter names, for a method that trains the head alone first (head, lp_ft); refuses a
-    model without one (a causal LM's output layer tied to its embeddings is no head)."""
-    names = {n for n, _ in model.named_parameters()}
-    found = [n for n in info.head_names if n in names]
-    if found:
-        return found
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None and output.weight is model.get_input_embeddings().weight:
-        raise ValueError(f"method {method!r}: the output layer of this {type(model).__name__} is tied to its input "
-                         "embeddings, so there is no separate head to train; use full, partial or lora")
-    raise ValueError(f"method {method!r} found no task-head parameters to train in this model")
-
-
-from lmtune.methods import full, head, lora, lp_ft, partial  # noqa: E402,F401  (register the built-in methods)
-
-__all__ = ["METHODS", "ParamGroup", "Stage", "TaskInfo", "register_method"]
+__all__ = ["METHODS", "Method", "ParamGroup", "Stage", "TaskInfo", "head_parameters", "register_method"]

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.methods.stage import ParamGroup, Stage, TaskInfo
 from lmtune.models import embedding_names, find_layers
 
 

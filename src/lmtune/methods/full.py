@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from lmtune.methods import Stage, TaskInfo
+from lmtune.methods.stage import Method, Stage, TaskInfo
 from lmtune.methods.common import FineTuneOptions, fine_tune_stages
 from lmtune.registry import register_method
 
@@ -17,7 +17,7 @@ class FullOptions(FineTuneOptions):
 
 
 @register_method("full")
-class Full:
+class Full(Method):
     Options = FullOptions
 
     @staticmethod

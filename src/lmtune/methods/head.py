@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from lmtune.methods import ParamGroup, Stage, TaskInfo, head_parameters
+from lmtune.methods.stage import head_parameters, Method, ParamGroup, Stage, TaskInfo
 from lmtune.registry import register_method
 
 
@@ -17,13 +17,13 @@ class HeadOptions(BaseModel):
     lr: float | None = None
     """Learning rate of the head; default: train.lr. Heads on frozen features usually want 1e-3 or more."""
     cache_features: bool = True
-    """Run the frozen transformer stack once and train the head on its stored outputs (3-4x faster on SST-2).
+    """Run the frozen transformer stack once and train the head on its stored outputs (several times faster: benchmarks/RESULTS.md).
     The stored features come from the stack in eval mode (no dropout inside the backbone); set false to
     run the backbone every step instead (its dropout then applies, as in plain frozen training)."""
 
 
 @register_method("head")
-class Head:
+class Head(Method):
     Options = HeadOptions
 
     @staticmethod

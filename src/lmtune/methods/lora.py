@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.methods.stage import Method, ParamGroup, Stage, TaskInfo
 from lmtune.registry import register_method
 
 # peft needs to know how the model's outputs are produced; read off the model class, not the task.
@@ -26,7 +26,7 @@ class LoraOptions(BaseModel):
     """LoRA/DoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.0
     """Dropout on the LoRA/DoRA input (peft's default, 0: each adapter would otherwise keep its own dropped
-    copy of its input; 0.05 measured 8% slower and 20% more peak memory on a 0.5B decoder, and no better on SST-2)."""
+    copy of its input: slower and more memory, for no gain measured; benchmarks/RESULTS.md)."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Modules that get adapters: all linear layers of the backbone, or a list of module names."""
     num_virtual_tokens: int = 20
@@ -86,7 +86,7 @@ def peft_config(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
 
 
 @register_method("lora")
-class Lora:
+class Lora(Method):
     Options = LoraOptions
 
     @staticmethod

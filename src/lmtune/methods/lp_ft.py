@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from lmtune.methods import head_parameters, ParamGroup, Stage, TaskInfo
+from lmtune.methods.stage import head_parameters, Method, ParamGroup, Stage, TaskInfo
 from lmtune.methods.common import FineTuneOptions, fine_tune_stages, pooler_names
 from lmtune.registry import register_method
 
@@ -20,7 +20,7 @@ class LpFtOptions(FineTuneOptions):
     """Step 1 trains on stored outputs of the frozen stack (see method `head`)."""
     probe_pooler: bool = False
     """Step 1 also trains the backbone's pooler (BERT-style dense + tanh over [CLS]), which sentence-embedding
-    models (mean-pooled, e.g. MiniLM) never trained: a much better probe there (SST-2, 2,000 rows: 0.77 vs 0.57)."""
+    models (mean-pooled, e.g. MiniLM) never trained: a much better probe there (benchmarks/RESULTS.md)."""
     epochs: int | None = None
     """Epochs of step 2 (everything); default: train.epochs."""
     lr: float | None = None
@@ -28,7 +28,7 @@ class LpFtOptions(FineTuneOptions):
 
 
 @register_method("lp_ft")
-class LpFt:
+class LpFt(Method):
     Options = LpFtOptions
 
     @staticmethod

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from lmtune.methods import ParamGroup, Stage, TaskInfo
+from lmtune.methods.stage import Method, ParamGroup, Stage, TaskInfo
 from lmtune.methods.common import parts
 from lmtune.registry import register_method
 
@@ -27,7 +27,7 @@ class PartialOptions(BaseModel):
 
 
 @register_method("partial")
-class Partial:
+class Partial(Method):
     Options = PartialOptions
 
     @staticmethod
@@ -69,7 +69,7 @@ class BitFitOptions(BaseModel):
 
 
 @register_method("bitfit")
-class BitFit:
+class BitFit(Method):
     """`bitfit` is `partial` with train=bias, under the name the literature uses."""
 
     Options = BitFitOptions

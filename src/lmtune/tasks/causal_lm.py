@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
-from lmtune.config import DataConfig
 from lmtune.data import DataError
 from lmtune.data.text import read_documents
 from lmtune.registry import register_task
-from lmtune.tasks import lm_common
+import lmtune.tasks.lm_common as lm_common
 from lmtune.tasks.lm_common import DecoderOptions
+
+if TYPE_CHECKING:
+    from lmtune.config import DataConfig
 
 log = logging.getLogger("lmtune")
 

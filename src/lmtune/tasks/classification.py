@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import html
 import logging
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from lmtune.config import DataConfig
 from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
                          pad_inputs, read_table, require_columns, resolve_path)
 from lmtune.data.labels import label_map_problem, label_renames, label_text
 from lmtune.registry import register_task
+from lmtune.tasks.base import Task
+
+if TYPE_CHECKING:
+    from lmtune.config import DataConfig
 
 log = logging.getLogger("lmtune")
 
@@ -48,7 +51,7 @@ def _sort_labels(names: set[str]) -> list[str]:
 
 
 @register_task("classification")
-class Classification:
+class Classification(Task):
     Options = ClassificationOptions
 
     def __init__(self, options: ClassificationOptions, data: DataConfig, labels: list[str] | None = None):

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import string
-from typing import Any, Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
-from lmtune.config import DataConfig
 from lmtune.data import DataError, apply_row_checks, read_table, resolve_path
 from lmtune.data.labels import label_map_problem, label_renames, label_text
 from lmtune.data.text import read_documents
 from lmtune.registry import register_task
-from lmtune.tasks import lm_common
+import lmtune.tasks.lm_common as lm_common
 from lmtune.tasks.lm_common import DecoderOptions
+
+if TYPE_CHECKING:
+    from lmtune.config import DataConfig
 
 log = logging.getLogger("lmtune")
 
@@ -76,6 +78,10 @@ class Instruct(lm_common.DecoderTask):
         self.renames = label_renames(data.label_map)  # template rows' labels, by label text
         self.encode_report: dict[str, Any] = {}
         self.seed = 0
+
+    @property
+    def generates_on_test(self) -> bool:
+        return self.options.eval_generate
 
     # ---- data ------------------------------------------------------------------------------------
     def _to_messages(self, row: dict, columns: list[str]) -> Any:

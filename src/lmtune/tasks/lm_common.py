@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.data.padding import batch_width
 from lmtune.data.text import pack
+from lmtune.tasks.base import Task
 
 log = logging.getLogger("lmtune")
 
@@ -58,13 +59,14 @@ def greater_is_better(metric: str) -> bool:
     return not any(word in metric for word in ("loss", "perplexity"))
 
 
-class DecoderTask:
+class DecoderTask(Task):
     """What the causal-LM tasks (causal_lm, instruct) share: the model class, the loss and its metric."""
 
     default_metric = "perplexity"
     metric_names = ("loss", "perplexity")
     cross_entropy_targets: list[tuple[str, str]] = []  # the loss is over shifted tokens: no smoothing here
     mixes_replay = True  # data.replay: general text mixed into training (other tasks refuse it)
+    generates = True  # predictions continue the prompt
     greater_is_better = staticmethod(greater_is_better)
     count_targets = staticmethod(count_targets)
 
@@ -131,11 +133,12 @@ def packed_dataset(docs: list[list[int]], max_length: int) -> Any:
 
 
 def read_splits(read: Callable[[str, list[str]], Any], cfg: Any, seed: int) -> tuple[dict[str, Any], Any, dict]:
-    """Train, test and validation read by `read(path, skipped)` or split off train; then subsets.
+    """Train read by `read(path, skipped)`; test and validation read or split off it, then the row caps: the one
+    outline every task follows (`data.carve_splits`), here without labels to stratify on.
 
     Returns (test/validation splits, train, skipped row descriptions per split)."""
     from lmtune.data import DataError
-    from lmtune.data.splits import split_off_named
+    from lmtune.data.splits import carve_splits
 
     if not cfg.train:
         raise DataError("data.train", "no training file given (set data.train)")
@@ -144,24 +147,8 @@ def read_splits(read: Callable[[str, list[str]], Any], cfg: Any, seed: int) -> t
                                          "classification, NER and QA (set data.validation / data.test files instead)")
     skipped: dict[str, list[str]] = {"train": []}
     train = read(cfg.train, skipped["train"])
-    splits: dict[str, Any] = {}
-    for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation, cfg.validation_size)):
-        if path:
-            splits[name] = read(path, skipped.setdefault(name, []))
-        elif size:
-            train, splits[name] = split_off_named(train, name, size, seed)
-    splits, train = subsets(splits, train, cfg, seed)
+    train, splits = carve_splits(train, cfg, seed, lambda name, path: read(path, skipped.setdefault(name, [])), {})
     return splits, train, skipped
-
-
-def subsets(splits: dict[str, Any], train: Any, cfg: Any, seed: int) -> tuple[dict[str, Any], Any]:
-    """data.max_train_samples / max_eval_samples: seeded random subsets (no labels to stratify on)."""
-    if cfg.max_train_samples and cfg.max_train_samples < len(train):
-        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
-    for name in list(splits):
-        if cfg.max_eval_samples and cfg.max_eval_samples < len(splits[name]):
-            splits[name] = splits[name].shuffle(seed=seed).select(range(cfg.max_eval_samples))
-    return splits, train
 
 
 def choose_replay(task_tokens: int, replay: list[list[int]], ratio: float, seed: int) -> list[list[int]]:

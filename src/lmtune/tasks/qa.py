@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from lmtune.config import ConfigError, DataConfig
+from lmtune.errors import ConfigError
 from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, pad_inputs
 from lmtune.data.squad import COLUMNS, read_squad
 from lmtune.evaluation.squad import best_no_answer_threshold, score, squad_metrics
 from lmtune.registry import register_task
+from lmtune.tasks.base import Task
+
+if TYPE_CHECKING:
+    from lmtune.config import DataConfig
 
 log = logging.getLogger("lmtune")
 
@@ -47,7 +51,7 @@ class QAOptions(BaseModel):
 
 
 @register_task("qa")
-class QuestionAnswering:
+class QuestionAnswering(Task):
     Options = QAOptions
     default_metric = "f1"
     # The models' own loss is the mean of start and end cross-entropy; positions always lie in the window.

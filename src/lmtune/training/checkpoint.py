@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from safetensors.torch import load_file, save_file
+
+from lmtune.errors import CheckpointError
+from lmtune.files import replace_dir, replace_file, sync_tree, write_text
 
 log = logging.getLogger("lmtune")
 
@@ -37,24 +39,6 @@ class LoopState:
     scheduler: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: params, steps, time, memory
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from exactly."""
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written folder into place: its files are flushed to disk first, the old folder is moved aside
-    under a name of its own and removed only after the swap (`recover_dir` mends a crash between the two renames)."""
-    sync_tree(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _sync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def recover_dir(final: Path, complete: Callable[[Path], bool] = lambda p: (p / "loop_state.json").is_file()) -> None:
@@ -88,49 +72,6 @@ def has_checkpoint(run_dir: Path, mend: bool = True) -> bool:
         any(last.parent.glob("last.old*"))
 
 
-def sync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, then the folders themselves, to disk (a rename must not outrun its data)."""
-    for root, dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _sync_dir(Path(root))
-
-
-def _sync_dir(folder: Path) -> None:
-    if os.name != "posix":  # folders cannot be opened for fsync on Windows
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text(path: Path, text: str) -> None:
-    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def replace_file(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, then move the finished (flushed) file into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(accelerator: Any, folder: Path, state: LoopState, extra: Any = None) -> None:
     """Save model, optimizer, RNG states (Accelerate) and the loop state into `folder`, atomically; `extra(tmp)`,
     given, writes more files into the folder from every process."""
@@ -143,6 +84,7 @@ def save_checkpoint(accelerator: Any, folder: Path, state: LoopState, extra: Any
         extra(tmp)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        sync_tree(tmp)  # every part on disk before the loop state marks the folder complete (see recover_dir)
         write_text(tmp / "loop_state.json", json.dumps(asdict(state), indent=1))
         replace_dir(tmp, folder)
     accelerator.wait_for_everyone()

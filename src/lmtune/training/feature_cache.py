@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,12 +42,21 @@ class FeatureCache:
         self.trunk, self.name = trunk, name
         self.tables: dict[str, _Table] = {}
         self.output_type: Any = None
-        self.current: dict[str, torch.Tensor] | None = None  # what the next forward returns (see serve); None: run
+        self.current: dict[str, torch.Tensor] | None = None  # what a forward returns (see serving); None: run
         trunk.forward = self._forward  # type: ignore[method-assign]
 
     def remove(self) -> None:
         del self.trunk.forward  # back to the class's forward
         self.tables.clear()
+
+    @contextlib.contextmanager
+    def serving(self, fields: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Forwards inside the block return `fields` (from `serve`) instead of running the trunk; it runs after."""
+        self.current = fields
+        try:
+            yield
+        finally:
+            self.current = None
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.current is None:
@@ -55,7 +65,7 @@ class FeatureCache:
 
     def serve(self, key: str, rows: list[int], mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored outputs of dataset `key`'s `rows`, on the trunk's device and in the padded shape of `mask`
-        (the batch's attention mask, on the host); set them as `current` for the next forward to return."""
+        (the batch's attention mask, on the host), for `serving`."""
         table = self.tables[key]
         device = next(self.trunk.parameters()).device
         starts, counts = table.starts[rows], table.counts[rows]

@@ -10,11 +10,9 @@ from typing import Any
 
 import torch
 
+from lmtune.errors import DivergedError
+
 log = logging.getLogger("lmtune")
-
-
-class DivergedError(RuntimeError):
-    """Training produced numbers that are not finite (NaN/inf) and could not go on."""
 
 
 def fused_adamw_supported(device: torch.device) -> bool:
@@ -46,7 +44,7 @@ class FiniteGuard:
     def flag(self, norm: torch.Tensor | None) -> None:
         """After backward and clipping, before the optimizer step: mark the step for skipping where `norm` (the
         total gradient norm) is not finite."""
-        if norm is None:  # DeepSpeed clips inside its own step and reports no norm
+        if not torch.is_tensor(norm):  # DeepSpeed clips inside its own step (its reported norm is an earlier step's)
             self.skip.zero_()
         else:
             self.skip.copy_(~torch.isfinite(norm.detach().float()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,13 @@ class MetricsLog:
 
 
 def _not_finite(value: Any) -> bool:
-    return isinstance(value, float) and not math.isfinite(value)
+    """A float (numpy's too) or a one-number tensor that is NaN or infinite."""
+    if isinstance(value, (bool, int)) or not isinstance(value, numbers.Real) and getattr(value, "ndim", None) != 0:
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def finite_json(value: Any) -> Any:

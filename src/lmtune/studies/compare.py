@@ -11,8 +11,9 @@ from typing import Any
 
 from lmtune.config import ConfigError, load_config
 from lmtune.preflight import check_setup
-from lmtune.rundir import claim
-from lmtune.seeds import describe
+from lmtune.rundir import claim, refuse_run_folder
+from lmtune.studies.seeds import describe
+from lmtune.training.logs import finite_json
 
 log = logging.getLogger("lmtune")
 
@@ -22,7 +23,7 @@ def parse_methods(spec: str) -> list[tuple[str, dict[str, Any]]]:
     in brackets are separated by spaces or commas. Anything else is refused, naming the part that does not read."""
     import re
 
-    from lmtune.config import parse_value
+    from lmtune.config_read import parse_value
 
     out = []
     for item in re.split(r",(?![^()]*\))", spec):  # commas outside brackets separate methods
@@ -43,12 +44,6 @@ def parse_methods(spec: str) -> list[tuple[str, dict[str, Any]]]:
                 raise ValueError(f"--methods: cannot read the value of {option!r} in {item.strip()!r}") from err
         out.append((match.group(1), options))
     return out
-
-
-def refuse_run_folder(folder: Path, command: str) -> None:
-    """A training run's own folder is no place for a compare or a search (and `train --overwrite` would delete it)."""
-    if (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir():
-        raise ConfigError(f"{command}: {folder} holds a training run; choose another output.name or --output")
 
 
 def _label(name: str, options: dict[str, Any]) -> str:
@@ -78,13 +73,13 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
     folder = Path(output or Path(base.output.dir) / (base.output.name
                                                      or f"compare-{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"))
     refuse_run_folder(folder, "compare")
-    seeds = seeds or [base.train.seed]
+    seeds = seeds or base.train.seeds or [base.train.seed]
     plan, errors = [], []
     for method, options in methods:  # every run's config checked before the first one trains
         for seed in seeds:
             raw = base.model_dump(mode="json")
             raw["method"] = _method_section(raw["method"], method, options)
-            raw["train"]["seed"] = seed
+            raw["train"].update(seed=seed, seeds=None)  # each run one seed: the table spreads them
             run_name = f"{method}-{len(plan)}-seed{seed}" if options else f"{method}-seed{seed}"
             raw["output"].update(dir=str(folder), name=run_name, overwrite=True)
             try:
@@ -106,7 +101,7 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
             metric = result.metrics["selection"]["metric"]
             rows.append({"method": label, "seed": seed, "run": str(result.run_dir),
                          **_summary(result.metrics, metric)})
-        (folder / "runs.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        (folder / "runs.json").write_text(json.dumps(finite_json(rows), indent=2, allow_nan=False), encoding="utf-8")
         table = aggregate(rows)
         write_table(table, folder, metric)
         plot_comparison(table, folder / "compare.png", metric)
@@ -157,7 +152,7 @@ def plot_comparison(table: list[dict[str, Any]], path: Path, metric: str) -> Pat
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from lmtune.training.checkpoint import replace_file
+    from lmtune.files import replace_file
 
     names = [r["method"] for r in table]
     values = [r["metric_mean"] or 0.0 for r in table]

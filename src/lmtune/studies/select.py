@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from lmtune.config import RunConfig, load_config
-from lmtune.inspect_data import load_data, segments, tokenizer_fit
+from lmtune.studies.inspect import load_data, segments, tokenizer_fit
 
 log = logging.getLogger("lmtune")
 
@@ -106,7 +106,7 @@ def _assess(name: str, cfg: RunConfig, sample: Sample, folds: int, seed: int, ro
 
     from lmtune import models
     from lmtune.evaluation import probe
-    from lmtune.inspect_data import is_byte_level
+    from lmtune.studies.inspect import is_byte_level
 
     model_cfg = cfg.model.model_copy(update={"name": name})
     tokenizer = models.load_tokenizer(model_cfg)

@@ -168,7 +168,7 @@ def plot_lengths(lengths: dict[str, np.ndarray], result: dict[str, Any], path: P
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from lmtune.training.checkpoint import replace_file
+    from lmtune.files import replace_file
 
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)

@@ -20,7 +20,7 @@ def _cell(value: Any) -> str:
 
 def write_tables(rows: list[dict[str, Any]], params: list[str], folder: Path, metric: str) -> None:
     """trials.csv (every field) and trials.md (number, state, parameters, metric, seconds[, GPU memory])."""
-    from lmtune.training.checkpoint import replace_file
+    from lmtune.files import replace_file
 
     columns = list(dict.fromkeys(key for row in rows for key in row))
     def write_csv(tmp: Path) -> None:
@@ -51,7 +51,7 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
 
 def plot_history(rows: list[dict[str, Any]], path: Path, metric: str, direction: str) -> Path | None:
     """Each trial's validation metric (pruned trials: their last report, greyed) and the best so far."""
-    from lmtune.training.checkpoint import replace_file
+    from lmtune.files import replace_file
 
     done = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
     pruned = [r for r in rows if r["state"] == "pruned" and r["last_reported"] is not None]
@@ -83,7 +83,7 @@ def plot_importances(study: Any, path: Path) -> Path | None:
     are fewer than two or Optuna cannot compute them (e.g. a parameter that never varied)."""
     import optuna
 
-    from lmtune.training.checkpoint import replace_file
+    from lmtune.files import replace_file
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
@@ -106,3 +106,35 @@ def plot_importances(study: Any, path: Path) -> Path | None:
     ax.grid(axis="x", alpha=0.3)
     replace_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
+
+
+def _short(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _params(result: Any) -> list[str]:
+    return [k for k in result.rows[0] if "." in k] if result.rows else []
+
+
+def console_table(result: Any) -> Any:
+    """The trials as a rich table: parameters, state, the metric (the last reported value of an unfinished one)."""
+    from rich.table import Table
+
+    params = _params(result)
+    table = Table(title=f"trials (validation {result.metric}, {result.direction})")
+    for column in ("trial", "state", *params, result.metric, "seconds"):
+        table.add_column(column, justify="left" if column == "state" else "right")
+    for r in result.rows:
+        value = r["value"] if r["state"] == "complete" else r["last_reported"]
+        table.add_row(str(r["number"]), r["state"], *(_short(r.get(p)) for p in params), _short(value),
+                      _short(r["seconds"]))
+    return table
+
+
+def console_summary(result: Any) -> str:
+    """One line: the best trial, its parameters and the config that trains it (rich markup)."""
+    if result.best is None:
+        return "no trial completed yet"
+    chosen = ", ".join(f"{p}={_short(result.best[p])}" for p in _params(result))
+    return (f"best: trial {result.best['number']}, {result.metric} {result.best['value']:.4f} ({chosen}); "
+            f"config: [bold]{result.folder / 'best.yaml'}[/]")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lmtune.config import RunConfig
+from lmtune.training.logs import finite_json
 
 log = logging.getLogger("lmtune")
 
@@ -96,7 +97,8 @@ def train_seeds(cfg: RunConfig, stem: str, resume: bool = False, callbacks: list
 
 def _train_seeds(cfg: RunConfig, parent: Path, resume: bool, callbacks: list[Callable] | None) -> Any:
     from lmtune.run import RunResult, train
-    from lmtune.training.checkpoint import has_checkpoint, write_text
+    from lmtune.training.checkpoint import has_checkpoint
+    from lmtune.files import write_text
 
     write_text(parent / "config.yaml", cfg.to_yaml())
     per_seed: dict[int, dict[str, Any]] = {}
@@ -113,7 +115,7 @@ def _train_seeds(cfg: RunConfig, parent: Path, resume: bool, callbacks: list[Cal
         per_seed[seed] = train(raw, resume=resume and has_checkpoint(child),
                                callbacks=callbacks).metrics
     summary = {**summarise(per_seed), "runs": {str(s): str(parent / f"seed-{s}") for s in per_seed}}
-    write_text(parent / "seeds.json", json.dumps(summary, indent=2))
+    write_text(parent / "seeds.json", json.dumps(finite_json(summary), indent=2, allow_nan=False))
     table = _markdown(summary, per_seed)
     write_text(parent / "seeds.md", table)
     log.info("%d seeds summarised in %s", len(per_seed), parent / "seeds.md")

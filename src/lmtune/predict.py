@@ -1,0 +1,236 @@
+"""Loading a finished run back: predict, evaluate on a labelled file, export as a plain HF folder.
+
+A run folder is data: the code and pickle permissions in its config.yaml are ignored; only the caller's
+`trust_remote_code` / `allow_pickle` (command-line flags, keyword arguments) let its model run code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmtune.config import load_config
+from lmtune.errors import DataError
+from lmtune.registry import TASKS
+from lmtune.models import is_adapter
+from lmtune.session import Session, make_accelerator
+
+log = logging.getLogger("lmtune")
+
+
+class Predictor:
+    """A finished run loaded back for prediction and evaluation: `lmtune.load(run_dir)`.
+
+    A run folder is data: the code and pickle permissions in its config.yaml are ignored; only the caller's
+    `trust_remote_code` / `allow_pickle` (command-line flags, keyword arguments) let its model run code."""
+
+    def __init__(self, run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+        from lmtune import models
+
+        self.run_dir = Path(run_dir)
+        folder = self.run_dir / "model"
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{self.run_dir} holds no finished model (expected {folder}/config.json)")
+        cfg = load_config(self.run_dir / "config.yaml")
+        cfg.model = cfg.model.model_copy(update={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle})
+        adapter = (folder / "adapter_config.json").is_file()
+        model_cfg = cfg.model.model_copy(update={"name": str(folder / "base_config" if adapter else folder)})
+        model_config = models.load_model_config(model_cfg)
+        labels = [model_config.id2label[i] for i in range(len(model_config.id2label))] \
+            if getattr(model_config, "id2label", None) else None
+        task = TASKS[cfg.task.name](cfg.task, cfg.data, labels=labels)
+        if adapter:
+            import peft
+
+            # The pretrained backbone as in training, then the saved adapter and head on top. Its load report would
+            # call the head "MISSING" (newly initialised): true for a moment, the adapter's copy replaces it.
+            report = logging.getLogger("transformers.modeling_utils")
+            level = report.level
+            report.setLevel(logging.ERROR)
+            try:
+                base, _ = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+            finally:
+                report.setLevel(level)
+            model = peft.PeftModel.from_pretrained(base, folder)
+        else:
+            model, _ = models.load_model(task.auto_class, model_cfg)
+        accelerator = make_accelerator(cfg.train.precision)
+        model.to(accelerator.device)
+        self.session = Session(cfg, task, models.load_tokenizer(model_cfg, folder), model, accelerator)
+
+    def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        """Predict for raw inputs (strings, or dicts with the task's input fields)."""
+        task = self.session.task
+        if task.generates:
+            return self.session.generate(task.from_texts(list(inputs)))
+        features = self.session.encode(task.from_texts(list(inputs)))
+        return [pred if _finite(pred) else {"error": "the model's scores for this input are not finite (NaN/inf): "
+                                                     "the model is broken (a diverged run?)"}
+                for pred in task.postprocess(self.session.outputs(features), len(features))]
+
+    def evaluate(self, path: str | Path, on_bad_rows: str | None = None) -> dict[str, Any]:
+        """Score the model on a labelled file in the same format as the training data; bad rows are an error, or
+        with on_bad_rows="skip" dropped (default: the run's data.on_bad_rows)."""
+        task, configured = self.session.task, self.session.task.data
+        try:
+            if on_bad_rows is not None:
+                task.data = configured.model_copy(update={"on_bad_rows": on_bad_rows})
+            raw = task.load_eval_file(str(path))
+        finally:
+            task.data = configured
+        features = self.session.encode(raw)
+        scalars, details = self.session.evaluate(features)
+        if not math.isfinite(scalars.get("loss", 0.0)):
+            from lmtune.errors import DivergedError
+
+            raise DivergedError(f"{self.run_dir}: the model's outputs on {path} are not finite (NaN/inf loss): its "
+                                "scores would mean nothing (a diverged run?)")
+        generation = self.session.score_generations(raw)
+        return {**scalars, **details, "rows": len(features), **({"generation": generation} if generation else {})}
+
+
+def predict_rows(predictor: Predictor, inputs: list[Any], source: str, text_column: str | None = None
+                 ) -> tuple[list[dict[str, Any]], int]:
+    """One prediction per input, in order, and how many inputs had empty text (each gets an error record in its
+    place); `text_column`, given, must be in every row (an error naming the row otherwise)."""
+    data = predictor.session.cfg.data
+    column, pair = text_column or data.text_column, data.text_pair_column
+    if text_column:  # asked for by name: a row without it is an error naming it, not a missing `text`
+        for row, record in enumerate(inputs, 1):
+            if isinstance(record, dict) and text_column not in record:
+                raise DataError(str(source), f"no {text_column!r} field (--text-column); fields found: "
+                                f"{', '.join(record) or 'none'}", row=row)
+    # A row without the text goes to the task as it is: NER takes pre-tokenized {"tokens": [...]} rows (with
+    # the text beside them: kept).
+    records = [{**i, "text": i[column], **({"text_pair": i.get(pair)} if pair else {})}
+               if isinstance(i, dict) and column in i else i for i in inputs]
+    # An empty or blank text gets an error record in its place (every input its own output line, in order); the
+    # others are predicted together, a problem with one of them named by its input row.
+    texts = [r.get("text") if isinstance(r, dict) and "tokens" not in r else r for r in records]
+    empty = [isinstance(text, str) and not text.strip() for text in texts]
+    rows = [i for i, e in enumerate(empty, 1) if not e]  # the input row of each record predicted
+    try:
+        found = iter(predictor.predict([records[i - 1] for i in rows]) if rows else [])
+    except DataError as err:
+        if err.row is None or not 0 < err.row <= len(rows):
+            raise
+        raise DataError(err.path, err.message, row=rows[err.row - 1], field=err.field, unit=err.unit) from None
+    return [{"error": "empty text: nothing to predict"} if e else next(found) for e in empty], sum(empty)
+
+
+def read_inputs(path: str, column: str = "text") -> list[Any]:
+    """Inputs for predict: JSONL/JSON/CSV/TSV rows (dicts), or plain text lines (file or stdin), every line one
+    input, blank ones too (the final line end makes no line)."""
+    if path == "-" or Path(path).suffix in (".txt", ""):
+        stdin = getattr(sys.stdin, "buffer", None) if path == "-" else None
+        data = Path(path).read_bytes() if path != "-" else stdin.read() if stdin is not None else sys.stdin.read()
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        # Universal newlines (\r\n and \r end a line, as \n does: no \r is left on a text), on stdin as in a file;
+        # not splitlines(): U+2028, form feeds ... end no line.
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        return lines[:-1] if lines[-1] == "" else lines
+    from lmtune.data import read_table
+
+    file = Path(path)
+    ds = read_table(file)  # fields other rows of the file have and this one lacks (None) are left out
+    # Every CSV row has every column: an empty text field is empty text (an error record), not a missing field.
+    kept = column if file.name.lower().removesuffix(".gz").endswith((".csv", ".tsv")) else None
+    return [{k: "" if v is None else v for k, v in row.items() if k != "_row" and (v is not None or k == kept)}
+            for row in ds]
+
+
+def write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> list[str]:
+    """Each input row with its prediction's fields; a field the input has already (a gold `label` column, say) keeps
+    the input's value and the prediction's is written as `predicted_<field>` (those fields are returned)."""
+    rows, clashes = [], set()
+    for given, pred in zip(inputs, preds):
+        row = dict(given) if isinstance(given, dict) else {"text": given}
+        clashes.update(k for k in pred if k in row)
+        rows.append({**row, **{f"predicted_{k}" if k in row else k: v for k, v in pred.items()}})
+    if path == "-":
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return sorted(clashes)
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    if file.suffix in (".csv", ".tsv"):
+        import pandas as pd
+
+        flat = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows]
+        pd.DataFrame(flat).to_csv(file, index=False, sep="\t" if file.suffix == ".tsv" else ",")
+    else:
+        file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return sorted(clashes)
+
+
+def _finite(value: Any) -> bool:
+    """Whether every number in a prediction is finite (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite, value))
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrite: bool = False,
+           **permissions: bool) -> Path:
+    """Write the run's model as a plain HF folder; adapters are merged into the weights (`merge`).
+
+    An existing non-empty `output` folder is replaced only with `overwrite`, and only if an earlier export wrote it
+    (its `.lmtune` marker); a file, the run directory, a folder holding it or one inside it never is."""
+    import tempfile
+
+    from lmtune import rundir
+    from lmtune.files import replace_dir
+
+    output = Path(output)
+    rundir.refuse_special(output)
+    if output.exists():
+        if not output.is_dir():
+            raise ValueError(f"{output} is a file; export writes a folder: choose another --output")
+        if Path(run_dir).resolve().is_relative_to(output.resolve()):
+            raise ValueError(f"{output} holds the run {run_dir} itself: choose another --output")
+        if any(output.iterdir()) and not overwrite:
+            raise ValueError(f"{output} exists and is not empty: choose another --output, or pass --overwrite to "
+                             "replace it")
+    if output.resolve().is_relative_to(Path(run_dir).resolve()):  # its model/, plots/ ... would be replaced
+        raise ValueError(f"{output} lies inside the run {run_dir}: choose a folder outside it for --output")
+    if output.is_dir() and any(output.iterdir()) and (rundir.read_marker(output) or {}).get("kind") != "export":
+        raise rundir.FolderError(f"{output} was not written by `lmtune export` (it has no {rundir.MARKER} marker of "
+                                 "one): --overwrite replaces only an earlier export; choose another --output or move "
+                                 "that folder away yourself")
+    session = Predictor(run_dir, **permissions).session
+    model = session.model
+    if is_adapter(model):
+        if model.active_peft_config.is_prompt_learning:
+            raise ValueError(f"{run_dir} holds a prompt-tuning adapter: its virtual tokens are added at run time and "
+                             "cannot be merged into the weights; use the run itself (lmtune.load, lmtune predict)")
+        if not merge:
+            raise ValueError(f"{run_dir} holds an adapter: export it with --merge")
+        model = model.merge_and_unload()
+    rundir.make_parent(output.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))  # a name of its own
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    try:
+        model.save_pretrained(tmp)
+        session.tokenizer.save_pretrained(tmp)
+        (tmp / rundir.MARKER).write_text(json.dumps({"kind": "export", "run": str(run_dir)}), encoding="utf-8")
+        replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def load(run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Predictor:
+    """A finished run, ready to predict; `trust_remote_code` / `allow_pickle` are yours to give (never its config's)."""
+    return Predictor(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
+def evaluate(run_dir: str | Path, data: str | Path, on_bad_rows: str | None = None, **permissions: bool
+             ) -> dict[str, Any]:
+    return Predictor(run_dir, **permissions).evaluate(data, on_bad_rows)
