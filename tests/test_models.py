@@ -23,9 +23,16 @@ def pickled_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def test_unknown_name_is_not_downloaded(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="neither a built-in name .* never downloaded"):
+def test_unknown_name_is_not_downloaded_offline(tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    # A name that is no built-in and no folder is read as a Hub id; offline, only the cache could serve it.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="no local folder of that name, and the Hub model 'bert-base-uncased' is not "
+                                         "in the Hugging Face cache"):
         resolve_model("bert-base-uncased")
+    assert not (tmp_path / "hub" / "models--bert-base-uncased" / "snapshots").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model(str(tmp_path / "empty"))

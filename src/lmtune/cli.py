@@ -252,7 +252,7 @@ def inspect_data(config: Path = typer.Argument(..., help="Run config (YAML)."),
 def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the task and data to choose a model for."),
                  overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides."),
                  candidates: str = typer.Option(..., "--candidates", "-c", help="Comma-separated built-in model "
-                                                "names or local folders, e.g. minilm-l6,smollm2-135m,./my-model."),
+                                                "names, local folders or Hub ids, e.g. minilm-l6,./my-model,org/name."),
                  sample: int = typer.Option(1000, "--sample", help="Training rows to assess on (stratified)."),
                  folds: int = typer.Option(5, "--folds", help="Cross-validation folds of the linear probe."),
                  output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for select.json "

@@ -29,7 +29,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = "minilm-l6"
-    """Pretrained model: a built-in name (see `lmtune ls`) or a local Hugging Face model folder."""
+    """Pretrained model: a built-in name (see `lmtune ls`), a local Hugging Face model folder, or a Hub id
+    (`org/name`, `org/name@revision`: fetched once into the HF cache, recorded as the commit it resolved to)."""
     max_length: int | None = None
     """Longest input in tokens: classification and instruct truncate longer inputs, NER and QA cut them into
     overlapping windows, causal_lm packs documents into rows of this length. Default: the model's own limit (at

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from lmtune.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
-    from lmtune.config import ModelConfig
+    from lmtune.config import ModelConfig, RunConfig
 
 log = logging.getLogger("lmtune")
 
@@ -28,8 +28,9 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['ro
                    "{% endif %}")
 
 
-def resolve_model(name: str) -> Path:
-    """Turn a built-in model name or a local folder into the folder that holds the model files."""
+def resolve_model(name: str, allow_pickle: bool = False) -> Path:
+    """The folder that holds a model's files: a built-in name's, a local folder, else a Hub id's cached snapshot
+    (fetched once; pickled weights only with `allow_pickle`). A local folder wins over a Hub id of the same name."""
     if name in BUILTIN_MODELS:
         package, version, inner = BUILTIN_MODELS[name]
         try:
@@ -44,11 +45,35 @@ def resolve_model(name: str) -> Path:
         return folder
     folder = Path(name).expanduser()
     if not folder.is_dir():
-        raise ModelError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) nor a "
-                         "local folder; models are never downloaded at run time")
+        from lmtune import hub
+
+        if hub.parse_id(name) is None:
+            raise ModelError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), a local "
+                             "folder nor a Hub id (org/name, org/name@revision)")
+        return hub.fetch_model(name, allow_pickle)
     if not (folder / "config.json").is_file():
         raise ModelError(f"model folder {folder} has no config.json")
     return folder
+
+
+def pinned_name(name: str, allow_pickle: bool = False) -> str:
+    """`name` as a saved config should hold it: a Hub id pinned to the commit its revision names now (the run can be
+    repeated exactly); built-in names and local folders as they are."""
+    if name in BUILTIN_MODELS or Path(name).expanduser().is_dir():
+        return name
+    from lmtune import hub
+
+    return hub.pinned(name, allow_pickle)
+
+
+def pin(cfg: RunConfig) -> RunConfig:
+    """The config with model.name pinned (`pinned_name`): what config.yaml records."""
+    name = pinned_name(cfg.model.name, cfg.model.allow_pickle)
+    if name == cfg.model.name:
+        return cfg
+    log.info("model %s: the Hub revision is commit %s (recorded as model.name=%s)", cfg.model.name,
+             name.rpartition("@")[2], name)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": name})})
 
 
 def converted_gguf(file: Path, name: str, version: str, convert: Any = None) -> Path:
@@ -136,7 +161,7 @@ def load_tokenizer(cfg: ModelConfig, folder: Path | None = None) -> Any:
     """The configured model's tokenizer, or the one saved in `folder` (a run's model, adapter runs too)."""
     from transformers import AutoTokenizer
 
-    folder = folder or resolve_model(cfg.name)
+    folder = folder or resolve_model(cfg.name, cfg.allow_pickle)
     if Path(folder).is_dir() and not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
         # transformers would build an empty tokenizer that turns every word into the unknown token
         raise ModelError(f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the "
@@ -161,7 +186,7 @@ def max_length(cfg: ModelConfig, tokenizer: Any, model_config: Any) -> int:
 
 def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, list[str]]:
     """Load `auto_class` from the configured model; returns the model and the names of new weights."""
-    folder = resolve_model(cfg.name)
+    folder = resolve_model(cfg.name, cfg.allow_pickle)
     check_weight_format(folder, cfg)
     import torch
 
@@ -241,7 +266,7 @@ def dropout_overrides(model_config: Any, p: float) -> dict[str, float]:
 def load_model_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
-    folder = resolve_model(cfg.name)
+    folder = resolve_model(cfg.name, cfg.allow_pickle)
     with remote_code_refused(folder):
         return AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from lmtune import models
 from lmtune.config import RunConfig, load_config
 from lmtune.errors import ConfigError
 from lmtune.preflight import check_setup
@@ -33,6 +34,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     cfg = config if isinstance(config, RunConfig) and not overrides else load_config(config, overrides)
     if cfg.train.seeds:
         raise ConfigError("train.seeds: several seeds train through lmtune.train or `lmtune train` (one run each)")
+    cfg = models.pin(cfg)  # a Hub model's revision recorded as the commit it is now
     setup = check_setup(cfg)  # what validate checks beyond the config file, before anything is written
     accelerator = make_accelerator(cfg.train.precision)
     with open_run(cfg, stem or config_stem(config), resume, accelerator) as run_dir:
@@ -77,7 +79,6 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     """Read and encode the data, load the model, apply the method: the loop's job."""
     import transformers
 
-    from lmtune import models
     from lmtune.evaluation.forgetting import general_text_probe
     from lmtune.methods import TaskInfo
     from lmtune.training.losses import training_loss

@@ -189,7 +189,7 @@ def select(config: str | Path | dict | RunConfig, candidates: list[str], overrid
            sample: int = 1000, folds: int = 5, output: str | Path | None = None) -> Selection:
     """Assess every candidate on one sample of the configured data, rank them and write select.json."""
     if not candidates:
-        raise ValueError("--candidates: give at least one model (built-in name or local folder)")
+        raise ValueError("--candidates: give at least one model (built-in name, local folder or Hub id)")
     if sample < 2 or folds < 2:
         raise ValueError(f"--sample {sample} --folds {folds}: need at least 2 examples and 2 folds")
     cfg = load_config(config, overrides)

@@ -1,0 +1,112 @@
+"""Hub model ids, offline: a cache prepared in the standard huggingface_hub layout serves them; the commit is recorded;
+pickles and code are refused unless allowed; a missing id says what to do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import lmtune
+from lmtune.config import load_config
+from lmtune.errors import ModelError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(cache: Path, repo: str, source: Path, commit: str = COMMIT, refs: tuple[str, ...] = ("main",)) -> Path:
+    """A model as `snapshot_download` leaves it in the cache: snapshots/<commit>/<files>, refs/<revision> -> commit."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    shutil.copytree(source, snapshot)
+    (folder / "refs").mkdir()
+    for ref in refs:
+        (folder / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch) -> Path:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no machine here reaches a hub
+    return cache
+
+
+def test_a_hub_id_from_the_cache_trains_records_its_commit_and_reloads(hub_cache, tiny_model_dir, tiny_config,
+                                                                       tmp_path) -> None:
+    cache_repo(hub_cache, "lmtune-test/tiny-bert", tiny_model_dir, refs=("main", "v1"))
+    tiny_config["train"]["max_steps"] = 2
+    for name, run in (("lmtune-test/tiny-bert", "latest"), ("lmtune-test/tiny-bert@v1", "tagged")):
+        tiny_config["model"]["name"] = name
+        tiny_config["output"]["name"] = run
+        result = lmtune.train(tiny_config)
+        pinned = f"lmtune-test/tiny-bert@{COMMIT}"
+        assert load_config(result.run_dir / "config.yaml").model.name == pinned  # repeats the run exactly
+        assert json.loads((result.run_dir / "metrics.json").read_text())["model"] == pinned
+        assert lmtune.load(result.run_dir).predict(["great film"])[0]["label"] in ("negative", "positive")
+
+
+def test_a_lora_run_reloads_its_hub_base_from_the_cache_and_says_when_it_is_gone(hub_cache, tiny_model_dir,
+                                                                                  tiny_config) -> None:
+    cache_repo(hub_cache, "lmtune-test/tiny-bert", tiny_model_dir)
+    tiny_config["model"]["name"] = "lmtune-test/tiny-bert"
+    tiny_config["method"] = {"name": "lora", "r": 2}
+    tiny_config["train"]["max_steps"] = 2
+    run = lmtune.train(tiny_config).run_dir
+    assert lmtune.load(run).predict(["great film"])[0]["label"] in ("negative", "positive")
+    shutil.rmtree(hub_cache / "models--lmtune-test--tiny-bert")
+    with pytest.raises(ModelError, match=r"not in the Hugging Face cache .* HF_HUB_OFFLINE=1 is set"):
+        lmtune.load(run)
+
+
+def test_pickled_weights_and_model_code_from_the_hub_are_refused_with_the_option_named(hub_cache, tiny_model_dir,
+                                                                                        tiny_config) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    snapshot = cache_repo(hub_cache, "lmtune-test/pickled", tiny_model_dir)
+    torch.save(load_file(str(snapshot / "model.safetensors")), snapshot / "pytorch_model.bin")
+    (snapshot / "model.safetensors").unlink()
+    tiny_config["model"]["name"] = "lmtune-test/pickled"
+    tiny_config["train"]["max_steps"] = 1
+    with pytest.raises(ModelError, match="model.allow_pickle=true"):
+        lmtune.train(tiny_config)
+    tiny_config["model"]["allow_pickle"] = True
+    assert lmtune.train(tiny_config).metrics["steps"] == 1
+
+    snapshot = cache_repo(hub_cache, "lmtune-test/custom", tiny_model_dir, commit="f" * 40)
+    config = json.loads((snapshot / "config.json").read_text())
+    config.update(model_type="custombert", auto_map={"AutoConfig": "custom.CustomConfig"})
+    (snapshot / "config.json").write_text(json.dumps(config))
+    (snapshot / "custom.py").write_text("raise SystemExit('model code ran')\n")
+    tiny_config["model"] = {"name": "lmtune-test/custom"}
+    tiny_config["output"]["name"] = "custom"
+    with pytest.raises(ModelError, match="model.trust_remote_code=true"):
+        lmtune.train(tiny_config)
+
+
+def test_a_name_found_nowhere_names_both_readings_and_the_way_out(hub_cache, tiny_config) -> None:
+    tiny_config["model"]["name"] = "lmtune-test/missing"
+    with pytest.raises(ModelError, match=r"no local folder of that name, and the Hub model 'lmtune-test/missing' is "
+                                         r"not in the Hugging Face cache .*hf download lmtune-test/missing"):
+        lmtune.train(tiny_config)
+    tiny_config["model"]["name"] = "../not/here"
+    with pytest.raises(ModelError, match="neither a built-in name .*, a local folder nor a Hub id"):
+        lmtune.train(tiny_config)
+
+
+def test_a_local_folder_wins_over_a_hub_id_of_the_same_name(hub_cache, tiny_model_dir, tiny_config, tmp_path,
+                                                           monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "lmtune-test" / "tiny-bert")  # and nothing of it in the cache
+    tiny_config["model"]["name"] = "lmtune-test/tiny-bert"
+    tiny_config["train"]["max_steps"] = 1
+    run = lmtune.train(tiny_config).run_dir
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == "lmtune-test/tiny-bert"
