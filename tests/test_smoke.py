@@ -98,5 +98,16 @@ def test_task_method_pair(task: str, method: str, request: pytest.FixtureRequest
     assert 0 < result.metrics["params"]["trainable"] <= result.metrics["params"]["total"]
     preds = lmtune.load(result.run_dir).predict(inputs)
     assert len(preds) == len(inputs)
+    # The model card parses as the Hub reads it, with the test metrics in model-index form.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(result.run_dir / "model" / "README.md")
+    assert card.data.pipeline_tag == TASKS[task].pipeline_tag and "lmtune" in card.data.tags
+    assert card.data.library_name == ("peft" if method == "lora" else "transformers")
+    indexed = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    for key, value in result.metrics["test"].items():
+        if isinstance(value, float):
+            assert indexed[("test", key)] == pytest.approx(value, abs=1e-6), key
+    assert "## Training" in card.text and "## Results" in card.text and "lmtune.load" in card.text
     if method == "lora":  # only the adapter is saved
         assert not any((result.run_dir / "model").glob("model*.safetensors"))

@@ -218,6 +218,11 @@ def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrit
     try:
         model.save_pretrained(tmp)
         session.tokenizer.save_pretrained(tmp)
+        if (Path(run_dir) / "metrics.json").is_file():  # the card, for the merged model now
+            from lmtune.evaluation.card import write_card
+
+            metrics = json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
+            write_card(tmp, session.cfg, metrics, session.task.pipeline_tag, final=output, exported=True)
         (tmp / rundir.MARKER).write_text(json.dumps({"kind": "export", "run": str(run_dir)}), encoding="utf-8")
         replace_dir(tmp, output)
     except BaseException:

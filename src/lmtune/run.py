@@ -50,7 +50,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         if not weights_finite(list(session.model.parameters()), accelerator):  # never saved as the run's model
             raise diverged(run_dir, state.step, "the final weights hold values that are not finite (NaN/inf)")
         if accelerator.is_main_process:
-            save_outputs(run_dir, session.model, session.tokenizer, run.task, metrics, run.job.metric)
+            save_outputs(run_dir, session.model, session.tokenizer, run.task, metrics, cfg)
         accelerator.wait_for_everyone()
         return RunResult(run_dir, metrics)
 

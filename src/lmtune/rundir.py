@@ -296,7 +296,9 @@ def _check_resume(cfg: RunConfig, run_dir: Path) -> None:
              at.epoch + 1, at.batch)
 
 
-def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, metric: str) -> None:
+def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, cfg: RunConfig) -> None:
+    """The run's results: the model folder (with its card), metrics.json, the plots; the checkpoints go."""
+    from lmtune.evaluation.card import write_card
     from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting
     from lmtune.models import is_adapter
     from lmtune.files import replace_dir, write_text
@@ -309,8 +311,10 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
     if is_adapter(model):
         model.get_base_model().config.save_pretrained(tmp / "base_config")  # label names for reloading
     tokenizer.save_pretrained(tmp)
+    write_card(tmp, cfg, metrics, task.pipeline_tag, adapter=is_adapter(model), final=run_dir / "model")
     replace_dir(tmp, run_dir / "model")
     write_text(run_dir / "metrics.json", json.dumps(finite_json(metrics), indent=2, default=str, allow_nan=False))
+    metric = metrics["selection"]["metric"]
     plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
     if "overfitting" in metrics:
         plot_overfitting(metrics["overfitting"], run_dir / "plots" / "overfitting.png")

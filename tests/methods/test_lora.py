@@ -91,6 +91,9 @@ def test_cli_export(lora_run, tmp_path) -> None:
     result = CliRunner().invoke(app, ["export", str(lora_run.run_dir), "-o", str(tmp_path / "plain")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "plain" / "config.json").is_file()
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(tmp_path / "plain" / "README.md").data.library_name == "transformers"  # merged now
     # Nothing the user has is replaced unasked: a non-empty folder, a file, the run itself.
     notes = tmp_path / "mine"
     notes.mkdir()

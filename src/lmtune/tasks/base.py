@@ -32,6 +32,8 @@ class Task(ABC):
     ignored); train.label_smoothing recomputes the loss from them. Empty: the loss is something else."""
 
     # Optional capabilities, "not supported" unless a task says otherwise.
+    pipeline_tag: ClassVar[str | None] = None
+    """The Hub's name for what the model does (text-classification ...), for the model card; None: none fits."""
     mixes_replay: ClassVar[bool] = False
     """The task mixes data.replay's general text into training (other tasks refuse that option)."""
     generates: ClassVar[bool] = False

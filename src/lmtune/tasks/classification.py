@@ -52,6 +52,7 @@ def _sort_labels(names: set[str]) -> list[str]:
 
 @register_task("classification")
 class Classification(Task):
+    pipeline_tag = "text-classification"
     Options = ClassificationOptions
 
     def __init__(self, options: ClassificationOptions, data: DataConfig, labels: list[str] | None = None):

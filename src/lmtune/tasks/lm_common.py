@@ -67,6 +67,7 @@ class DecoderTask(Task):
     cross_entropy_targets: list[tuple[str, str]] = []  # the loss is over shifted tokens: no smoothing here
     mixes_replay = True  # data.replay: general text mixed into training (other tasks refuse it)
     generates = True  # predictions continue the prompt
+    pipeline_tag = "text-generation"
     greater_is_better = staticmethod(greater_is_better)
     count_targets = staticmethod(count_targets)
 

@@ -77,6 +77,7 @@ def _predict_input(record: Any, row: int) -> dict[str, Any]:
 
 @register_task("ner")
 class Ner(Task):
+    pipeline_tag = "token-classification"
     Options = NerOptions
     default_metric = "f1"
     metric_names = ("f1", "precision", "recall", "token_accuracy", "loss")

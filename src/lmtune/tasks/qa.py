@@ -52,6 +52,7 @@ class QAOptions(BaseModel):
 
 @register_task("qa")
 class QuestionAnswering(Task):
+    pipeline_tag = "question-answering"
     Options = QAOptions
     default_metric = "f1"
     # The models' own loss is the mean of start and end cross-entropy; positions always lie in the window.
