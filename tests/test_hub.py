@@ -110,3 +110,46 @@ def test_a_local_folder_wins_over_a_hub_id_of_the_same_name(hub_cache, tiny_mode
     tiny_config["train"]["max_steps"] = 1
     run = lmtune.train(tiny_config).run_dir
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == "lmtune-test/tiny-bert"
+
+
+def cache_dataset(cache: Path, repo: str, files: dict[str, list[dict]], commit: str = COMMIT) -> Path:
+    """A dataset repository as `snapshot_download(repo_type="dataset")` leaves it: CSV files named by split."""
+    from helpers import write_csv
+
+    folder = cache / f"datasets--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, rows in files.items():
+        write_csv(snapshot / name, rows)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_a_hub_dataset_from_the_cache_trains_records_its_commit_and_names_its_bad_rows(hub_cache, tiny_config,
+                                                                                      tmp_path) -> None:
+    from helpers import make_sentiment_rows
+
+    from lmtune.errors import DataError
+
+    rows = make_sentiment_rows(64, seed=1)
+    cache_dataset(hub_cache, "lmtune-test/reviews", {"train.csv": rows, "test.csv": make_sentiment_rows(16, seed=2)})
+    tiny_config["data"].update(train="hf:lmtune-test/reviews:train", test="hf:lmtune-test/reviews:test")
+    tiny_config["train"]["max_steps"] = 2
+    result = lmtune.train(tiny_config)
+    saved = load_config(result.run_dir / "config.yaml").data
+    assert (saved.train, saved.test) == (f"hf:lmtune-test/reviews@{COMMIT}:train", f"hf:lmtune-test/reviews@{COMMIT}:test")
+    assert result.metrics["data"]["rows"]["test"] == 16
+
+    rows[4]["text"] = ""  # checked as a local file's rows are, and named the same way
+    cache_dataset(hub_cache, "lmtune-test/broken", {"train.csv": rows}, commit="e" * 40)
+    tiny_config["data"].update(train="hf:lmtune-test/broken:train", test=None)
+    tiny_config["output"]["name"] = "broken"
+    with pytest.raises(DataError, match=r"hf:lmtune-test/broken@e{40}:train, row 5, field 'text': empty text"):
+        lmtune.train(tiny_config)
+    tiny_config["data"]["train"] = "hf:lmtune-test/absent:train"
+    with pytest.raises(DataError, match=r"not in the Hugging Face cache .*hf download --repo-type dataset"):
+        lmtune.train(tiny_config)
+    tiny_config["data"]["train"] = "hf:no-split-named"
+    with pytest.raises(DataError, match=r"hf:ORG/NAME\[@REVISION\]\[/CONFIG\]:SPLIT"):
+        lmtune.train(tiny_config)

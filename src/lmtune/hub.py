@@ -1,10 +1,12 @@
-"""Models from the Hugging Face Hub: a Hub id (`org/name`, `org/name@revision`) fetched once into the standard HF
-cache with only the files loading needs, its revision pinned to the commit it names."""
+"""Models and datasets from the Hugging Face Hub: a model id (`org/name`, `org/name@revision`) or a dataset name
+(`hf:org/name[@revision][/config]:split`) fetched once into the standard HF cache (a model with only the files loading
+needs), its revision pinned to the commit it names."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from lmtune.errors import ModelError
 
@@ -68,3 +70,71 @@ def pinned(name: str, allow_pickle: bool = False) -> str:
     if parsed is None or (parsed[1] and _COMMIT.match(parsed[1])):
         return name
     return f"{parsed[0]}@{fetch_model(name, allow_pickle).name}"  # the snapshot folder is named by its commit
+
+
+# Datasets: `hf:ORG/NAME[@REVISION][/CONFIG]:SPLIT` wherever a data file may be named.
+DATA_PREFIX = "hf:"
+_DATA = re.compile(r"^hf:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w.-]+))?(?:/(?P<config>[\w.-]+))?"
+                   r":(?P<split>[\w.\-\[\]%:]+)$")
+
+
+def is_dataset_name(text: str) -> bool:
+    return str(text).startswith(DATA_PREFIX)
+
+
+def parse_dataset_name(text: str) -> tuple[str, str | None, str | None, str]:
+    """(repository, revision, config, split) of `hf:ORG/NAME[@REVISION][/CONFIG]:SPLIT`; a DataError otherwise."""
+    match = _DATA.match(str(text))
+    if match is None:
+        from lmtune.errors import DataError
+
+        raise DataError(str(text), "a Hub dataset is named hf:ORG/NAME[@REVISION][/CONFIG]:SPLIT, e.g. "
+                                   "hf:stanfordnlp/sst2:train or hf:nyu-mll/glue/sst2:validation")
+    return match["repo"], match["revision"], match["config"], match["split"]
+
+
+def fetch_dataset(text: str) -> Path:
+    """The cached snapshot folder of a Hub dataset (downloaded first where not cached and the Hub can be reached)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    from lmtune.errors import DataError
+
+    repo, revision, _, _ = parse_dataset_name(text)
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision))
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
+        raise DataError(text, f"the Hub has no dataset {repo!r}{f' at {revision!r}' if revision else ''} you can "
+                              f"read ({type(err).__name__})") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        offline = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise DataError(text, f"the Hub dataset {repo!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                              f"while {offline} ({type(err).__name__}): fetch it once with network access "
+                              f"(`hf download --repo-type dataset {repo}`), or give a local file") from None
+
+
+def read_dataset(text: str) -> Any:
+    """A Hub dataset's split as a `datasets.Dataset`, read with `load_dataset` from its cached snapshot (datasets'
+    own lookup of a Hub name does not read the hub cache offline)."""
+    import datasets
+
+    from lmtune.errors import DataError
+
+    _, _, config, split = parse_dataset_name(text)
+    folder = fetch_dataset(text)
+    try:
+        return datasets.load_dataset(str(folder), name=config, split=split)
+    except ValueError as err:  # an unknown split or config
+        raise DataError(text, f"cannot read it from {folder}: {str(err).splitlines()[0][:300]}") from None
+
+
+def pinned_data(text: str | None) -> str | None:
+    """A Hub dataset name with its revision replaced by the commit it names now; any other path as it is."""
+    if text is None or not is_dataset_name(text):
+        return text
+    repo, revision, config, split = parse_dataset_name(text)
+    if revision and _COMMIT.match(revision):
+        return text
+    commit = fetch_dataset(text).name
+    return f"hf:{repo}@{commit}{f'/{config}' if config else ''}:{split}"

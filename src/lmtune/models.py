@@ -67,13 +67,19 @@ def pinned_name(name: str, allow_pickle: bool = False) -> str:
 
 
 def pin(cfg: RunConfig) -> RunConfig:
-    """The config with model.name pinned (`pinned_name`): what config.yaml records."""
+    """The config with model.name (`pinned_name`) and Hub dataset names pinned to commits: what config.yaml records."""
+    from lmtune import hub
+
     name = pinned_name(cfg.model.name, cfg.model.allow_pickle)
-    if name == cfg.model.name:
+    files = {key: hub.pinned_data(getattr(cfg.data, key)) for key in ("train", "validation", "test")}
+    changed = {k: v for k, v in files.items() if v != getattr(cfg.data, k)}
+    for given, now in [(cfg.model.name, name), *((getattr(cfg.data, k), v) for k, v in changed.items())]:
+        if given != now:
+            log.info("%s: the Hub revision is commit %s (recorded as %s)", given, now.split("@")[1][:40], now)
+    if name == cfg.model.name and not changed:
         return cfg
-    log.info("model %s: the Hub revision is commit %s (recorded as model.name=%s)", cfg.model.name,
-             name.rpartition("@")[2], name)
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": name})})
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": name}),
+                                  "data": cfg.data.model_copy(update=changed)})
 
 
 def converted_gguf(file: Path, name: str, version: str, convert: Any = None) -> Path:

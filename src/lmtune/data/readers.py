@@ -79,6 +79,13 @@ def read_table(
     if on_bad_rows not in POLICIES:
         raise ValueError(f"unknown bad-row policy {on_bad_rows!r}; expected one of {', '.join(POLICIES)}")
     shown = str(path)
+    if shown.startswith("hf:"):  # a Hub dataset's split: rows numbered by position, checked as a file's are
+        from lmtune import hub
+
+        ds = hub.read_dataset(shown)
+        if len(ds) == 0:
+            raise DataError(shown, "no rows")
+        return ds.add_column(ROW_COLUMN, list(range(1, len(ds) + 1)))
     real = resolve_path(path)
     if not real.exists():
         where = "" if real.is_absolute() else f" (looked at {real.resolve()})"
