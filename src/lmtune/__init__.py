@@ -10,6 +10,7 @@ from lmtune.config import RunConfig, load_config
 from lmtune.errors import ConfigError
 from lmtune.predict import Predictor, evaluate, load
 from lmtune.run import RunResult
+from lmtune.rundir import config_stem
 
 __all__ = ["ConfigError", "Predictor", "RunConfig", "RunResult", "evaluate", "load", "load_config", "train"]
 __version__ = "0.1.0"
@@ -21,7 +22,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
 
     With `train.seeds`, once per seed under one folder: `lmtune.studies.seeds.train_seeds` says what it returns."""
     cfg = load_config(config, overrides)
-    stem = run.config_stem(config)
+    stem = config_stem(config)
     if cfg.train.seeds:
         from lmtune.studies.seeds import train_seeds
 

@@ -261,6 +261,11 @@ class OutputConfig(Section):
     """Folder that holds run directories."""
     name: str | None = None
     """Run directory name; default: `<config file name>-<date>-<time>`."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = ["tensorboard"]
+    """Experiment trackers that get the config, every logged metric, the final metrics and the run's files (mlflow,
+    wandb: optional extras, `pip install 'lmtune[mlflow]'`); [] = metrics.jsonl only."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI; default: MLFLOW_TRACKING_URI, else a store beside the runs (<output.dir>/mlflow.db)."""
     overwrite: bool = False
     """Replace an existing run directory of the same name (otherwise an error): only a folder lmtune made (it holds a
     `.lmtune` marker) and that no running process holds; what it holds is removed, nothing outside it."""

@@ -131,7 +131,7 @@ def read_dataset(text: str) -> Any:
 
 def pinned_data(text: str | None) -> str | None:
     """A Hub dataset name with its revision replaced by the commit it names now; any other path as it is."""
-    if text is None or not is_dataset_name(text):
+    if text is None or not is_dataset_name(text) or Path(text).exists():
         return text
     repo, revision, config, split = parse_dataset_name(text)
     if revision and _COMMIT.match(revision):

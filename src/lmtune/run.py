@@ -12,7 +12,7 @@ from lmtune.config import RunConfig, load_config
 from lmtune.errors import ConfigError
 from lmtune.preflight import check_setup
 from lmtune.registry import METHODS
-from lmtune.rundir import open_run, save_outputs
+from lmtune.rundir import config_stem, open_run, save_outputs
 from lmtune.session import Session, count_params, make_accelerator
 
 
@@ -30,6 +30,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     returns its path and final metrics. Ctrl-C raises `RunInterrupted` saying how to continue."""
     from lmtune.training.guard import diverged, weights_finite
     from lmtune.training.loop import fit
+    from lmtune.training.trackers import tracking
 
     cfg = config if isinstance(config, RunConfig) and not overrides else load_config(config, overrides)
     if cfg.train.seeds:
@@ -39,25 +40,23 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     accelerator = make_accelerator(cfg.train.precision)
     with open_run(cfg, stem or config_stem(config), resume, accelerator) as run_dir:
         run = _set_up(cfg, setup, accelerator, run_dir, callbacks)
-        started = time.perf_counter()
-        try:
-            state = fit(run.job, cfg.train, accelerator, resume=resume)
-        finally:
-            run.task.release_model()
-        session = run.session
-        session.model = run.job.model  # the trained (best, averaged) weights
-        metrics = _measure(cfg, run, state, started)
-        if not weights_finite(list(session.model.parameters()), accelerator):  # never saved as the run's model
-            raise diverged(run_dir, state.step, "the final weights hold values that are not finite (NaN/inf)")
-        if accelerator.is_main_process:
-            save_outputs(run_dir, session.model, session.tokenizer, run.task, metrics, cfg)
+        # Trackers open once data and model are ready: a run that stopped before training leaves only its config.
+        with tracking(cfg, run_dir, accelerator) as run.job.trackers:
+            started = time.perf_counter()
+            try:
+                state = fit(run.job, cfg.train, accelerator, resume=resume)
+            finally:
+                run.task.release_model()
+            session = run.session
+            session.model = run.job.model  # the trained (best, averaged) weights
+            metrics = _measure(cfg, run, state, started)
+            if not weights_finite(list(session.model.parameters()), accelerator):  # never saved as the model
+                raise diverged(run_dir, state.step, "the final weights hold values that are not finite (NaN/inf)")
+            if accelerator.is_main_process:
+                save_outputs(run_dir, session.model, session.tokenizer, run.task, metrics, cfg)
+            run.job.trackers.finish(metrics)  # final metrics; config, metrics.json, plots, model card as files
         accelerator.wait_for_everyone()
         return RunResult(run_dir, metrics)
-
-
-def config_stem(config: Any) -> str:
-    """A run's default name starts with its config file's name ("run" for a config given as data)."""
-    return Path(config).stem if isinstance(config, (str, Path)) else "run"
 
 
 @dataclass

@@ -203,6 +203,11 @@ def differences(saved: Any, now: Any, path: str = "") -> list[str]:
     return [] if saved == now else [f"{path}: {saved!r} -> {now!r}"]
 
 
+def config_stem(config: Any) -> str:
+    """A run's default name starts with its config file's name ("run" for a config given as data)."""
+    return Path(config).stem if isinstance(config, (str, Path)) else "run"
+
+
 def new_name(stem: str) -> str:
     return f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
 

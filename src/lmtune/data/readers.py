@@ -79,7 +79,7 @@ def read_table(
     if on_bad_rows not in POLICIES:
         raise ValueError(f"unknown bad-row policy {on_bad_rows!r}; expected one of {', '.join(POLICIES)}")
     shown = str(path)
-    if shown.startswith("hf:"):  # a Hub dataset's split: rows numbered by position, checked as a file's are
+    if shown.startswith("hf:") and not Path(shown).exists():  # a Hub dataset's split (a local file of that name wins)
         from lmtune import hub
 
         ds = hub.read_dataset(shown)

@@ -1,4 +1,4 @@
-"""Run logs: one JSON line per log/eval step in metrics.jsonl, mirrored to TensorBoard."""
+"""Run logs: one JSON line per log/eval step in metrics.jsonl, mirrored to the run's trackers."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl (+ TensorBoard) written by the main process only."""
+    """Append-only metrics.jsonl (+ the trackers: TensorBoard, MLflow, W&B) written by the main process only."""
 
-    def __init__(self, run_dir: Path, accelerator: Any, truncate_after: int | None = None) -> None:
+    def __init__(self, run_dir: Path, accelerator: Any, truncate_after: int | None = None, trackers: Any = None) -> None:
         self.enabled = accelerator.is_main_process
         self.path = run_dir / "metrics.jsonl"
-        self._tb = None
+        self.trackers = trackers
         if not self.enabled:
             return
         if truncate_after is not None and self.path.exists():
@@ -24,12 +24,7 @@ class MetricsLog:
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= truncate_after]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:  # TensorBoard is optional: metrics.jsonl is the record
-            self._tb = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, step: int, stage: str, values: dict[str, Any]) -> None:
@@ -40,16 +35,12 @@ class MetricsLog:
         record = {"step": step, "stage": stage, "time": round(time.time(), 3), **values}
         self._file.write(json.dumps(finite_json(record), default=_plain, allow_nan=False) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(step, values)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            if self._tb is not None:
-                self._tb.close()
 
 
 def _not_finite(value: Any) -> bool:

@@ -53,6 +53,7 @@ class Job:
     # batch -> number of targets its (mean) loss averages over; given, a step's loss is the mean over every
     # target of its accumulation window (token-level LM losses) instead of the mean of its batches' means.
     count_targets: Callable[[dict], torch.Tensor] | None = None
+    trackers: Any = None  # where the metrics log is mirrored (training.trackers.Trackers: TensorBoard, MLflow, W&B)
 
 
 class _StageRun:
@@ -283,7 +284,7 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     """Train every stage of `job` in turn; with `resume`, continue from checkpoints/last."""
     last = job.run_dir / "checkpoints" / "last"
     state = read_loop_state(last) if resume else LoopState()
-    logs = MetricsLog(job.run_dir, accelerator, truncate_after=state.step if resume else None)
+    logs = MetricsLog(job.run_dir, accelerator, truncate_after=state.step if resume else None, trackers=job.trackers)
     train_rows = TrainRows.of(job.train_set, job.collate, job.count_targets, cfg)
     # The training rows (Python objects when held in memory) and the model live until the end: frozen, the
     # collector's full passes no longer walk them (seconds of stalls over a run with millions of token ids).

@@ -1,0 +1,180 @@
+"""Experiment trackers (`output.report_to`): TensorBoard, MLflow, Weights & Biases. Each gets the flattened config
+as parameters, every logged metric at its step, the final metrics, and the run's files as artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from lmtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmtune.config import RunConfig
+
+log = logging.getLogger("lmtune")
+EXTRAS = {"mlflow": "mlflow-skinny", "wandb": "wandb"}  # the package each tracker needs (lmtune[mlflow] ...)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 5e-05, ...}: a config dump as dotted names (lists kept as text)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree if isinstance(tree, (int, float, str, bool)) or tree is None else str(tree)}
+    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def group_of(run_dir: Path) -> str:
+    """What runs group under: the folder holding the run (a compare's, a several-seed run's, a search's)."""
+    parent = run_dir.parent
+    return parent.parent.name if parent.name == "trials" else parent.name
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoard:
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        for key, value in _numbers(values).items():
+            self.writer.add_scalar(key, value, step)
+
+    def finish(self, metrics: dict[str, Any], files: list[Path], run_dir: Path) -> None:
+        self.writer.close()
+
+    def fail(self) -> None:
+        self.writer.close()
+
+
+class MLflow:
+    """One MLflow run per lmtune run, in the experiment named after its group; the tracking URI from
+    output.mlflow_uri, else MLFLOW_TRACKING_URI, else a store beside the runs (`<output.dir>/mlflow.db`, its
+    artifacts in `<output.dir>/mlartifacts`)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        import mlflow
+
+        root = Path(cfg.output.dir).resolve()
+        uri = cfg.output.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        name = group_of(run_dir)
+        experiment = self.client.get_experiment_by_name(name)
+        # Artifacts beside the store, not in the working directory (MLflow's default for a database store).
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            name, artifact_location=(root / "mlartifacts" / name).as_uri())
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name,
+                                             tags={"lmtune.group": name, "lmtune.task": cfg.task.name,
+                                                   "lmtune.method": cfg.method.name}).info.run_id
+        params = flatten(cfg.model_dump(mode="json"))
+        self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in params.items()])
+        log.info("mlflow: run %s in experiment %r at %s", self.run_id, name, uri)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key.replace("/", "."), value, now, step) for key, value in _numbers(values).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def finish(self, metrics: dict[str, Any], files: list[Path], run_dir: Path) -> None:
+        self.log(metrics.get("steps", 0), _final(metrics))
+        for file in files:
+            relative = file.relative_to(run_dir)
+            self.client.log_artifact(self.run_id, str(file), None if relative.parent == Path(".") else
+                                     str(relative.parent))
+        self.client.set_terminated(self.run_id)
+
+    def fail(self) -> None:
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
+class WandB:
+    """One W&B run per lmtune run (project `lmtune`, grouped), its files under the run folder; `WANDB_MODE=offline`
+    runs without an account."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmtune"), name=run_dir.name,
+                              group=group_of(run_dir), dir=str(run_dir), config=flatten(cfg.model_dump(mode="json")),
+                              tags=[cfg.task.name, cfg.method.name], reinit="finish_previous")
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        self.run.log(_numbers(values), step=step)
+
+    def finish(self, metrics: dict[str, Any], files: list[Path], run_dir: Path) -> None:
+        self.run.summary.update(_final(metrics))
+        for file in files:
+            self.run.save(str(file), base_path=str(run_dir), policy="now")
+        self.run.finish()
+
+    def fail(self) -> None:
+        self.run.finish(exit_code=1)
+
+
+def _final(metrics: dict[str, Any]) -> dict[str, float]:
+    """metrics.json's numbers of the validation and test splits, as `final/<split>/<metric>`."""
+    return {f"final/{split}/{k}": v for split in ("validation", "test")
+            for k, v in _numbers(metrics.get(split, {})).items()}
+
+
+KINDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
+
+
+def open_trackers(cfg: RunConfig, run_dir: Path) -> list[Any]:
+    """The trackers output.report_to names, opened for this run (a missing package is a clear error)."""
+    opened = []
+    for kind in cfg.output.report_to:
+        try:
+            opened.append(KINDS[kind](cfg, run_dir))
+        except ImportError:
+            if kind == "tensorboard":  # TensorBoard is optional: metrics.jsonl is the record
+                continue
+            raise ConfigError(f"output.report_to: {kind} needs its package: pip install 'lmtune[{kind}]' (or "
+                              f"pip install {EXTRAS[kind]})") from None
+    return opened
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """What a tracker keeps of a finished run: config, metrics, plots and the model card."""
+    names = ["config.yaml", "metrics.json", "model/README.md"]
+    return [run_dir / n for n in names if (run_dir / n).is_file()] + sorted((run_dir / "plots").glob("*.png"))
+
+
+class Trackers:
+    """The trackers of one run (none on other processes than the main one)."""
+
+    def __init__(self, opened: list[Any], run_dir: Path) -> None:
+        self.opened, self.run_dir = opened, run_dir
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        for tracker in self.opened:
+            tracker.log(step, values)
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        files = run_files(self.run_dir)
+        for tracker in self.opened:
+            tracker.finish(metrics, files, self.run_dir)
+        self.opened = []
+
+
+@contextlib.contextmanager
+def tracking(cfg: RunConfig, run_dir: Path, accelerator: Any) -> Iterator[Trackers]:
+    """The run's trackers for the block; a block that fails marks their runs failed."""
+    trackers = Trackers(open_trackers(cfg, run_dir) if accelerator.is_main_process else [], run_dir)
+    try:
+        yield trackers
+    except BaseException:
+        for tracker in trackers.opened:
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                tracker.fail()
+        raise

@@ -1,0 +1,65 @@
+"""Experiment trackers: MLflow with a local store and W&B offline get the config, every logged metric with its step,
+the final metrics and the run's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lmtune
+from lmtune.config import ConfigError
+
+
+def test_mlflow_gets_params_metric_histories_and_artifacts(tiny_config: dict, tmp_path: Path) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tiny_config["output"].update(report_to=["mlflow"], mlflow_uri=uri)
+    result = lmtune.train(tiny_config)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("runs")  # grouped by the folder that holds the run
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.005" and run.data.params["method.name"] == "full"
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["train/loss"]) for r in logged if "train/loss" in r]
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train.loss")]
+    assert [s for s, _ in sorted(history)] == [s for s, _ in losses]  # every logged value at its step
+    assert [v for _, v in sorted(history)] == pytest.approx([v for _, v in losses])
+    assert run.data.metrics["final.test.accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    files = {f.path for f in client.list_artifacts(run.info.run_id)} | \
+        {f.path for d in ("model", "plots") for f in client.list_artifacts(run.info.run_id, d)}
+    assert {"config.yaml", "metrics.json", "model/README.md", "plots/learning_curves.png"} <= files
+
+
+def test_wandb_offline_keeps_the_metrics_in_the_run_folder(tiny_config: dict, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tiny_config["output"]["report_to"] = ["wandb"]
+    tiny_config["train"]["max_steps"] = 4
+    result = lmtune.train(tiny_config)
+    (offline,) = (result.run_dir / "wandb").glob("offline-run-*")  # inside the run's own folder
+    (records,) = offline.glob("run-*.wandb")  # W&B's record log, synced later with `wandb sync`
+    data = records.read_bytes()
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert data.count(b"train/loss") >= sum("train/loss" in r for r in logged)  # a history row per logged step
+    assert b"final/test/accuracy" in data and b"train.lr" in data  # the final metrics, the config
+    assert (offline / "files" / "metrics.json").is_file() and (offline / "files" / "model" / "README.md").is_file()
+
+
+def test_a_tracker_whose_package_is_missing_is_named_with_its_extra(tiny_config: dict, monkeypatch) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    tiny_config["output"]["report_to"] = ["wandb"]
+    with pytest.raises(ConfigError, match=r"pip install 'lmtune\[wandb\]'"):
+        lmtune.train(tiny_config)
