@@ -153,3 +153,26 @@ def test_a_hub_dataset_from_the_cache_trains_records_its_commit_and_names_its_ba
     tiny_config["data"]["train"] = "hf:no-split-named"
     with pytest.raises(DataError, match=r"hf:ORG/NAME\[@REVISION\]\[/CONFIG\]:SPLIT"):
         lmtune.train(tiny_config)
+
+
+def test_a_resumed_run_stays_on_the_commit_it_started_on_when_the_branch_moved(hub_cache, tiny_model_dir,
+                                                                               tiny_config) -> None:
+    snapshot = cache_repo(hub_cache, "lmtune-test/tiny-bert", tiny_model_dir)
+    tiny_config["model"]["name"] = "lmtune-test/tiny-bert"
+    tiny_config["train"].update(eval_every=3)
+
+    class Stop(Exception):
+        pass
+
+    def crash(state) -> None:
+        if state.step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        lmtune.train(tiny_config, callbacks=[crash])
+    moved = "9" * 40  # main moves on upstream while the run is interrupted
+    shutil.copytree(snapshot, snapshot.parent / moved)
+    (hub_cache / "models--lmtune-test--tiny-bert" / "refs" / "main").write_text(moved)
+    result = lmtune.train(tiny_config, resume=True)  # the same config, given again
+    assert load_config(result.run_dir / "config.yaml").model.name == f"lmtune-test/tiny-bert@{COMMIT}"
+    assert result.metrics["model"] == f"lmtune-test/tiny-bert@{COMMIT}"

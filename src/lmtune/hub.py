@@ -28,9 +28,10 @@ def parse_id(name: str) -> tuple[str, str | None] | None:
     return match["repo"], match["revision"]
 
 
-def fetch_model(name: str, allow_pickle: bool = False) -> Path:
+def fetch_model(name: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """The cached snapshot folder of the Hub model `name`, downloaded first where it is not cached (and the Hub can
-    be reached); `HF_HUB_OFFLINE=1` uses the cache alone."""
+    be reached); `HF_HUB_OFFLINE=1` uses the cache alone. The model's own code (`*.py`) only with
+    `trust_remote_code`."""
     parsed = parse_id(name)
     if parsed is None:
         raise ModelError(f"model {name!r} is neither a built-in name, a local folder nor a Hub id (org/name[@revision])")
@@ -39,7 +40,7 @@ def fetch_model(name: str, allow_pickle: bool = False) -> Path:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    patterns = MODEL_FILES + (PICKLE_FILES if allow_pickle else [])
+    patterns = MODEL_FILES + (PICKLE_FILES if allow_pickle else []) + (["*.py"] if trust_remote_code else [])
     try:
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except (RepositoryNotFoundError, GatedRepoError) as err:
@@ -49,7 +50,8 @@ def fetch_model(name: str, allow_pickle: bool = False) -> Path:
         raise ModelError(f"model {name!r}: the Hub repository {repo!r} has no revision {revision!r}") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         offline = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        raise ModelError(f"model {name!r}: no local folder of that name, and the Hub model {repo!r}"
+        raise ModelError(f"model {name!r}: not a built-in name, no local folder of that name, and the Hub model "
+                         f"{repo!r}"
                          f"{f' at {revision!r}' if revision else ''} is not in the Hugging Face cache "
                          f"({constants.HF_HUB_CACHE}) while {offline} ({type(err).__name__}). Fetch it once with "
                          f"network access (`hf download {repo}`, or any lmtune command without HF_HUB_OFFLINE=1), "
@@ -63,13 +65,13 @@ def fetch_model(name: str, allow_pickle: bool = False) -> Path:
     return folder
 
 
-def pinned(name: str, allow_pickle: bool = False) -> str:
+def pinned(name: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
     """A Hub id with its revision replaced by the commit it names now (`org/name@<commit>`), so that a saved config
     repeats the run exactly; any other name as it is."""
     parsed = parse_id(name)
     if parsed is None or (parsed[1] and _COMMIT.match(parsed[1])):
         return name
-    return f"{parsed[0]}@{fetch_model(name, allow_pickle).name}"  # the snapshot folder is named by its commit
+    return f"{parsed[0]}@{fetch_model(name, allow_pickle, trust_remote_code).name}"  # named by its commit
 
 
 # Datasets: `hf:ORG/NAME[@REVISION][/CONFIG]:SPLIT` wherever a data file may be named.

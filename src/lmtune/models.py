@@ -28,7 +28,7 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['ro
                    "{% endif %}")
 
 
-def resolve_model(name: str, allow_pickle: bool = False) -> Path:
+def resolve_model(name: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """The folder that holds a model's files: a built-in name's, a local folder, else a Hub id's cached snapshot
     (fetched once; pickled weights only with `allow_pickle`). A local folder wins over a Hub id of the same name."""
     if name in BUILTIN_MODELS:
@@ -50,27 +50,27 @@ def resolve_model(name: str, allow_pickle: bool = False) -> Path:
         if hub.parse_id(name) is None:
             raise ModelError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), a local "
                              "folder nor a Hub id (org/name, org/name@revision)")
-        return hub.fetch_model(name, allow_pickle)
+        return hub.fetch_model(name, allow_pickle, trust_remote_code)
     if not (folder / "config.json").is_file():
         raise ModelError(f"model folder {folder} has no config.json")
     return folder
 
 
-def pinned_name(name: str, allow_pickle: bool = False) -> str:
+def pinned_name(name: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
     """`name` as a saved config should hold it: a Hub id pinned to the commit its revision names now (the run can be
     repeated exactly); built-in names and local folders as they are."""
     if name in BUILTIN_MODELS or Path(name).expanduser().is_dir():
         return name
     from lmtune import hub
 
-    return hub.pinned(name, allow_pickle)
+    return hub.pinned(name, allow_pickle, trust_remote_code)
 
 
 def pin(cfg: RunConfig) -> RunConfig:
     """The config with model.name (`pinned_name`) and Hub dataset names pinned to commits: what config.yaml records."""
     from lmtune import hub
 
-    name = pinned_name(cfg.model.name, cfg.model.allow_pickle)
+    name = pinned_name(cfg.model.name, cfg.model.allow_pickle, cfg.model.trust_remote_code)
     files = {key: hub.pinned_data(getattr(cfg.data, key)) for key in ("train", "validation", "test")}
     changed = {k: v for k, v in files.items() if v != getattr(cfg.data, k)}
     for given, now in [(cfg.model.name, name), *((getattr(cfg.data, k), v) for k, v in changed.items())]:
@@ -167,7 +167,7 @@ def load_tokenizer(cfg: ModelConfig, folder: Path | None = None) -> Any:
     """The configured model's tokenizer, or the one saved in `folder` (a run's model, adapter runs too)."""
     from transformers import AutoTokenizer
 
-    folder = folder or resolve_model(cfg.name, cfg.allow_pickle)
+    folder = folder or resolve_model(cfg.name, cfg.allow_pickle, cfg.trust_remote_code)
     if Path(folder).is_dir() and not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
         # transformers would build an empty tokenizer that turns every word into the unknown token
         raise ModelError(f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the "
@@ -192,7 +192,7 @@ def max_length(cfg: ModelConfig, tokenizer: Any, model_config: Any) -> int:
 
 def load_model(auto_class: Any, cfg: ModelConfig, **kwargs: Any) -> tuple[Any, list[str]]:
     """Load `auto_class` from the configured model; returns the model and the names of new weights."""
-    folder = resolve_model(cfg.name, cfg.allow_pickle)
+    folder = resolve_model(cfg.name, cfg.allow_pickle, cfg.trust_remote_code)
     check_weight_format(folder, cfg)
     import torch
 
@@ -272,7 +272,7 @@ def dropout_overrides(model_config: Any, p: float) -> dict[str, float]:
 def load_model_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
-    folder = resolve_model(cfg.name, cfg.allow_pickle)
+    folder = resolve_model(cfg.name, cfg.allow_pickle, cfg.trust_remote_code)
     with remote_code_refused(folder):
         return AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
 

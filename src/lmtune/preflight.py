@@ -30,7 +30,8 @@ def check_setup(cfg: RunConfig) -> Setup:
     from lmtune import models
 
     task = TASKS[cfg.task.name](cfg.task, cfg.data)
-    models.check_weight_format(models.resolve_model(cfg.model.name, cfg.model.allow_pickle), cfg.model)
+    folder = models.resolve_model(cfg.model.name, cfg.model.allow_pickle, cfg.model.trust_remote_code)
+    models.check_weight_format(folder, cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
     model_config = models.load_model_config(cfg.model)
     max_length = models.max_length(cfg.model, tokenizer, model_config)

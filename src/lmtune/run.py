@@ -35,10 +35,11 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     cfg = config if isinstance(config, RunConfig) and not overrides else load_config(config, overrides)
     if cfg.train.seeds:
         raise ConfigError("train.seeds: several seeds train through lmtune.train or `lmtune train` (one run each)")
-    cfg = models.pin(cfg)  # a Hub model's revision recorded as the commit it is now
+    if not resume:  # Hub names recorded at the commits they name now (a resumed run keeps its own: open_run)
+        cfg = models.pin(cfg)
     setup = check_setup(cfg)  # what validate checks beyond the config file, before anything is written
     accelerator = make_accelerator(cfg.train.precision)
-    with open_run(cfg, stem or config_stem(config), resume, accelerator) as run_dir:
+    with open_run(cfg, stem or config_stem(config), resume, accelerator) as (run_dir, cfg):
         run = _set_up(cfg, setup, accelerator, run_dir, callbacks)
         # Trackers open once data and model are ready: a run that stopped before training leaves only its config.
         with tracking(cfg, run_dir, accelerator) as run.job.trackers:

@@ -229,14 +229,15 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any) -> Iterator[Path]:
-    """The run's folder for the block: picked, created (or taken over) and locked by the main process, its name told
-    to the others; config.yaml written; Ctrl-C inside turned into `RunInterrupted`; the lock released after."""
-    picked, lock, problem = [None], None, None
+def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any) -> Iterator[tuple[Path, RunConfig]]:
+    """(the run's folder, its config) for the block: the folder picked, created (or taken over) and locked by the
+    main process, its name told to the others; a resumed run keeps the Hub commits its config.yaml recorded;
+    config.yaml written; Ctrl-C inside turned into `RunInterrupted`; the lock released after."""
+    picked, lock, problem = [None, cfg], None, None
     if accelerator.is_main_process:
         try:
-            run_dir, lock = _claim_run(cfg, stem, resume)
-            picked = [str(run_dir)]
+            run_dir, lock, cfg = _claim_run(cfg, stem, resume)
+            picked = [str(run_dir), cfg]
         except Exception as err:
             problem = err
     if accelerator.num_processes > 1:
@@ -247,14 +248,14 @@ def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any) -> Itera
         raise problem
     if picked[0] is None:
         raise RuntimeError("the main process could not create the run directory (its error is in its log)")
-    run_dir = Path(picked[0])
+    run_dir, cfg = Path(picked[0]), picked[1]
     try:
         log.info("run directory: %s", run_dir)
         if accelerator.is_main_process:
             from lmtune.files import write_text
 
             write_text(run_dir / "config.yaml", cfg.to_yaml())
-        yield run_dir
+        yield run_dir, cfg
     except KeyboardInterrupt:
         raise RunInterrupted(run_dir) from None
     finally:
@@ -262,8 +263,8 @@ def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any) -> Itera
             lock.release()
 
 
-def _claim_run(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
-    """The run's folder, created (or taken over) and locked for the run's life: (folder, lock)."""
+def _claim_run(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any, RunConfig]:
+    """The run's folder, created (or taken over) and locked for the run's life: (folder, lock, config)."""
     from lmtune.training.checkpoint import has_checkpoint
 
     root = Path(cfg.output.dir)
@@ -276,14 +277,15 @@ def _claim_run(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
     lock = claim(run_dir, "run", overwrite=cfg.output.overwrite, resume=resume)
     if resume:
         try:
-            _check_resume(cfg, run_dir)
+            cfg = _check_resume(cfg, run_dir)
         except BaseException:
             lock.release()
             raise
-    return run_dir, lock
+    return run_dir, lock, cfg
 
 
-def _check_resume(cfg: RunConfig, run_dir: Path) -> None:
+def _check_resume(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """`cfg` as the resumed run goes on with it (Hub names at the commits it started on); refuses another config."""
     from lmtune.config import load_config
     from lmtune.training.checkpoint import has_checkpoint, read_loop_state
 
@@ -291,6 +293,7 @@ def _check_resume(cfg: RunConfig, run_dir: Path) -> None:
     if not has_checkpoint(run_dir):  # (mended first where a crash fell between the two renames of a save)
         raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
     saved = load_config(run_dir / "config.yaml")
+    cfg = keep_pins(cfg, saved)  # `org/name` given again resumes on the commit it started on, whatever main is now
     changed = differences(saved.model_dump(exclude=RESUME_MAY_CHANGE), cfg.model_dump(exclude=RESUME_MAY_CHANGE))
     if changed:
         raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
@@ -299,6 +302,32 @@ def _check_resume(cfg: RunConfig, run_dir: Path) -> None:
     at = read_loop_state(last)
     log.info("resuming %s at step %d (stage %d, epoch %d, batch %d of it)", run_dir, at.step, at.stage + 1,
              at.epoch + 1, at.batch)
+    return cfg
+
+
+def keep_pins(cfg: RunConfig, saved: RunConfig) -> RunConfig:
+    """`cfg` with each Hub name given without a commit (`org/name`, `hf:org/name:train`) replaced by the pinned one
+    `saved` holds for the same repository (and config, split): a resumed run goes on at the commits it started on."""
+    from lmtune import hub
+
+    def same(given: str | None, pinned: str | None, parse: Any) -> bool:
+        if not given or not pinned or given == pinned:
+            return False
+        try:
+            a, b = parse(given), parse(pinned)
+        except Exception:  # noqa: BLE001 - not a Hub name: compared as it is
+            return False
+        return a is not None and b is not None and a[1] is None and (a[0], *a[2:]) == (b[0], *b[2:])
+
+    update: dict[str, Any] = {}
+    if not Path(cfg.model.name).expanduser().is_dir() and same(cfg.model.name, saved.model.name, hub.parse_id):
+        update["model"] = cfg.model.model_copy(update={"name": saved.model.name})
+    data = {k: getattr(saved.data, k) for k in ("train", "validation", "test")
+            if hub.is_dataset_name(getattr(cfg.data, k) or "") and
+            same(getattr(cfg.data, k), getattr(saved.data, k), hub.parse_dataset_name)}
+    if data:
+        update["data"] = cfg.data.model_copy(update=data)
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, cfg: RunConfig) -> None:

@@ -39,9 +39,8 @@ def write_card(folder: Path, cfg: RunConfig, metrics: dict[str, Any], pipeline_t
     written by `lmtune export` (loaded with transformers alone), not a run's model."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    data_name = cfg.data.train or "local data"
-    results = [EvalResult(task_type=pipeline_tag or cfg.task.name, dataset_type=data_name, dataset_name=data_name,
-                          dataset_split=split, metric_type=key, metric_value=round(value, 6))
+    results = [EvalResult(task_type=pipeline_tag or cfg.task.name, metric_type=key, metric_value=round(value, 6),
+                          **_dataset(getattr(cfg.data, split) or cfg.data.train, split))
                for split in ("validation", "test") for key, value in scalars(metrics.get(split, {})).items()]
     card_data = ModelCardData(
         base_model=base_model(cfg.model.name), library_name="peft" if adapter else "transformers",
@@ -53,6 +52,19 @@ def write_card(folder: Path, cfg: RunConfig, metrics: dict[str, Any], pipeline_t
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
     card.save(folder / "README.md")
     return folder / "README.md"
+
+
+def _dataset(source: str | None, split: str) -> dict[str, Any]:
+    """model-index's dataset of a split: a Hub dataset by its id, config, split and commit; a file by its name (a
+    split carved off the training file is still that file's)."""
+    from lmtune import hub
+
+    if source and hub.is_dataset_name(source):
+        repo, revision, config, hub_split = hub.parse_dataset_name(source)
+        return {"dataset_type": repo, "dataset_name": repo, "dataset_config": config, "dataset_revision": revision,
+                "dataset_split": hub_split}
+    name = Path(source).name if source else "local data"
+    return {"dataset_type": name, "dataset_name": name, "dataset_split": split}
 
 
 def _about(cfg: RunConfig, metrics: dict[str, Any], pipeline_tag: str | None, adapter: bool) -> str:

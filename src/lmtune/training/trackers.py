@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -32,7 +33,9 @@ def group_of(run_dir: Path) -> str:
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The finite numbers among `values` (what a tracker can plot)."""
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class TensorBoard:
@@ -65,9 +68,12 @@ class MLflow:
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         name = group_of(run_dir)
         experiment = self.client.get_experiment_by_name(name)
-        # Artifacts beside the store, not in the working directory (MLflow's default for a database store).
+        # With the default store, its artifacts beside it, not in the working directory (MLflow's default for a
+        # database store); a server or URI of the user's keeps its own artifact location.
+        local = None if cfg.output.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") else \
+            (root / "mlartifacts" / name).as_uri()
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            name, artifact_location=(root / "mlartifacts" / name).as_uri())
+            name, artifact_location=local)
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name,
                                              tags={"lmtune.group": name, "lmtune.task": cfg.task.name,
                                                    "lmtune.method": cfg.method.name}).info.run_id
@@ -132,15 +138,21 @@ KINDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
 
 def open_trackers(cfg: RunConfig, run_dir: Path) -> list[Any]:
     """The trackers output.report_to names, opened for this run (a missing package is a clear error)."""
-    opened = []
-    for kind in cfg.output.report_to:
-        try:
-            opened.append(KINDS[kind](cfg, run_dir))
-        except ImportError:
-            if kind == "tensorboard":  # TensorBoard is optional: metrics.jsonl is the record
-                continue
-            raise ConfigError(f"output.report_to: {kind} needs its package: pip install 'lmtune[{kind}]' (or "
-                              f"pip install {EXTRAS[kind]})") from None
+    opened: list[Any] = []
+    try:
+        for kind in cfg.output.report_to:
+            try:
+                opened.append(KINDS[kind](cfg, run_dir))
+            except ImportError:
+                if kind == "tensorboard":  # TensorBoard is optional: metrics.jsonl is the record
+                    continue
+                raise ConfigError(f"output.report_to: {kind} needs its package: pip install 'lmtune[{kind}]' (or "
+                                  f"pip install {EXTRAS[kind]})") from None
+    except BaseException:
+        for tracker in opened:  # those opened before the one that failed end as failed, not left running
+            with contextlib.suppress(Exception):
+                tracker.fail()
+        raise
     return opened
 
 
