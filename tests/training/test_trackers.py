@@ -12,8 +12,11 @@ import lmtune
 from lmtune.config import ConfigError
 
 
-def test_mlflow_gets_params_metric_histories_and_artifacts(tiny_config: dict, tmp_path: Path) -> None:
+def test_mlflow_gets_params_metric_histories_and_artifacts(tiny_config: dict, tmp_path: Path, monkeypatch) -> None:
     mlflow = pytest.importorskip("mlflow")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # nothing may land in the working directory (MLflow's default artifact root)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tiny_config["output"].update(report_to=["mlflow"], mlflow_uri=uri)
     result = lmtune.train(tiny_config)
@@ -31,6 +34,7 @@ def test_mlflow_gets_params_metric_histories_and_artifacts(tiny_config: dict, tm
     files = {f.path for f in client.list_artifacts(run.info.run_id)} | \
         {f.path for d in ("model", "plots") for f in client.list_artifacts(run.info.run_id, d)}
     assert {"config.yaml", "metrics.json", "model/README.md", "plots/learning_curves.png"} <= files
+    assert list(work.iterdir()) == [] and (tmp_path / "mlartifacts" / "runs").is_dir()  # beside the store
 
 
 def test_wandb_offline_keeps_the_metrics_in_the_run_folder(tiny_config: dict, monkeypatch) -> None:

@@ -38,6 +38,17 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def _local_store(uri: str) -> Path | None:
+    """The folder of a local MLflow store (`sqlite:///path/file.db`, `file:///path`, a plain path), else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent
+    if uri.startswith("file:"):
+        from urllib.parse import urlparse
+
+        return Path(urlparse(uri).path).resolve()
+    return None if "://" in uri else Path(uri).resolve()
+
+
 class TensorBoard:
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -68,10 +79,10 @@ class MLflow:
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         name = group_of(run_dir)
         experiment = self.client.get_experiment_by_name(name)
-        # With the default store, its artifacts beside it, not in the working directory (MLflow's default for a
-        # database store); a server or URI of the user's keeps its own artifact location.
-        local = None if cfg.output.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") else \
-            (root / "mlartifacts" / name).as_uri()
+        # A local store (SQLite, files) keeps its artifacts beside it, never in the working directory (MLflow's
+        # default for a database store); a tracking server keeps its own artifact location.
+        store = _local_store(uri)
+        local = (store / "mlartifacts" / name).as_uri() if store is not None else None
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
             name, artifact_location=local)
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name,
