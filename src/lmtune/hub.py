@@ -36,13 +36,13 @@ def fetch_model(name: str, allow_pickle: bool = False, trust_remote_code: bool =
     if parsed is None:
         raise ModelError(f"model {name!r} is neither a built-in name, a local folder nor a Hub id (org/name[@revision])")
     repo, revision = parsed
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     patterns = MODEL_FILES + (PICKLE_FILES if allow_pickle else []) + (["*.py"] if trust_remote_code else [])
     try:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        folder = _snapshot(repo, revision, allow_patterns=patterns)
     except (RepositoryNotFoundError, GatedRepoError) as err:
         raise ModelError(f"model {name!r}: no local folder of that name, and the Hub has no repository {repo!r} you "
                          f"can read ({type(err).__name__}); check the id, or log in for a gated one") from None
@@ -63,6 +63,20 @@ def fetch_model(name: str, allow_pickle: bool = False, trust_remote_code: bool =
                          + ("" if allow_pickle else " (only pickled .bin ones, perhaps, which can run code when "
                             "loaded: set model.allow_pickle=true if you trust them)"))
     return folder
+
+
+def _snapshot(repo: str, revision: str | None, **kwargs: Any) -> Path:
+    """`snapshot_download`, answered from the cache alone where the revision is a commit already cached: a commit
+    never changes, and a run resolves its (pinned) model several times (config, tokenizer, weights)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if revision and _COMMIT.match(revision):
+        try:
+            return Path(snapshot_download(repo, revision=revision, local_files_only=True, **kwargs))
+        except LocalEntryNotFoundError:
+            pass  # not cached yet (or not wholly): ask the Hub
+    return Path(snapshot_download(repo, revision=revision, **kwargs))
 
 
 def pinned(name: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
@@ -97,7 +111,7 @@ def parse_dataset_name(text: str) -> tuple[str, str | None, str | None, str]:
 
 def fetch_dataset(text: str) -> Path:
     """The cached snapshot folder of a Hub dataset (downloaded first where not cached and the Hub can be reached)."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -105,7 +119,7 @@ def fetch_dataset(text: str) -> Path:
 
     repo, revision, _, _ = parse_dataset_name(text)
     try:
-        return Path(snapshot_download(repo, repo_type="dataset", revision=revision))
+        return _snapshot(repo, revision, repo_type="dataset")
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
         raise DataError(text, f"the Hub has no dataset {repo!r}{f' at {revision!r}' if revision else ''} you can "
                               f"read ({type(err).__name__})") from None

@@ -18,6 +18,7 @@ from lmtune.errors import DataError
 from lmtune.registry import TASKS
 from lmtune.models import is_adapter
 from lmtune.session import Session, make_accelerator
+from lmtune.training.logs import finite_json
 
 log = logging.getLogger("lmtune")
 
@@ -68,8 +69,10 @@ class Predictor:
         if task.generates:
             return self.session.generate(task.from_texts(list(inputs)))
         features = self.session.encode(task.from_texts(list(inputs)))
-        return [pred if _finite(pred) else {"error": "the model's scores for this input are not finite (NaN/inf): "
-                                                     "the model is broken (a diverged run?)"}
+        broken = {"error": "the model's scores for this input are not finite (NaN/inf): the model is broken (a "
+                           "diverged run?)"}
+        # finite_json replaces what is not finite: a prediction it leaves equal holds finite numbers only.
+        return [pred if finite_json(pred) == pred else broken
                 for pred in task.postprocess(self.session.outputs(features), len(features))]
 
     def evaluate(self, path: str | Path, on_bad_rows: str | None = None) -> dict[str, Any]:
@@ -165,15 +168,6 @@ def write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> list[str]:
     else:
         file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return sorted(clashes)
-
-
-def _finite(value: Any) -> bool:
-    """Whether every number in a prediction is finite (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return all(map(_finite, value.values()))
-    if isinstance(value, (list, tuple)):
-        return all(map(_finite, value))
-    return not isinstance(value, float) or math.isfinite(value)
 
 
 def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrite: bool = False,

@@ -58,7 +58,7 @@ def finite_json(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
+        return type(value)(finite_json(v) for v in value)
     return None if _not_finite(value) else value
 
 
