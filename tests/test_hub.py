@@ -176,3 +176,45 @@ def test_a_resumed_run_stays_on_the_commit_it_started_on_when_the_branch_moved(h
     result = lmtune.train(tiny_config, resume=True)  # the same config, given again
     assert load_config(result.run_dir / "config.yaml").model.name == f"lmtune-test/tiny-bert@{COMMIT}"
     assert result.metrics["model"] == f"lmtune-test/tiny-bert@{COMMIT}"
+
+
+def test_the_runs_of_a_study_share_the_commit_pinned_when_it_started(hub_cache, tiny_model_dir, tiny_config) -> None:
+    snapshot = cache_repo(hub_cache, "lmtune-test/tiny-bert", tiny_model_dir)
+    moved = "9" * 40
+    shutil.copytree(snapshot, snapshot.parent / moved)
+    tiny_config["model"]["name"] = "lmtune-test/tiny-bert"
+    tiny_config["train"].update(seeds=[1, 2], max_steps=2)
+
+    def push(state) -> None:  # main moves on upstream while the first seed trains
+        (hub_cache / "models--lmtune-test--tiny-bert" / "refs" / "main").write_text(moved)
+
+    result = lmtune.train(tiny_config, callbacks=[push])
+    for seed in (1, 2):
+        assert load_config(result.run_dir / f"seed-{seed}" / "config.yaml").model.name == \
+            f"lmtune-test/tiny-bert@{COMMIT}"
+    assert load_config(result.run_dir / "config.yaml").model.name == f"lmtune-test/tiny-bert@{COMMIT}"
+
+
+def test_a_hub_ner_dataset_with_class_number_tags_trains_on_their_names(hub_cache, tiny_model_dir, tmp_path) -> None:
+    import datasets
+
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    features = datasets.Features({"id": datasets.Value("string"),
+                                  "tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names))})
+    sentence = (["the", "doctor", "people", "was", "in", "the", "night"], [0, 1, 2, 0, 0, 0, 3])
+    rows = {"id": [str(i) for i in range(24)], "tokens": [sentence[0]] * 24, "ner_tags": [sentence[1]] * 24}
+    snapshot = hub_cache / "datasets--lmtune-test--conll" / "snapshots" / COMMIT
+    (snapshot / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(snapshot / "data" / "train.parquet")
+    (hub_cache / "datasets--lmtune-test--conll" / "refs").mkdir()
+    (hub_cache / "datasets--lmtune-test--conll" / "refs" / "main").write_text(COMMIT)
+    cfg = {"model": {"name": str(tiny_model_dir)},
+           "data": {"train": "hf:lmtune-test/conll:train", "validation_size": 0.25},
+           "task": {"name": "ner", "tags_field": "ner_tags"}, "method": {"name": "full"},
+           "train": {"max_steps": 2, "batch_size": 4}, "output": {"dir": str(tmp_path / "runs"), "name": "ner"}}
+    result = lmtune.train(cfg)
+    assert result.metrics["data"]["labels"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]  # names, not numbers
+    n = result.metrics["data"]["rows"]["train"]
+    assert result.metrics["data"]["entities"]["train"] == {"LOC": n, "PER": n} and n > 10  # one of each a sentence
+    assert load_config(result.run_dir / "config.yaml").data.train == f"hf:lmtune-test/conll@{COMMIT}:train"

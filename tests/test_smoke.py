@@ -109,5 +109,11 @@ def test_task_method_pair(task: str, method: str, request: pytest.FixtureRequest
         if isinstance(value, float):
             assert indexed[("test", key)] == pytest.approx(value, abs=1e-6), key
     assert "## Training" in card.text and "## Results" in card.text and "lmtune.load" in card.text
+    # The HTML report: the card's text and every test metric, and (tasks that score inputs) the worst mistakes.
+    page = (result.run_dir / "report.html").read_text(encoding="utf-8")
+    assert "<h3>Training</h3>" in page and all(f"<th>{key}</th>" in page for key in result.metrics["test"]
+                                                if isinstance(result.metrics["test"][key], float))
+    mistakes = json.loads((result.run_dir / "mistakes.json").read_text()) if task not in DECODER_TASKS else {}
+    assert all(len(rows) <= 20 for rows in mistakes.values())
     if method == "lora":  # only the adapter is saved
         assert not any((result.run_dir / "model").glob("model*.safetensors"))

@@ -68,7 +68,8 @@ class ToySentiment(Task):
 
         return collate
 
-    def evaluate(self, outputs: Any, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    def evaluate(self, outputs: Any, features: Any, examples: Any = None
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
         right = total = 0
         loss = 0.0
         for _rows, out, batch in outputs:

@@ -33,14 +33,11 @@ def _setup_logging(verbose: bool = False) -> None:
     logger.propagate = False
     for noisy in ("transformers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import datasets
-        import transformers
+    import datasets
+    import transformers
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _fail(err: Exception) -> None:
@@ -72,9 +69,8 @@ def _interrupted(err: KeyboardInterrupt) -> None:
 
 
 def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    table = Table("metric", "value", title=title)
+    table.columns[1].justify = "right"
     # One level of nesting is shown too (an instruct run's `generation` scores as generation/accuracy ...).
     flat = {**metrics, **{f"{key}/{k}": v for key, inner in metrics.items() if isinstance(inner, dict)
                           for k, v in inner.items()}}
@@ -319,72 +315,72 @@ def search(config: Path = typer.Argument(..., help="Run config (YAML) with a `se
 
 @app.command("export")
 def export_model(run: Path = typer.Argument(..., help="Run directory."),
-                 output: Path = typer.Option(..., "--output", "-o", help="Folder to write the model to."),
+                 output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write the model to "
+                                                       "(default: <run>-hf, or <run>-onnx, beside the run)."),
+                 format: str = typer.Option("hf", "--format", help="hf: a plain Hugging Face folder; onnx: ONNX for "
+                                            "onnxruntime (classification, NER, QA), checked against PyTorch."),
+                 quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 weights (onnx)."),
                  merge: bool = typer.Option(True, "--merge/--no-merge",
                                             help="Merge adapters (LoRA ...) into the weights."),
                  overwrite: bool = typer.Option(False, "--overwrite",
                                                 help="Replace the folder an earlier export wrote there."),
                  trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
-    """Write a run's model as a plain Hugging Face folder (adapters merged)."""
+    """Write a run's model as a plain Hugging Face folder (adapters merged) or as ONNX."""
     _setup_logging()
     from lmtune.predict import export
 
     try:
-        folder = export(run, output, merge=merge, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                        allow_pickle=allow_pickle)
-    except _user_errors() as err:
+        folder = export(run, output, merge=merge, overwrite=overwrite, format=format, quantize=quantize,
+                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    except (*_user_errors(), ValueError) as err:
         _fail(err)
     console.print(f"model written to {folder}")
+
+
+@app.command()
+def serve(run: Path = typer.Argument(..., help="Run directory or ONNX export."),
+          host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+          device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (an ONNX export runs on the CPU)."),
+          max_batch_size: int = typer.Option(32, "--max-batch-size", help="Inputs in one forward pass."),
+          max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a pass waits for more inputs."),
+          max_inputs: int = typer.Option(256, "--max-inputs", help="Inputs in one request."),
+          max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens",
+                                                       help="Decoders: the most a request may ask for."),
+          trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
+    """Serve a run over HTTP: POST /v1/predict, GET /health, GET /v1/info, docs at /docs."""
+    _setup_logging()
+    from lmtune.serving.server import Limits, serve as run_server
+
+    limits = Limits(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_inputs=max_inputs,
+                    max_new_tokens=max_new_tokens)
+    try:
+        console.print(f"serving {run} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
+        run_server(run, host, port, limits, device=device, trust_remote_code=trust_remote_code,
+                   allow_pickle=allow_pickle)
+    except (*_user_errors(), FileNotFoundError, ValueError) as err:
+        _fail(err)
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="A run, several-seed, compare or search folder.")) -> None:
+    """Write the folder's report.html again from the files it holds (runs and studies write it when they end)."""
+    _setup_logging()
+    from lmtune.evaluation.report import write_report
+
+    try:
+        page = write_report(folder)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"report written to {page}")
 
 
 @app.command("ls")
 def list_things(fields: bool = typer.Option(False, "--fields", help="Also list every config field.")) -> None:
     """List tasks, methods, built-in models and example configs."""
-    from lmtune.config import SECTIONS
-    from lmtune.models import BUILTIN_MODELS
-    from lmtune.methods import METHODS
-    from lmtune.tasks import TASKS
+    from lmtune.listing import tables
 
-    table = Table(title="lmtune")
-    table.add_column("kind")
-    table.add_column("name")
-    table.add_column("description")
-    for kind, registry in (("task", TASKS), ("method", METHODS)):
-        for name, obj in registry.items():
-            table.add_row(kind, name, obj.Options.model_fields["name"].description or "")
-    for name, (package, version, _) in BUILTIN_MODELS.items():
-        table.add_row("model", name, f"from the package {package}=={version}")
-    for path in sorted(EXAMPLES.glob("*.yaml")) if EXAMPLES.is_dir() else []:
-        table.add_row("example", str(path.relative_to(EXAMPLES.parent)), _first_comment(path))
-    console.print(table)
-    if fields:
-        from rich.markup import escape
-
-        from lmtune.config import ReplayConfig
-        from lmtune.studies.search import ParamSpace, SearchConfig
-
-        # (title, the prefix a field takes in an override, its model): fields as users write them, `train.lr`
-        sections = [*((name, name, model) for name, model in SECTIONS.items()),
-                    ("data.replay", "data.replay", ReplayConfig),
-                    *((f"task: {n}", "task", o.Options) for n, o in TASKS.items()),
-                    *((f"method: {n}", "method", o.Options) for n, o in METHODS.items()),
-                    ("search (lmtune search)", "search", SearchConfig),
-                    ("search.space.<field>", "search.space.<field>", ParamSpace)]
-        for title, prefix, model in sections:
-            t = Table(title=title)
-            for column in ("field", "default", "description"):
-                t.add_column(column)
-            for name, field in model.model_fields.items():
-                default = "(required)" if field.is_required() else repr(field.default)
-                t.add_row(escape(f"{prefix}.{name}"), escape(default), escape(field.description or ""))  # "[a, b]"
-            console.print(t)
-
-
-def _first_comment(path: Path) -> str:
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+    for table in tables(EXAMPLES, fields):
+        console.print(table)
 
 
 def main() -> None:

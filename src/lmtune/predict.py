@@ -29,13 +29,19 @@ class Predictor:
     A run folder is data: the code and pickle permissions in its config.yaml are ignored; only the caller's
     `trust_remote_code` / `allow_pickle` (command-line flags, keyword arguments) let its model run code."""
 
-    def __init__(self, run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+                 device: str | None = None) -> None:
         from lmtune import models
+        from lmtune.serving.onnx import is_onnx_folder
 
         self.run_dir = Path(run_dir)
         folder = self.run_dir / "model"
+        if is_onnx_folder(self.run_dir):  # an ONNX export: run by onnxruntime, no PyTorch model loaded
+            self._load_onnx(trust_remote_code)
+            return
         if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{self.run_dir} holds no finished model (expected {folder}/config.json)")
+            raise FileNotFoundError(f"{self.run_dir} holds no finished model (expected {folder}/config.json, or an "
+                                    "ONNX export's model.onnx and lmtune.yaml)")
         cfg = load_config(self.run_dir / "config.yaml")
         cfg.model = cfg.model.model_copy(update={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle})
         adapter = (folder / "adapter_config.json").is_file()
@@ -59,21 +65,49 @@ class Predictor:
             model = peft.PeftModel.from_pretrained(base, folder)
         else:
             model, _ = models.load_model(task.auto_class, model_cfg)
-        accelerator = make_accelerator(cfg.train.precision)
+        accelerator = make_accelerator(cfg.train.precision, device)
         model.to(accelerator.device)
         self.session = Session(cfg, task, models.load_tokenizer(model_cfg, folder), model, accelerator)
 
-    def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
-        """Predict for raw inputs (strings, or dicts with the task's input fields)."""
+    def _load_onnx(self, trust_remote_code: bool) -> None:
+        from accelerate import Accelerator
+        from transformers import AutoConfig
+
+        from lmtune import models
+        from lmtune.serving.onnx import CONFIG_FILE, MODEL_FILE, OUTPUTS, OnnxModel
+
+        cfg = load_config(self.run_dir / CONFIG_FILE)
+        cfg.model = cfg.model.model_copy(update={"trust_remote_code": trust_remote_code, "allow_pickle": False,
+                                                 "name": str(self.run_dir)})
+        config = AutoConfig.from_pretrained(self.run_dir)
+        task = TASKS[cfg.task.name](cfg.task, cfg.data, labels=[config.id2label[i] for i in range(len(config.id2label))])
+        model = OnnxModel(self.run_dir / MODEL_FILE, config, OUTPUTS[cfg.task.name])
+        self.session = Session(cfg, task, models.load_tokenizer(cfg.model, self.run_dir), model, Accelerator(cpu=True))
+
+    def predict(self, inputs: list[Any], max_new_tokens: int | None = None) -> list[dict[str, Any]]:
+        """Predict for raw inputs (strings, or dicts with the task's input fields); `max_new_tokens` bounds what a
+        generating task writes (default: the run's task.max_new_tokens). A classification input longer than the
+        model's max length is truncated, and its answer says so (`truncated: true`)."""
         task = self.session.task
         if task.generates:
-            return self.session.generate(task.from_texts(list(inputs)))
+            options = task.options
+            if max_new_tokens is not None:
+                task.options = options.model_copy(update={"max_new_tokens": max_new_tokens})
+            try:
+                return self.session.generate(task.from_texts(list(inputs)))
+            finally:
+                task.options = options
         features = self.session.encode(task.from_texts(list(inputs)))
         broken = {"error": "the model's scores for this input are not finite (NaN/inf): the model is broken (a "
                            "diverged run?)"}
         # finite_json replaces what is not finite: a prediction it leaves equal holds finite numbers only.
-        return [pred if finite_json(pred) == pred else broken
-                for pred in task.postprocess(self.session.outputs(features), len(features))]
+        preds = [pred if finite_json(pred) == pred else broken
+                 for pred in task.postprocess(self.session.outputs(features), len(features))]
+        if "truncated" in features.column_names:
+            for pred, cut in zip(preds, features["truncated"][:]):
+                if cut:
+                    pred["truncated"] = True
+        return preds
 
     def evaluate(self, path: str | Path, on_bad_rows: str | None = None) -> dict[str, Any]:
         """Score the model on a labelled file in the same format as the training data; bad rows are an error, or
@@ -170,9 +204,11 @@ def write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> list[str]:
     return sorted(clashes)
 
 
-def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrite: bool = False,
-           **permissions: bool) -> Path:
-    """Write the run's model as a plain HF folder; adapters are merged into the weights (`merge`).
+def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = True, overwrite: bool = False,
+           format: str = "hf", quantize: str | None = None, **permissions: bool) -> Path:
+    """Write the run's model as a plain HF folder (`format="hf"`) or an ONNX one (`"onnx"`, optionally `quantize=
+    "int8"`, checked against PyTorch on the run's validation rows); adapters are merged into the weights (`merge`).
+    `output` defaults to `<run>-<format>` beside the run.
 
     An existing non-empty `output` folder is replaced only with `overwrite`, and only if an earlier export wrote it
     (its `.lmtune` marker); a file, the run directory, a folder holding it or one inside it never is."""
@@ -181,7 +217,50 @@ def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrit
     from lmtune import rundir
     from lmtune.files import replace_dir
 
-    output = Path(output)
+    if format not in ("hf", "onnx") or quantize not in (None, "int8") or (quantize and format != "onnx"):
+        raise ValueError(f"export: --format is hf or onnx, --quantize int8 only with --format onnx (got {format!r}, "
+                         f"{quantize!r})")
+    output = Path(output) if output is not None else Path(run_dir).parent / f"{Path(run_dir).name}-{format}"
+    _check_output(Path(run_dir), output, overwrite)
+    session = Predictor(run_dir, **permissions).session
+    model = session.model
+    if is_adapter(model):
+        if model.active_peft_config.is_prompt_learning:
+            raise ValueError(f"{run_dir} holds a prompt-tuning adapter: its virtual tokens are added at run time and "
+                             "cannot be merged into the weights; use the run itself (lmtune.load, lmtune predict)")
+        if not merge:
+            raise ValueError(f"{run_dir} holds an adapter: export it with --merge")
+        model = session.model = model.merge_and_unload()
+    rundir.make_parent(output.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))  # a name of its own
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    try:
+        if format == "onnx":
+            from lmtune.serving.onnx import write_onnx_folder
+
+            write_onnx_folder(tmp, session, model, quantize)
+        else:
+            model.save_pretrained(tmp)
+        session.tokenizer.save_pretrained(tmp)
+        if (Path(run_dir) / "metrics.json").is_file():  # the card, for the merged model now
+            from lmtune.evaluation.card import write_card
+
+            metrics = json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
+            write_card(tmp, session.cfg, metrics, session.task.pipeline_tag, final=output, exported=True,
+                       onnx=format == "onnx")
+            shutil.copy2(Path(run_dir) / "metrics.json", tmp / "metrics.json")  # what `serve` shows as /v1/info
+        (tmp / rundir.MARKER).write_text(json.dumps({"kind": "export", "run": str(run_dir)}), encoding="utf-8")
+        replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _check_output(run_dir: Path, output: Path, overwrite: bool) -> None:
+    """Refuse an export folder that is not one to write or replace (see `export`)."""
+    from lmtune import rundir
+
     rundir.refuse_special(output)
     if output.exists():
         if not output.is_dir():
@@ -197,32 +276,6 @@ def export(run_dir: str | Path, output: str | Path, merge: bool = True, overwrit
         raise rundir.FolderError(f"{output} was not written by `lmtune export` (it has no {rundir.MARKER} marker of "
                                  "one): --overwrite replaces only an earlier export; choose another --output or move "
                                  "that folder away yourself")
-    session = Predictor(run_dir, **permissions).session
-    model = session.model
-    if is_adapter(model):
-        if model.active_peft_config.is_prompt_learning:
-            raise ValueError(f"{run_dir} holds a prompt-tuning adapter: its virtual tokens are added at run time and "
-                             "cannot be merged into the weights; use the run itself (lmtune.load, lmtune predict)")
-        if not merge:
-            raise ValueError(f"{run_dir} holds an adapter: export it with --merge")
-        model = model.merge_and_unload()
-    rundir.make_parent(output.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))  # a name of its own
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
-        model.save_pretrained(tmp)
-        session.tokenizer.save_pretrained(tmp)
-        if (Path(run_dir) / "metrics.json").is_file():  # the card, for the merged model now
-            from lmtune.evaluation.card import write_card
-
-            metrics = json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
-            write_card(tmp, session.cfg, metrics, session.task.pipeline_tag, final=output, exported=True)
-        (tmp / rundir.MARKER).write_text(json.dumps({"kind": "export", "run": str(run_dir)}), encoding="utf-8")
-        replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
 
 
 def load(run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Predictor:

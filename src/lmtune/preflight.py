@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmtune.config_read import unknown_metric
 from lmtune.errors import ConfigError
+from lmtune.training.trackers import tracker_problem
 
 if TYPE_CHECKING:
     from lmtune.config import RunConfig
@@ -40,7 +41,7 @@ def check_setup(cfg: RunConfig) -> Setup:
     problems = [task.config_problem(tokenizer, max_length),
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
                 replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"),
-                precision_problem(cfg.train.precision)]
+                precision_problem(cfg.train.precision), tracker_problem(cfg.output.report_to)]
     problems = [p for p in problems if p] or [method_problem(cfg, task, model_config)]  # builds the model: last
     problems = [p for p in problems if p]
     if problems:

@@ -42,7 +42,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     with open_run(cfg, stem or config_stem(config), resume, accelerator) as (run_dir, cfg):
         run = _set_up(cfg, setup, accelerator, run_dir, callbacks)
         # Trackers open once data and model are ready: a run that stopped before training leaves only its config.
-        with tracking(cfg, run_dir, accelerator) as run.job.trackers:
+        with tracking(cfg, run_dir, accelerator, resume) as run.job.trackers:
             started = time.perf_counter()
             try:
                 state = fit(run.job, cfg.train, accelerator, resume=resume)
@@ -50,11 +50,11 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                 run.task.release_model()
             session = run.session
             session.model = run.job.model  # the trained (best, averaged) weights
-            metrics = _measure(cfg, run, state, started)
+            metrics, mistakes = _measure(cfg, run, state, started)
             if not weights_finite(list(session.model.parameters()), accelerator):  # never saved as the model
                 raise diverged(run_dir, state.step, "the final weights hold values that are not finite (NaN/inf)")
             if accelerator.is_main_process:
-                save_outputs(run_dir, session.model, session.tokenizer, run.task, metrics, cfg)
+                save_outputs(run_dir, session.model, session.tokenizer, run.task, metrics, cfg, mistakes)
             run.job.trackers.finish(metrics)  # final metrics; config, metrics.json, plots, model card as files
         accelerator.wait_for_everyone()
         return RunResult(run_dir, metrics)
@@ -113,16 +113,20 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     return _Run(session, task, splits, features, job, data_report, probe, before)
 
 
-def _measure(cfg: RunConfig, run: _Run, state: Any, started: float) -> dict[str, Any]:
-    """metrics.json: the final model on validation and test, the probes again, time, throughput and size."""
+def _measure(cfg: RunConfig, run: _Run, state: Any, started: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """metrics.json (the final model on validation and test, the probes again, time, throughput and size) and the
+    worst mistakes on each split (mistakes.json)."""
     from lmtune.evaluation.overfitting import diagnose_run
 
     session, job = run.session, run.job
     overfitting = diagnose_run(job.run_dir, cfg.train, job.metric, run.task) if job.evaluate is not None else None
     results: dict[str, Any] = {}
+    mistakes: dict[str, Any] = {}
     for name in ("validation", "test"):
         if name in run.features and len(run.features[name]) and (name != "test" or cfg.eval.test):
-            scalars, details = session.evaluate(run.features[name])
+            scalars, details = session.evaluate(run.features[name], examples=run.splits[name])
+            if "mistakes" in details:
+                mistakes[name] = details.pop("mistakes")
             results[name] = {**scalars, **details}
     if run.before is not None:
         results["test"]["generation"] = session.score_generations(run.splits["test"])
@@ -146,4 +150,4 @@ def _measure(cfg: RunConfig, run: _Run, state: Any, started: float) -> dict[str,
         "params": {"trainable": trainable, "total": total},
         "data": run.data_report,
         **({"overfitting": overfitting} if overfitting else {}),
-    }
+    }, mistakes

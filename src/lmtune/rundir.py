@@ -330,9 +330,12 @@ def keep_pins(cfg: RunConfig, saved: RunConfig) -> RunConfig:
     return cfg.model_copy(update=update) if update else cfg
 
 
-def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, cfg: RunConfig) -> None:
-    """The run's results: the model folder (with its card), metrics.json, the plots; the checkpoints go."""
+def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, cfg: RunConfig,
+                 mistakes: dict | None = None) -> None:
+    """The run's results: the model folder (with its card), metrics.json, mistakes.json, the plots, report.html; the
+    checkpoints go."""
     from lmtune.evaluation.card import write_card
+    from lmtune.evaluation.report import write_report
     from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting
     from lmtune.models import is_adapter
     from lmtune.files import replace_dir, write_text
@@ -348,6 +351,8 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
     write_card(tmp, cfg, metrics, task.pipeline_tag, adapter=is_adapter(model), final=run_dir / "model")
     replace_dir(tmp, run_dir / "model")
     write_text(run_dir / "metrics.json", json.dumps(finite_json(metrics), indent=2, default=str, allow_nan=False))
+    if mistakes:
+        write_text(run_dir / "mistakes.json", json.dumps(finite_json(mistakes), indent=1, ensure_ascii=False))
     metric = metrics["selection"]["metric"]
     plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
     if "overfitting" in metrics:
@@ -357,6 +362,7 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
         if matrix:
             plot_confusion_matrix(matrix, metrics[split]["labels"], run_dir / "plots" / f"confusion_{split}.png",
                                   title=f"Confusion matrix ({split})")
+    write_report(run_dir)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed to resume an unfinished run
 
 

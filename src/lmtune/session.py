@@ -12,11 +12,16 @@ if TYPE_CHECKING:
     from lmtune.config import RunConfig
 
 
-def make_accelerator(precision: str) -> Any:
+def make_accelerator(precision: str, device: str | None = None) -> Any:
+    """The Accelerator for `precision` on the GPU where there is one (`device="cpu"`: on the CPU all the same)."""
     import torch
     from accelerate import Accelerator
 
-    cuda = torch.cuda.is_available()
+    if device not in (None, "auto", "cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected auto, cpu or cuda")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if device == "cuda" and not cuda:
+        raise ValueError("device cuda: no CUDA device is available here")
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if problem := precision_problem(precision):  # a saved run's precision on this machine (train checked it first)
@@ -62,8 +67,12 @@ class Session:
         return iterate_outputs(model or self.model, features, self.collate, self.batch_size, self.accelerator,
                                width=self.width)
 
-    def evaluate(self, features: Any, model: Any | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-        return self.task.evaluate(self.outputs(features, model), features)
+    def evaluate(self, features: Any, model: Any | None = None, examples: Any = None
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
+        """The task's metrics on `features` (with `examples`, the rows they were encoded from: its worst mistakes)."""
+        if examples is None:
+            return self.task.evaluate(self.outputs(features, model), features)
+        return self.task.evaluate(self.outputs(features, model), features, examples)
 
     def generate(self, inputs: list[Any]) -> list[dict[str, Any]]:
         """Predictions of a generating task (causal LMs) for inputs from its `from_texts`."""

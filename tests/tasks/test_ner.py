@@ -312,6 +312,15 @@ def test_metrics_match_hand_computed_seqeval(tokenizer) -> None:
     assert scalars["token_accuracy"] == pytest.approx(6 / 9)
     assert details["per_type"]["PER"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert details["per_type"]["LOC"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    # The worst sentences first (the report's mistakes): what was missed and what was found wrongly, as words.
+    import datasets
+
+    examples = datasets.Dataset.from_dict({"tokens": words})
+    _, details = ner.evaluate(fake_outputs(features, pred, ner.labels), features, examples)
+    assert [(m["row"], m["missed"], m["spurious"]) for m in details["mistakes"]] == [
+        (1, [{"type": "PER", "text": "actor", "start": 4, "end": 5}], [{"type": "LOC", "text": "actor", "start": 4,
+                                                                         "end": 5}]),
+        (0, [{"type": "LOC", "text": "night", "start": 3, "end": 4}], [])]
     ner, features = encode(tokenizer, list(zip(words, gold)), strict=True)
     scalars, details = ner.evaluate(fake_outputs(features, pred, ner.labels), features)
     # Strict mode: the entity starting with I-LOC does not count.

@@ -33,7 +33,8 @@ def test_mlflow_gets_params_metric_histories_and_artifacts(tiny_config: dict, tm
     assert run.data.metrics["final.test.accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
     files = {f.path for f in client.list_artifacts(run.info.run_id)} | \
         {f.path for d in ("model", "plots") for f in client.list_artifacts(run.info.run_id, d)}
-    assert {"config.yaml", "metrics.json", "model/README.md", "plots/learning_curves.png"} <= files
+    assert {"config.yaml", "metrics.json", "mistakes.json", "report.html", "model/README.md",
+            "plots/learning_curves.png"} <= files
     assert list(work.iterdir()) == [] and (tmp_path / "mlartifacts" / "runs").is_dir()  # beside the store
 
 
@@ -53,17 +54,71 @@ def test_wandb_offline_keeps_the_metrics_in_the_run_folder(tiny_config: dict, mo
     assert (offline / "files" / "metrics.json").is_file() and (offline / "files" / "model" / "README.md").is_file()
 
 
-def test_a_tracker_whose_package_is_missing_is_named_with_its_extra(tiny_config: dict, monkeypatch) -> None:
-    import builtins
+def test_a_tracker_whose_package_is_missing_is_named_with_its_extra(tiny_config: dict, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import importlib.util
 
-    real = builtins.__import__
+    import yaml
+    from typer.testing import CliRunner
 
-    def no_wandb(name, *args, **kwargs):
-        if name == "wandb":
-            raise ImportError("No module named 'wandb'")
-        return real(name, *args, **kwargs)
+    from lmtune.cli import app
 
-    monkeypatch.setattr(builtins, "__import__", no_wandb)
-    tiny_config["output"]["report_to"] = ["wandb"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    tiny_config["output"]["report_to"] = ["tensorboard", "wandb"]
     with pytest.raises(ConfigError, match=r"pip install 'lmtune\[wandb\]'"):
         lmtune.train(tiny_config)
+    assert not (Path(tiny_config["output"]["dir"]) / "tiny").exists()  # refused before the run folder was made
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["validate", str(config)])
+    assert result.exit_code == 1 and "pip install 'lmtune[wandb]'" in result.output  # validate says so too
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _crash_at(step: int):
+    def crash(state) -> None:
+        if state.step == step:
+            raise Interrupt
+    return crash
+
+
+def test_a_resumed_run_goes_on_in_the_tracker_runs_it_started(tiny_config: dict, tmp_path: Path, monkeypatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tiny_config["output"].update(report_to=["mlflow", "wandb"], mlflow_uri=uri)
+    tiny_config["train"].update(eval_every=3, epochs=2)
+    with pytest.raises(Interrupt):
+        lmtune.train(tiny_config, callbacks=[_crash_at(4)])
+    run_dir = Path(tiny_config["output"]["dir"]) / "tiny"
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_run(ids["mlflow"]["run_id"]).info.status == "FAILED"
+    result = lmtune.train(tiny_config, resume=True)
+    (run,) = client.search_runs([client.get_experiment_by_name("runs").experiment_id])
+    assert run.info.run_id == ids["mlflow"]["run_id"] and run.info.status == "FINISHED"  # the same run, finished
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train.loss")}
+    assert max(steps) == result.metrics["steps"] and min(steps) < 4  # before and after the resume, in one run
+    assert run.data.metrics["final.test.accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    assert json.loads((run_dir / "trackers.json").read_text())["wandb"] == ids["wandb"]  # W&B: the same id again
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{ids['wandb']['id']}"))) == 2
+
+
+def test_the_runs_of_a_study_share_the_study_s_mlflow_store(tiny_config: dict, tmp_path: Path, monkeypatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tiny_config["output"].update(report_to=["mlflow"], name="seeds")
+    tiny_config["train"].update(seeds=[1, 2], max_steps=2)
+    result = lmtune.train(tiny_config)
+    store = Path(tiny_config["output"]["dir"]) / "mlflow.db"
+    assert store.is_file() and not list(result.run_dir.rglob("mlflow.db"))  # beside the study, not in it
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["seed-1", "seed-2"]

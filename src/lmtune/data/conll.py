@@ -118,7 +118,8 @@ def read_ner(path: str | Path, opts: NerReadOptions) -> tuple[datasets.Dataset, 
     """
     shown = str(path)
     real = resolve_path(path)
-    kind = _table_kind(real, opts.format)
+    # A Hub dataset's split (hf:ORG/NAME:SPLIT; a local file of that name wins) holds records, like a table file.
+    kind = "hub" if shown.startswith("hf:") and not real.exists() else _table_kind(real, opts.format)
     if kind is None and opts.group_field not in (None, "document"):
         raise DataError(shown, f"data.split_by={opts.group_field!r}: sentences of a CoNLL file can only be grouped "
                                "by 'document' (the -DOCSTART- documents)")
@@ -217,15 +218,21 @@ def _resolve_columns(width: int, shown: str, line: int, opts: NerReadOptions) ->
 
 
 def _read_records(shown: str, kind: str, opts: NerReadOptions) -> list[_Sentence]:
-    """Sentences of JSONL/JSON/Parquet records {tokens: [...], tags: [...]}; shape problems per record."""
-    ds = read_table(shown, kind)
+    """Sentences of JSONL/JSON/Parquet records or a Hub dataset's rows {tokens: [...], tags: [...]}; shape problems
+    per record. Tags stored as class numbers (a Hub dataset's ClassLabel, as CoNLL-2003's `ner_tags`) are read as
+    their names."""
+    ds = read_table(shown, None if kind == "hub" else kind)
     fields = [opts.tokens_field, opts.tags_field] + ([opts.group_field] if opts.group_field else [])
     require_columns(ds, shown, fields, {opts.tokens_field: "the token list (task.tokens_field)",
                                         opts.tags_field: "the tag list (task.tags_field)",
                                         opts.group_field: "the group to split by (data.split_by)"})
     unit = "line" if kind == "jsonl" else "row"
+    names = getattr(getattr(ds.features[opts.tags_field], "feature", None), "names", None)  # ClassLabel names
     sentences = []
     for row in ds.select_columns(fields + [ROW_COLUMN]).iter(batch_size=1000):
+        if names:
+            row[opts.tags_field] = [[names[t] for t in tags] if isinstance(tags, list) else tags
+                                    for tags in row[opts.tags_field]]
         groups = row[opts.group_field] if opts.group_field else [None] * len(row[ROW_COLUMN])
         for tokens, tags, number, group in zip(row[opts.tokens_field], row[opts.tags_field], row[ROW_COLUMN], groups):
             sentence = _Sentence(lines=[number], group=group)

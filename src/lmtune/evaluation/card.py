@@ -33,7 +33,7 @@ def scalars(split_metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def write_card(folder: Path, cfg: RunConfig, metrics: dict[str, Any], pipeline_tag: str | None,
-               adapter: bool = False, final: Path | None = None, exported: bool = False) -> Path:
+               adapter: bool = False, final: Path | None = None, exported: bool = False, onnx: bool = False) -> Path:
     """Write `folder`/README.md for a model trained as `cfg` that scored `metrics` (metrics.json's contents);
     `final`: where the folder will be once moved into place (the path the card shows); `exported`: a plain folder
     written by `lmtune export` (loaded with transformers alone), not a run's model."""
@@ -47,7 +47,8 @@ def write_card(folder: Path, cfg: RunConfig, metrics: dict[str, Any], pipeline_t
         pipeline_tag=pipeline_tag, tags=["lmtune", cfg.task.name, cfg.method.name],
         model_name=metrics.get("run", (final or folder).parent.name), eval_results=results or None)
     body = "\n\n".join(part for part in (_about(cfg, metrics, pipeline_tag, adapter), _training(cfg, metrics),
-                                         _results(metrics), _loading(final or folder, pipeline_tag, adapter, exported),
+                                         _results(metrics), _onnx_use(final or folder) if onnx else
+                                         _loading(final or folder, pipeline_tag, adapter, exported),
                                          _limitations(metrics)) if part)
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
     card.save(folder / "README.md")
@@ -135,6 +136,14 @@ def _loading(folder: Path, pipeline_tag: str | None, adapter: bool, exported: bo
     if adapter:
         lines += ["", f"`lmtune export {run} -o merged/` writes a plain Hugging Face folder with the adapter merged."]
     return "\n".join(lines)
+
+
+def _onnx_use(folder: Path) -> str:
+    return "\n".join([
+        "## Use", "", "`model.onnx` runs with onnxruntime (inputs `input_ids`, `attention_mask` and, where the tokenizer "
+        "makes them, `token_type_ids`; the tokenizer files are here). lmtune runs the folder as it runs the run itself:",
+        "", "```bash", f"lmtune predict {folder} --input inputs.jsonl", f"lmtune serve {folder}", "```", "",
+        "`verification.json` says how closely it matched the PyTorch model on the run's validation rows."])
 
 
 def _limitations(metrics: dict[str, Any]) -> str:

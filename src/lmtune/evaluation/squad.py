@@ -98,3 +98,11 @@ def best_no_answer_threshold(answers: Sequence[str], references: Sequence[Sequen
     # The lowest threshold that reaches the best score wins, as in the official script.
     best_total, best_threshold = max(candidates, key=lambda c: c[0])
     return float(best_threshold), float(100 * best_total / len(answers))
+
+
+def excerpt(context: str, starts: list[int], around: int = 300) -> str:
+    """The context cut to `around` characters either side of the given offsets (all of it when short)."""
+    if len(context) <= 3 * around or not starts:
+        return context
+    first, last = max(0, min(starts) - around), min(len(context), max(starts) + around)
+    return ("…" if first else "") + context[first:last] + ("…" if last < len(context) else "")

@@ -12,7 +12,7 @@ from typing import Any
 from lmtune.config import ConfigError, load_config
 from lmtune.preflight import check_setup
 from lmtune.rundir import claim, refuse_run_folder
-from lmtune.studies.seeds import describe
+from lmtune.studies.seeds import apply, describe, shared_by_runs
 from lmtune.training.logs import finite_json
 
 log = logging.getLogger("lmtune")
@@ -66,6 +66,7 @@ def _summary(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
 def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds: list[int] | None = None,
             overrides: list[str] | None = None, output: str | Path | None = None) -> Path:
     """Train `config` once per method and seed; write compare.md, compare.csv, compare.png and runs.json."""
+    from lmtune.evaluation.report import write_report
     from lmtune.run import train
 
     base = load_config(config, overrides)
@@ -75,9 +76,10 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
     refuse_run_folder(folder, "compare")
     seeds = seeds or base.train.seeds or [base.train.seed]
     plan, errors = [], []
+    shared = shared_by_runs(base)
     for method, options in methods:  # every run's config checked before the first one trains
         for seed in seeds:
-            raw = base.model_dump(mode="json")
+            raw = apply(base.model_dump(mode="json"), shared)
             raw["method"] = _method_section(raw["method"], method, options)
             raw["train"].update(seed=seed, seeds=None)  # each run one seed: the table spreads them
             run_name = f"{method}-{len(plan)}-seed{seed}" if options else f"{method}-seed{seed}"
@@ -105,6 +107,7 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
         table = aggregate(rows)
         write_table(table, folder, metric)
         plot_comparison(table, folder / "compare.png", metric)
+        write_report(folder)
     finally:
         lock.release()
     return folder

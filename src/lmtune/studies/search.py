@@ -16,6 +16,7 @@ from lmtune.config_read import override, read_yaml, shown
 from lmtune.errors import ConfigError
 from lmtune.preflight import metric_problem
 from lmtune.rundir import claim, refuse_run_folder
+from lmtune.studies.seeds import shared_by_runs
 from lmtune.studies.trials import _assignments, _objective, _open_study, _run_trials
 
 log = logging.getLogger("lmtune")
@@ -206,7 +207,8 @@ def search(config: str | Path, overrides: list[str] | None = None, *, space: str
                  len(spec.space), max(remaining, 0), spec.trials, url)
         if remaining > 0:
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # lmtune logs each trial itself
-            _run_trials(study, lambda t: _objective(t, raw, overrides, spec, metric, folder), spec,
+            shared = overrides + _assignments(shared_by_runs(base))  # (best.yaml keeps the names as given)
+            _run_trials(study, lambda t: _objective(t, raw, shared, spec, metric, folder), spec,
                         failures=remaining)
         return write_outputs(study, raw, overrides, spec, metric, folder, Path(config))
     finally:
@@ -226,6 +228,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
 
 def write_outputs(study: Any, raw: dict, overrides: list[str], spec: SearchConfig, metric: str, folder: Path,
                   config: Path) -> SearchResult:
+    from lmtune.evaluation.report import write_report
     from lmtune.studies.report import plot_history, plot_importances, write_tables
     from lmtune.files import write_text
 
@@ -245,4 +248,5 @@ def write_outputs(study: Any, raw: dict, overrides: list[str], spec: SearchConfi
         load_config(folder / "best.yaml")  # what we hand out must load
     plot_history(rows, folder / "plots" / "history.png", metric, direction)
     plot_importances(study, folder / "plots" / "importances.png")
+    write_report(folder)
     return SearchResult(folder, metric, direction, rows, best)

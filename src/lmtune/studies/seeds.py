@@ -69,6 +69,31 @@ def _markdown(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> s
     return "\n".join(lines) + "\n"
 
 
+def shared_by_runs(cfg: RunConfig) -> dict[str, Any]:
+    """What every run of a study (seeds, compare, search) shares, as dotted overrides: Hub names pinned once, at the
+    commits they name now (each run pinning its own could straddle a push), and the study's MLflow store (a run's
+    default store is beside it: inside the study's folder)."""
+    from lmtune import models
+
+    pinned = models.pin(cfg)
+    shared = {"model.name": pinned.model.name,
+              **{f"data.{k}": getattr(pinned.data, k) for k in ("train", "validation", "test")
+                 if getattr(pinned.data, k) != getattr(cfg.data, k)}}
+    if "mlflow" in cfg.output.report_to:
+        from lmtune.training.trackers import mlflow_uri
+
+        shared["output.mlflow_uri"] = mlflow_uri(cfg)
+    return shared
+
+
+def apply(raw: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+    """`raw` (a config dump) with the dotted `shared` settings set."""
+    for key, value in shared.items():
+        section, field = key.split(".", 1)
+        raw[section][field] = value
+    return raw
+
+
 def _parent_dir(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
     """The several-seed run's folder, created (or taken over) and locked for its life: (folder, lock)."""
     from lmtune import rundir
@@ -96,10 +121,18 @@ def train_seeds(cfg: RunConfig, stem: str, resume: bool = False, callbacks: list
 
 
 def _train_seeds(cfg: RunConfig, parent: Path, resume: bool, callbacks: list[Callable] | None) -> Any:
+    from lmtune.evaluation.report import write_report
     from lmtune.run import RunResult, train
     from lmtune.training.checkpoint import has_checkpoint
     from lmtune.files import write_text
 
+    from lmtune.config import load_config
+    from lmtune.rundir import keep_pins
+
+    if resume and (parent / "config.yaml").is_file():  # the seeds go on at the commits they started on
+        cfg = keep_pins(cfg, load_config(parent / "config.yaml"))
+    shared = shared_by_runs(cfg)
+    cfg = load_config(apply(cfg.model_dump(mode="json"), shared))
     write_text(parent / "config.yaml", cfg.to_yaml())
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in cfg.train.seeds or []:
@@ -118,5 +151,6 @@ def _train_seeds(cfg: RunConfig, parent: Path, resume: bool, callbacks: list[Cal
     write_text(parent / "seeds.json", json.dumps(finite_json(summary), indent=2, allow_nan=False))
     table = _markdown(summary, per_seed)
     write_text(parent / "seeds.md", table)
+    write_report(parent)
     log.info("%d seeds summarised in %s", len(per_seed), parent / "seeds.md")
     return RunResult(parent, summary)

@@ -10,6 +10,9 @@ if TYPE_CHECKING:
     from lmtune.config import DataConfig
 
 
+MISTAKES = 20  # worst predictions kept per split
+
+
 class Task(ABC):
     """A task knows its data, its model head, its features and its metrics, nothing about methods.
 
@@ -75,9 +78,11 @@ class Task(ABC):
         returns `.loss`)."""
 
     @abstractmethod
-    def evaluate(self, outputs: Any, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    def evaluate(self, outputs: Any, features: Any, examples: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
         """(scalars, details) over all feature rows; `outputs` iterates (row indices, model output, batch). Scalars
-        are logged at every evaluation (with "loss" where there is one); details go to metrics.json."""
+        are logged at every evaluation (with "loss" where there is one); details go to metrics.json. Given
+        `examples` (the rows `features` were encoded from), details also hold "mistakes": the worst predictions
+        (at most MISTAKES) with their inputs, for a person to read (the run's HTML report)."""
 
     def postprocess(self, outputs: Any, n: int) -> list[dict[str, Any]]:
         """Predictions for `from_texts` inputs, from the model's outputs (every task that does not `generate`)."""

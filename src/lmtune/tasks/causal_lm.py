@@ -91,7 +91,8 @@ class CausalLM(lm_common.DecoderTask):
         return lm_common.collate_rows(tokenizer, pad_to_multiple_of, max_width)
 
     # ---- outputs ---------------------------------------------------------------------------------
-    def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    def evaluate(self, outputs: Iterable, features: Any, examples: Any = None
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
         scalars = lm_common.perplexity(outputs)
         tokens = scalars.pop("tokens")
         return scalars, {"tokens": tokens}

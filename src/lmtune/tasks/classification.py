@@ -14,7 +14,7 @@ from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overla
                          pad_inputs, read_table, require_columns, resolve_path)
 from lmtune.data.labels import label_map_problem, label_renames, label_text
 from lmtune.registry import register_task
-from lmtune.tasks.base import Task
+from lmtune.tasks.base import MISTAKES, Task
 
 if TYPE_CHECKING:
     from lmtune.config import DataConfig
@@ -229,6 +229,12 @@ class Classification(Task):
         def tokenize(batch: dict) -> dict:
             enc = tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            if "labels" not in batch:  # prediction: say which inputs were cut to the model's length
+                full = [i for i, n in enumerate(enc["length"]) if n >= max_length]
+                whole = tokenizer([batch["text"][i] for i in full], [batch["text_pair"][i] for i in full]
+                                  if "text_pair" in batch else None)["input_ids"] if full else []
+                cut = {i for i, ids in zip(full, whole) if len(ids) > max_length}
+                enc["truncated"] = [i in cut for i in range(len(enc["length"]))]
             if "labels" in batch:
                 if multi:
                     enc["labels"] = [[float(n in set(v)) for n in self.labels] for v in batch["labels"]]
@@ -261,8 +267,10 @@ class Classification(Task):
                 count += len(indices)
         return logits, (loss_sum / count if count else None)
 
-    def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
-        """Scalar metrics (logged at every evaluation) and details (per-class table, confusion matrix)."""
+    def evaluate(self, outputs: Iterable, features: Any, examples: Any = None
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Scalar metrics (logged at every evaluation) and details (per-class table, confusion matrix; with
+        `examples`, the most confident wrong predictions)."""
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
         logits, loss = self._collect(outputs, len(features))
@@ -293,9 +301,34 @@ class Classification(Task):
         details["per_class"] = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                        "support": int(s[i])} for i, name in enumerate(self.labels)}
         details["labels"] = self.labels
+        if examples is not None:
+            details["mistakes"] = self._mistakes(logits, gold, examples)
         if loss is not None:
             scalars["loss"] = loss
         return {k: float(v) for k, v in scalars.items()}, details
+
+    def _mistakes(self, logits: np.ndarray, gold: np.ndarray, examples: Any) -> list[dict[str, Any]]:
+        """The MISTAKES most confident wrong predictions: single-label, by the probability of the wrong class;
+        multi-label, by the probability furthest from a gold label's 0 or 1."""
+        if self.options.multi_label:
+            probs = 1 / (1 + np.exp(-logits))
+            error = np.abs(probs - gold)
+            wrong = np.flatnonzero(((probs >= self.options.threshold) != gold.astype(bool)).any(1))
+            worst = wrong[np.argsort(-error[wrong].max(1), kind="stable")][:MISTAKES]
+            shown = [{"gold": [self.labels[j] for j in np.flatnonzero(gold[i])],
+                      "predicted": [self.labels[j] for j in np.flatnonzero(probs[i] >= self.options.threshold)],
+                      "score": float(error[i].max())} for i in worst]
+        else:
+            probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+            pred = probs.argmax(-1)
+            wrong = np.flatnonzero(pred != gold)
+            worst = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:MISTAKES]
+            shown = [{"gold": self.labels[gold[i]], "predicted": self.labels[pred[i]], "score": float(probs[i, pred[i]])}
+                     for i in worst]
+        rows = examples.select(worst.tolist())
+        pairs = rows["text_pair"][:] if "text_pair" in rows.column_names else [None] * len(rows)
+        return [{"row": int(i), "text": text, **({"text_pair": pair} if pair is not None else {}), **found}
+                for i, text, pair, found in zip(worst, rows["text"][:], pairs, shown)]
 
     def postprocess(self, outputs: Iterable, n: int) -> list[dict[str, Any]]:
         logits, _ = self._collect(outputs, n)

@@ -259,7 +259,8 @@ class Instruct(lm_common.DecoderTask):
         return lm_common.collate_rows(tokenizer, pad_to_multiple_of, max_width)
 
     # ---- outputs ---------------------------------------------------------------------------------
-    def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    def evaluate(self, outputs: Iterable, features: Any, examples: Any = None
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
         scalars = lm_common.perplexity(outputs)
         return scalars, {"tokens": scalars.pop("tokens")}
 

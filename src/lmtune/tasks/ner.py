@@ -14,7 +14,7 @@ from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, n
 from lmtune.data.conll import NerReadOptions, read_ner, tag_types
 from lmtune.registry import register_task
 from lmtune.evaluation.entities import entity_scores
-from lmtune.tasks.base import Task
+from lmtune.tasks.base import MISTAKES, Task
 from lmtune.tasks.ner_words import (_TAG_NAME, align_labels, owned_ranges, spells_leading_spaces, split_long,
                                     split_words, tag_names)
 
@@ -300,8 +300,10 @@ class Ner(Task):
             gold[sentence].extend(tags)  # a sentence's windows are consecutive rows, in word order
         return gold
 
-    def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
-        """Entity-level micro precision/recall/F1 (seqeval) and token accuracy, all per word; per-type table."""
+    def evaluate(self, outputs: Iterable, features: Any, examples: Any = None
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Entity-level micro precision/recall/F1 (seqeval) and token accuracy, all per word; per-type table; with
+        `examples`, the sentences with the most wrong entities."""
         pred, _, loss = self._word_predictions(outputs, features)
         gold = self._gold(features, len(pred))
         y_true = [[self.labels[i] for i in g] for g in gold]
@@ -315,7 +317,28 @@ class Ner(Task):
             scalars["loss"] = loss
         details = {"per_type": per_type, "labels": self.labels, "mode": "strict" if self.options.strict else "default",
                    "sentences": len(gold), "words": int(sum(map(len, gold)))}
+        if examples is not None:
+            details["mistakes"] = self._mistakes(y_true, y_pred, examples)
         return {k: float(v) for k, v in scalars.items()}, details
+
+    def _mistakes(self, y_true: list[list[str]], y_pred: list[list[str]], examples: Any) -> list[dict[str, Any]]:
+        """The MISTAKES sentences with the most entities missed or wrongly found (as the metrics read entities)."""
+        found = []
+        for i, (gold, pred) in enumerate(zip(y_true, y_pred)):
+            gold_set, pred_set = set(self._entities(gold)), set(self._entities(pred))
+            if gold_set != pred_set:
+                found.append((len(gold_set ^ pred_set), i, gold_set - pred_set, pred_set - gold_set))
+        found.sort(key=lambda f: (-f[0], f[1]))
+        out = []
+        for _, i, missed, spurious in found[:MISTAKES]:
+            tokens = examples[i]["tokens"]
+
+            def shown(entities: set) -> list[dict[str, Any]]:
+                return [{"type": kind, "text": " ".join(tokens[start:end]), "start": start, "end": end}
+                        for kind, start, end in sorted(entities, key=lambda e: (e[1], e[0]))]
+            out.append({"row": i, "tokens": tokens, "gold": y_true[i], "predicted": y_pred[i],
+                        "missed": shown(missed), "spurious": shown(spurious)})
+        return out
 
     def _entities(self, tags: list[str]) -> list[tuple[str, int, int]]:
         """(type, first word, end word exclusive) of each entity, read as the metrics read them."""

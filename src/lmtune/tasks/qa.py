@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
@@ -13,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from lmtune.errors import ConfigError
 from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, pad_inputs
 from lmtune.data.squad import COLUMNS, read_squad
-from lmtune.evaluation.squad import best_no_answer_threshold, score, squad_metrics
+from lmtune.evaluation.squad import best_no_answer_threshold, excerpt, score, squad_metrics
 from lmtune.registry import register_task
-from lmtune.tasks.base import Task
+from lmtune.tasks.base import MISTAKES, Task
 
 if TYPE_CHECKING:
     from lmtune.config import DataConfig
@@ -280,8 +279,10 @@ class QuestionAnswering(Task):
             best.update(answer="", start=None, end=None, score=float(probs[-1]), no_answer=True)
         return best
 
-    def evaluate(self, outputs: Iterable, features: Any) -> tuple[dict[str, float], dict[str, Any]]:
-        """SQuAD exact match and F1 (percent) over examples, the v2 breakdown and best no-answer threshold."""
+    def evaluate(self, outputs: Iterable, features: Any, examples: Any = None
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
+        """SQuAD exact match and F1 (percent) over examples, the v2 breakdown and best no-answer threshold; with
+        `examples`, the wrong answers (lowest F1, the most confident first)."""
         answers, loss = self._answers(outputs, features)
         golds = features["golds"][:]
         refs = [golds[a["window"]] for a in answers]
@@ -297,13 +298,27 @@ class QuestionAnswering(Task):
                 key = "exact" if metric == "exact_match" else metric
                 scalars[f"best_{key}"], scalars[f"best_{key}_threshold"] = value, threshold
             details["no_answer_threshold"] = self.options.no_answer_threshold
-        ids = features["id"][:]
-        wrong = list(itertools.islice(((a, r) for a, r in zip(answers, refs) if score(a["answer"], r)[1] < 1), 10))
-        details["wrong_examples"] = [{"id": ids[a["window"]], "prediction": a["answer"], "answers": r}
-                                     for a, r in wrong]
+        if examples is not None:
+            details["mistakes"] = self._mistakes(answers, refs, features, examples)
         if loss is not None:
             scalars["loss"] = loss
         return scalars, details
+
+    def _mistakes(self, answers: list[dict], refs: list[list[str]], features: Any, examples: Any
+                  ) -> list[dict[str, Any]]:
+        """The MISTAKES worst answers: lowest F1 against the gold answers, the most confident first; the context
+        cut to the words around the gold answer and the prediction."""
+        ids, f1 = features["id"][:], [score(a["answer"], r)[1] for a, r in zip(answers, refs)]
+        wrong = sorted((i for i, f in enumerate(f1) if f < 1), key=lambda i: (f1[i], -answers[i]["score"], i))
+        out = []
+        for i in wrong[:MISTAKES]:
+            a, row = answers[i], examples[i]
+            starts = [s for s in [*(row.get("answer_starts") or []), a["start"]] if s is not None and s >= 0]
+            out.append({"row": i, "id": ids[a["window"]], "question": row["question"],
+                        "context": excerpt(row["context"], starts),
+                        "gold": refs[i] or ["(no answer)"], "predicted": a["answer"] or "(no answer)",
+                        "score": round(float(a["score"]), 6), "f1": round(float(f1[i]), 4)})
+        return out
 
     def postprocess(self, outputs: Iterable, n: int, features: Any = None) -> list[dict[str, Any]]:
         """Answers for `from_texts` inputs: text, character span [start, end) in the context, probability

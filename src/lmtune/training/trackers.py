@@ -17,6 +17,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmtune")
 EXTRAS = {"mlflow": "mlflow-skinny", "wandb": "wandb"}  # the package each tracker needs (lmtune[mlflow] ...)
+IDS = "trackers.json"  # in the run folder: each tracker's run id, so a resumed run goes on in the same tracker run
+
+
+def tracker_problem(report_to: list[str]) -> str | None:
+    """A tracker `output.report_to` names whose package is not installed (TensorBoard is optional), said with the
+    command that installs it: checked before anything trains (`lmtune validate` too)."""
+    import importlib.util
+
+    missing = [kind for kind in report_to if kind in EXTRAS and importlib.util.find_spec(kind) is None]
+    return "; ".join(f"output.report_to: {kind} needs its package: pip install 'lmtune[{kind}]' (or pip install "
+                     f"{EXTRAS[kind]})" for kind in missing) or None
+
+
+def mlflow_uri(cfg: RunConfig) -> str:
+    """Where a run's MLflow tracker writes: output.mlflow_uri, else MLFLOW_TRACKING_URI, else `<output.dir>/mlflow.db`."""
+    return cfg.output.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path(cfg.output.dir).resolve() / 'mlflow.db'}"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -50,7 +67,9 @@ def _local_store(uri: str) -> Path | None:
 
 
 class TensorBoard:
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+    """Event files in the run's tensorboard/ folder (a resumed run appends to them)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resumed: dict[str, Any] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -71,12 +90,15 @@ class MLflow:
     output.mlflow_uri, else MLFLOW_TRACKING_URI, else a store beside the runs (`<output.dir>/mlflow.db`, its
     artifacts in `<output.dir>/mlartifacts`)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resumed: dict[str, Any] | None = None) -> None:
         import mlflow
 
-        root = Path(cfg.output.dir).resolve()
-        uri = cfg.output.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+        uri = mlflow_uri(cfg)
         self.client = mlflow.MlflowClient(tracking_uri=uri)
+        if resumed and resumed.get("uri") == uri and self._reopen(resumed["run_id"]):
+            self.run_id, self.ids = resumed["run_id"], resumed
+            log.info("mlflow: run %s goes on at %s", self.run_id, uri)
+            return
         name = group_of(run_dir)
         experiment = self.client.get_experiment_by_name(name)
         # A local store (SQLite, files) keeps its artifacts beside it, never in the working directory (MLflow's
@@ -88,9 +110,19 @@ class MLflow:
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name,
                                              tags={"lmtune.group": name, "lmtune.task": cfg.task.name,
                                                    "lmtune.method": cfg.method.name}).info.run_id
+        self.ids = {"run_id": self.run_id, "uri": uri}
         params = flatten(cfg.model_dump(mode="json"))
         self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in params.items()])
         log.info("mlflow: run %s in experiment %r at %s", self.run_id, name, uri)
+
+    def _reopen(self, run_id: str) -> bool:
+        """Mark the run a resumed lmtune run started as running again; False where the store no longer has it."""
+        try:
+            self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - deleted, or another store: a new run is opened
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        return True
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         import time
@@ -118,12 +150,14 @@ class WandB:
     """One W&B run per lmtune run (project `lmtune`, grouped), its files under the run folder; `WANDB_MODE=offline`
     runs without an account."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resumed: dict[str, Any] | None = None) -> None:
         import wandb
 
+        again = {"id": resumed["id"], "resume": "allow"} if resumed and resumed.get("id") else {}
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmtune"), name=run_dir.name,
                               group=group_of(run_dir), dir=str(run_dir), config=flatten(cfg.model_dump(mode="json")),
-                              tags=[cfg.task.name, cfg.method.name], reinit="finish_previous")
+                              tags=[cfg.task.name, cfg.method.name], reinit="finish_previous", **again)
+        self.ids = {"id": self.run.id}
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         self.run.log(_numbers(values), step=step)
@@ -147,18 +181,28 @@ def _final(metrics: dict[str, Any]) -> dict[str, float]:
 KINDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
 
 
-def open_trackers(cfg: RunConfig, run_dir: Path) -> list[Any]:
-    """The trackers output.report_to names, opened for this run (a missing package is a clear error)."""
+def open_trackers(cfg: RunConfig, run_dir: Path, resume: bool = False) -> list[Any]:
+    """The trackers output.report_to names, opened for this run (a missing package is a clear error); a resumed run
+    goes on in the tracker runs it started (their ids in trackers.json)."""
+    import json
+
+    from lmtune.files import write_text
+
+    saved = json.loads((run_dir / IDS).read_text(encoding="utf-8")) if resume and (run_dir / IDS).is_file() else {}
     opened: list[Any] = []
+    ids: dict[str, Any] = {}
     try:
         for kind in cfg.output.report_to:
             try:
-                opened.append(KINDS[kind](cfg, run_dir))
+                opened.append(KINDS[kind](cfg, run_dir, saved.get(kind)))
+                ids.update({kind: opened[-1].ids} if getattr(opened[-1], "ids", None) else {})
             except ImportError:
                 if kind == "tensorboard":  # TensorBoard is optional: metrics.jsonl is the record
                     continue
-                raise ConfigError(f"output.report_to: {kind} needs its package: pip install 'lmtune[{kind}]' (or "
-                                  f"pip install {EXTRAS[kind]})") from None
+                raise ConfigError(tracker_problem([kind]) or f"output.report_to: {kind} could not be imported") \
+                    from None
+        if ids:
+            write_text(run_dir / IDS, json.dumps(ids, indent=1))
     except BaseException:
         for tracker in opened:  # those opened before the one that failed end as failed, not left running
             with contextlib.suppress(Exception):
@@ -168,8 +212,8 @@ def open_trackers(cfg: RunConfig, run_dir: Path) -> list[Any]:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """What a tracker keeps of a finished run: config, metrics, plots and the model card."""
-    names = ["config.yaml", "metrics.json", "model/README.md"]
+    """What a tracker keeps of a finished run: config, metrics, worst mistakes, the report, plots, model card."""
+    names = ["config.yaml", "metrics.json", "mistakes.json", "report.html", "model/README.md"]
     return [run_dir / n for n in names if (run_dir / n).is_file()] + sorted((run_dir / "plots").glob("*.png"))
 
 
@@ -191,9 +235,9 @@ class Trackers:
 
 
 @contextlib.contextmanager
-def tracking(cfg: RunConfig, run_dir: Path, accelerator: Any) -> Iterator[Trackers]:
+def tracking(cfg: RunConfig, run_dir: Path, accelerator: Any, resume: bool = False) -> Iterator[Trackers]:
     """The run's trackers for the block; a block that fails marks their runs failed."""
-    trackers = Trackers(open_trackers(cfg, run_dir) if accelerator.is_main_process else [], run_dir)
+    trackers = Trackers(open_trackers(cfg, run_dir, resume) if accelerator.is_main_process else [], run_dir)
     try:
         yield trackers
     except BaseException:

@@ -1,0 +1,95 @@
+"""`lmtune export --format onnx`: tiny classification, NER and QA runs exported, onnxruntime's outputs checked against
+PyTorch's, and the folder run by `lmtune predict` / `lmtune.load` without the PyTorch model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lmtune
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir: Path) -> dict[str, Path]:
+    from test_smoke import METHOD_OPTIONS, SMOKE_DATA, TASK_OPTIONS
+
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for task, method in (("classification", "full"), ("ner", "lora"), ("qa", "full")):
+        (root / "data" / task).mkdir(parents=True)
+        data, inputs = SMOKE_DATA[task](root / "data" / task)
+        cfg = {"model": {"name": str(tiny_model_dir)}, "data": data,
+               "task": {"name": task, **TASK_OPTIONS.get(task, {})},
+               "method": {"name": method, **METHOD_OPTIONS.get(method, {})},
+               "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3}, "output": {"dir": str(root / "runs"), "name": task}}
+        out[task] = (lmtune.train(cfg).run_dir, inputs)
+    return out
+
+
+@pytest.mark.parametrize("task", ["classification", "ner", "qa"])
+def test_an_onnx_export_matches_pytorch_and_predicts_without_it(task: str, runs, monkeypatch) -> None:
+    from lmtune.predict import export
+
+    run, inputs = runs[task]
+    folder = export(run, format="onnx")
+    assert folder == run.parent / f"{run.name}-onnx"
+    report = json.loads((folder / "verification.json").read_text())
+    assert report["rows"] > 0 and report["fp32"]["max_abs_difference"] <= 1e-3
+    assert report["fp32"]["predictions_differing"] == 0 and report["fp32"]["predictions_compared"] >= report["rows"]
+    expected = lmtune.load(run).predict(inputs)
+    import transformers
+
+    def no_torch_model(*args, **kwargs):
+        raise AssertionError("an ONNX folder must not load a PyTorch model")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_torch_model)
+    loaded = lmtune.load(folder)
+    assert type(loaded.session.model).__name__ == "OnnxModel"
+    got = loaded.predict(inputs)
+    if task == "classification":
+        assert [p["label"] for p in got] == [p["label"] for p in expected]
+        assert [p["score"] for p in got] == pytest.approx([p["score"] for p in expected], abs=1e-4)
+    elif task == "ner":
+        assert [p["tags"] for p in got] == [p["tags"] for p in expected]
+    else:
+        assert [(p["answer"], p["start"]) for p in got] == [(p["answer"], p["start"]) for p in expected]
+    card = (folder / "README.md").read_text()
+    assert "onnxruntime" in card and f"lmtune serve {folder}" in card
+
+
+def test_int8_reports_its_metric_change_and_still_predicts(runs) -> None:
+    from lmtune.predict import export
+
+    run, inputs = runs["classification"]
+    folder = export(run, run.parent / "int8", format="onnx", quantize="int8")
+    report = json.loads((folder / "verification.json").read_text())["int8"]
+    assert set(report["change"]) >= {"accuracy", "macro_f1"}
+    assert report["change"]["accuracy"] == pytest.approx(report["metrics_int8"]["accuracy"] -
+                                                         report["metrics_pytorch"]["accuracy"])
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for node in graph.node)  # really int8
+    assert len(lmtune.load(folder).predict(inputs)) == len(inputs)
+
+
+def test_what_onnx_cannot_export_is_refused_clearly(runs, tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    from lmtune.predict import export
+
+    run, _ = runs["classification"]
+    with pytest.raises(ValueError, match="--quantize int8 only with --format onnx"):
+        export(run, tmp_path / "x", quantize="int8")
+    from test_smoke import SMOKE_DATA
+
+    data, _ = SMOKE_DATA["causal_lm"](tmp_path)
+    decoder = lmtune.train({"model": {"name": str(tiny_decoder_dir)}, "data": data, "task": {"name": "causal_lm"},
+                            "method": {"name": "full"}, "train": {"max_steps": 1, "batch_size": 4},
+                            "output": {"dir": str(tmp_path / "runs"), "name": "lm"}}).run_dir
+    with pytest.raises(ValueError, match="classification, NER and QA encoders"):
+        export(decoder, format="onnx")
+    assert not (decoder.parent / "lm-onnx").exists()
