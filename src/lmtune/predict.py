@@ -278,9 +278,11 @@ def _check_output(run_dir: Path, output: Path, overwrite: bool) -> None:
                                  "that folder away yourself")
 
 
-def load(run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Predictor:
-    """A finished run, ready to predict; `trust_remote_code` / `allow_pickle` are yours to give (never its config's)."""
-    return Predictor(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+def load(run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+         device: str | None = None) -> Predictor:
+    """A finished run (or its ONNX export), ready to predict; `trust_remote_code` / `allow_pickle` are yours to give
+    (never its config's); `device`: auto (default), cpu or cuda."""
+    return Predictor(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
 
 
 def evaluate(run_dir: str | Path, data: str | Path, on_bad_rows: str | None = None, **permissions: bool

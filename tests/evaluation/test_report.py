@@ -126,7 +126,7 @@ class Proxy:
                 first = conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
             except OSError:
                 first = "?"
-            if not OWN.match(first):
+            if first.strip() and not OWN.match(first):  # (an empty one: a connection opened ahead, never used)
                 self.requests.append(first)
             conn.close()
 

@@ -81,6 +81,9 @@ def test_single_and_list_inputs_answer_what_predict_writes(server: str, run: Pat
     assert one.json()["predictions"][0]["score"] == pytest.approx(expected[0]["score"], abs=1e-5)
     several = httpx.post(f"{server}/v1/predict", json={"inputs": [TEXTS[0], {"text": TEXTS[1]}, TEXTS[2]]}).json()
     assert [p["label"] for p in several["predictions"]] == [p["label"] for p in expected]
+    assert not any("truncated" in p for p in several["predictions"])
+    long = httpx.post(f"{server}/v1/predict", json={"inputs": ["great film " * 100, "fine"]}).json()["predictions"]
+    assert long[0]["truncated"] is True and "truncated" not in long[1]  # cut to the model's 64 tokens, and said
     info = httpx.get(f"{server}/v1/info").json()
     assert info["task"] == "classification" and info["labels"] == ["negative", "positive"]
     assert info["runtime"] == "pytorch" and "validation/accuracy" in info["metrics"]
