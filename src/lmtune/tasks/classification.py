@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
                          pad_inputs, read_table, require_columns, resolve_path)
+from lmtune.data.fingerprint import tokenized
 from lmtune.data.labels import label_map_problem, label_renames, label_text
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
@@ -242,7 +243,8 @@ class Classification(Task):
                     enc["labels"] = [index[v[0]] for v in batch["labels"]]
             return enc
 
-        return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+        return ds.map(tokenize, batched=True, remove_columns=ds.column_names,
+                      new_fingerprint=tokenized(ds, tokenizer, max_length, self.labels, self.options))
 
     def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
         multi = self.options.multi_label

@@ -14,6 +14,7 @@ from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, n
 from lmtune.data.conll import NerReadOptions, read_ner, tag_types
 from lmtune.registry import register_task
 from lmtune.evaluation.entities import entity_scores
+from lmtune.data.fingerprint import tokenized
 from lmtune.tasks.base import MISTAKES, Task
 from lmtune.tasks.ner_words import (_TAG_NAME, align_labels, owned_ranges, spells_leading_spaces, split_long,
                                     split_words, tag_names)
@@ -239,7 +240,8 @@ class Ner(Task):
                         out.setdefault(key, []).append(value)
             return out
 
-        features = ds.map(tokenize, batched=True, with_indices=True, remove_columns=ds.column_names)
+        features = ds.map(tokenize, batched=True, with_indices=True, remove_columns=ds.column_names,
+                          new_fingerprint=tokenized(ds, tokenizer, max_length, self.labels, self.options))
         if len(features) > len(ds):
             long = int((np.bincount(features["sentence"][:]) > 1).sum())
             log.info("%d sentences are longer than %d sub-tokens: cut into overlapping windows (%d rows for %d "

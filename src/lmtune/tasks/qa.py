@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from lmtune.errors import ConfigError
 from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, pad_inputs
 from lmtune.data.squad import COLUMNS, read_squad
+from lmtune.data.fingerprint import tokenized
 from lmtune.evaluation.squad import best_no_answer_threshold, excerpt, score, squad_metrics
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
@@ -165,7 +166,8 @@ class QuestionAnswering(Task):
         labelled = "answer_texts" in ds.column_names
         cut = [0]
         features = ds.map(lambda batch, idx: self._windows(batch, idx, tokenizer, max_length, cut), batched=True,
-                          with_indices=True, remove_columns=ds.column_names)
+                          with_indices=True, remove_columns=ds.column_names,
+                          new_fingerprint=tokenized(ds, tokenizer, max_length, self.options))
         if cut[0]:
             log.warning("%d question(s) longer than task.max_question_length=%d tokens were cut", cut[0],
                         opts.max_question_length)
