@@ -22,6 +22,14 @@ def classification_data(tmp_path: Path) -> tuple[dict, list]:
     return {"train": str(train), "validation_size": 0.25, "test_size": 0.25}, ["great film", {"text": "awful"}]
 
 
+def regression_data(tmp_path: Path) -> tuple[dict, list]:
+    rows = [{"text": t, "text_b": u, "score": str(s)} for t, u, s in
+            [("a good film", "a fine film", 4.5), ("a bad drug", "a great night", 0.5)] * 12]
+    train = write_csv(tmp_path / "pairs.csv", rows)
+    return ({"train": str(train), "validation_size": 0.25, "test_size": 0.25, "text_pair_column": "text_b",
+             "label_column": "score"}, [{"text": "good film", "text_pair": "fine film"}])
+
+
 def qa_data(tmp_path: Path) -> tuple[dict, list]:
     context = "the film was good and the drug was bad but the pill worked very well for one week"
     rows = [{"id": str(i), "title": f"t{i % 4}", "question": "what was good ?", "context": context,
@@ -57,6 +65,7 @@ def instruct_data(tmp_path: Path) -> tuple[dict, list]:
 # task name -> builder of (data section, inputs for predict); a new task adds its builder here.
 SMOKE_DATA: dict[str, Callable[[Path], tuple[dict, list]]] = {
     "classification": classification_data,
+    "regression": regression_data,
     "qa": qa_data,
     "ner": ner_data,
     "causal_lm": causal_lm_data,

@@ -77,12 +77,16 @@ class DataConfig(Section):
     classification)."""
     format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = None
     """File format; default: from the file extension."""
+    quoting: Literal["csv", "none"] = "csv"
+    """CSV/TSV: `csv` reads double quotes as quoting (a quoted field may hold the delimiter); `none` reads them as
+    plain characters (files such as STS-B, whose texts open with a quote that never closes)."""
     text_column: str = "text"
     """Column holding the input text."""
     text_pair_column: str | None = None
     """Column holding the second text of a sentence pair (e.g. NLI hypothesis), if any."""
-    label_column: str = "label"
-    """Column holding the label (for multi-label: a list, or a string split on `label_separator`)."""
+    label_column: str | list[str] = "label"
+    """Column holding the label (for multi-label: a list, or a string split on `label_separator`); regression: the
+    target column, or a list of several."""
     labels: list[str] | None = None
     """Label names in index order; default: discovered from the training data (sorted)."""
     label_map: dict[str | int | float | bool, str] | None = None
@@ -240,6 +244,10 @@ class EvalConfig(Section):
     """Forgetting probe (causal LMs): perplexity on this general-domain .txt file before and after training."""
     general_text_max_documents: int | None = None
     """Forgetting probe: use at most this many documents (lines) of general_text, the first ones."""
+    calibrate: Literal["temperature"] | None = None
+    """Classification (one label a text): after training, fit one temperature on the validation rows (minimising
+    NLL) that divides the logits; saved with the model and used by predict, eval and serve. Metrics report ECE
+    before and after; accuracy is unchanged."""
 
 
 def name_problem(name: str) -> str | None:

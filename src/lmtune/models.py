@@ -66,6 +66,11 @@ def pinned_name(name: str, allow_pickle: bool = False, trust_remote_code: bool =
     return hub.pinned(name, allow_pickle, trust_remote_code)
 
 
+def base_model_config(model: Any) -> Any:
+    """The config that is saved with the model (an adapter's base model's: base_config/)."""
+    return model.get_base_model().config if is_adapter(model) else model.config
+
+
 def pin(cfg: RunConfig) -> RunConfig:
     """The config with model.name (`pinned_name`) and Hub dataset names pinned to commits: what config.yaml records."""
     from lmtune import hub

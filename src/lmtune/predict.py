@@ -50,6 +50,7 @@ class Predictor:
         labels = [model_config.id2label[i] for i in range(len(model_config.id2label))] \
             if getattr(model_config, "id2label", None) else None
         task = TASKS[cfg.task.name](cfg.task, cfg.data, labels=labels)
+        task.restore(model_config)  # what training saved with the model (a temperature, target scaling)
         if adapter:
             import peft
 
@@ -81,6 +82,7 @@ class Predictor:
                                                  "name": str(self.run_dir)})
         config = AutoConfig.from_pretrained(self.run_dir)
         task = TASKS[cfg.task.name](cfg.task, cfg.data, labels=[config.id2label[i] for i in range(len(config.id2label))])
+        task.restore(config)
         model = OnnxModel(self.run_dir / MODEL_FILE, config, OUTPUTS[cfg.task.name])
         self.session = Session(cfg, task, models.load_tokenizer(cfg.model, self.run_dir), model, Accelerator(cpu=True))
 

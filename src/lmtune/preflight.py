@@ -41,12 +41,27 @@ def check_setup(cfg: RunConfig) -> Setup:
     problems = [task.config_problem(tokenizer, max_length),
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
                 replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"),
-                precision_problem(cfg.train.precision), tracker_problem(cfg.output.report_to)]
+                precision_problem(cfg.train.precision), tracker_problem(cfg.output.report_to),
+                calibrate_problem(cfg),
+                "data.label_column: one column (several are for task.name: regression)"
+                if isinstance(cfg.data.label_column, list) and cfg.task.name != "regression" else None]
     problems = [p for p in problems if p] or [method_problem(cfg, task, model_config)]  # builds the model: last
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return Setup(task, tokenizer, model_config, max_length)
+
+
+def calibrate_problem(cfg: RunConfig) -> str | None:
+    """eval.calibrate needs single-label classification and validation rows to fit on."""
+    if not cfg.eval.calibrate:
+        return None
+    if cfg.task.name != "classification" or getattr(cfg.task, "multi_label", False):
+        return "eval.calibrate: temperature scaling is for classification with one label a text"
+    if cfg.data.validation is None and not cfg.data.validation_size:
+        return "eval.calibrate: the temperature is fitted on validation rows: give data.validation or " \
+               "data.validation_size"
+    return None
 
 
 def method_problem(cfg: RunConfig, task: Any, model_config: Any) -> str | None:

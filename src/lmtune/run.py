@@ -122,6 +122,12 @@ def _measure(cfg: RunConfig, run: _Run, state: Any, started: float) -> tuple[dic
     overfitting = diagnose_run(job.run_dir, cfg.train, job.metric, run.task) if job.evaluate is not None else None
     results: dict[str, Any] = {}
     mistakes: dict[str, Any] = {}
+    if cfg.eval.calibrate:  # the temperature first: every figure below is of the calibrated model
+        from lmtune.evaluation.calibration import temperature_scaling
+
+        shown = {k: run.features[k] for k in ("validation", "test") if k in run.features and len(run.features[k])}
+        results["calibration"] = temperature_scaling(session, shown)
+        models.base_model_config(session.model).lmtune_temperature = results["calibration"]["temperature"]
     for name in ("validation", "test"):
         if name in run.features and len(run.features[name]) and (name != "test" or cfg.eval.test):
             scalars, details = session.evaluate(run.features[name], examples=run.splits[name])

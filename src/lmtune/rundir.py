@@ -358,6 +358,12 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
     if "overfitting" in metrics:
         plot_overfitting(metrics["overfitting"], run_dir / "plots" / "overfitting.png")
     for split in ("test", "validation"):
+        reliability = metrics.get(split, {}).get("reliability")
+        if reliability:
+            from lmtune.evaluation.calibration import plot_reliability
+
+            plot_reliability(reliability["bins"], run_dir / "plots" / f"reliability_{split}.png",
+                             f"Reliability ({split}): ECE {metrics[split].get('ece', 0):.3f}")
         matrix = metrics.get(split, {}).get("confusion_matrix")
         if matrix:
             plot_confusion_matrix(matrix, metrics[split]["labels"], run_dir / "plots" / f"confusion_{split}.png",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import contextlib
 import difflib
 import gzip
@@ -53,6 +55,7 @@ def read_table(
     *,
     on_bad_rows: str = "error",
     skipped: list[str] | None = None,
+    quoting: str = "csv",
 ) -> datasets.Dataset:
     """Read a CSV, TSV, JSONL, JSON (array of objects) or Parquet file, each optionally ``.gz``.
 
@@ -98,7 +101,7 @@ def read_table(
         scan = _scan_text(real, shown, gz, want_lines=kind in ("jsonl", "json"))
         if not scan.has_content:
             raise DataError(shown, "no rows (the file is empty)")
-    ds, rows, messages = _load(real, shown, kind, gz, scan, on_bad_rows)
+    ds, rows, messages = _load(real, shown, kind, gz, scan, on_bad_rows, quoting)
     if len(ds) == 0:
         raise DataError(shown, "no rows" + (" (only a header line)" if kind in ("csv", "tsv") else ""))
     if ROW_COLUMN in ds.column_names:
@@ -189,13 +192,13 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def _load(
-    real: Path, shown: str, kind: str, gz: bool, scan: _TextScan | None, on_bad_rows: str
+    real: Path, shown: str, kind: str, gz: bool, scan: _TextScan | None, on_bad_rows: str, quoting: str = "csv"
 ) -> tuple[datasets.Dataset, list[int] | None, list[str]]:
     """The table, its row numbers where they are not the usual ones, and messages of skipped rows."""
     try:
         with _quiet_datasets():
             if kind in ("csv", "tsv"):
-                return _load_csv(real, shown, gz, "\t" if kind == "tsv" else ",", on_bad_rows)
+                return _load_csv(real, shown, gz, "\t" if kind == "tsv" else ",", on_bad_rows, quoting)
             if kind == "parquet":
                 source = _gunzip_to_cache(real, shown) if gz else real
                 return datasets.load_dataset("parquet", data_files=str(source), split="train"), None, []
@@ -222,7 +225,7 @@ def _json_options() -> dict:
 
 
 def _load_csv(
-    real: Path, shown: str, gz: bool, delimiter: str, on_bad_rows: str
+    real: Path, shown: str, gz: bool, delimiter: str, on_bad_rows: str, quoting: str = "csv"
 ) -> tuple[datasets.Dataset, list[int] | None, list[str]]:
     """Load CSV/TSV with all columns as text (datasets' csv builder would let pandas guess types per 10,000-row
     chunk: a column that looks numeric early and holds text later would fail to load, and "01" became 1).
@@ -234,7 +237,9 @@ def _load_csv(
 
     failure: Exception | None = None
     try:
-        head = pd.read_csv(real, sep=delimiter, nrows=1, dtype=str, encoding="utf-8")
+        # quoting "none": a double quote is a plain character (GLUE's own loaders read STS-B so), else CSV quoting.
+        quote = {"quoting": csv.QUOTE_NONE} if quoting == "none" else {}
+        head = pd.read_csv(real, sep=delimiter, nrows=1, dtype=str, encoding="utf-8", **quote)
         if isinstance(head.index, pd.RangeIndex):
             features = datasets.Features({name: datasets.Value("string") for name in head.columns})
             ds = datasets.load_dataset(
@@ -246,6 +251,7 @@ def _load_csv(
                 encoding="utf-8",
                 keep_default_na=False,
                 na_values=[""],
+                **quote,
             )
             if delimiter == "\t":
                 _refuse_merged_lines(ds, shown)

@@ -88,10 +88,12 @@ def _run_page(folder: Path) -> str:
         split = metrics.get(name)
         if not split:
             continue
-        classes = split.get("per_class") or split.get("per_type") or {}
+        classes = split.get("per_class") or split.get("per_type") or split.get("per_target") or {}
+        kind = "entity type" if "per_type" in split else "target" if "per_target" in split else "class"
         splits.append({"name": name, "scalars": _scalars(split), "baseline": split.get("majority_baseline"),
-                       "classes": classes, "class_kind": "entity type" if "per_type" in split else "class",
-                       "confusion": _image(folder / "plots" / f"confusion_{name}.png")})
+                       "classes": classes, "class_kind": kind,
+                       "confusion": _image(folder / "plots" / f"confusion_{name}.png"),
+                       "reliability": _image(folder / "plots" / f"reliability_{name}.png")})
     overfitting = metrics.get("overfitting")
     data = metrics.get("data", {})
     return _render(
@@ -101,7 +103,7 @@ def _run_page(folder: Path) -> str:
         overfitting=overfitting, overfitting_plot=_image(folder / "plots" / "overfitting.png"),
         data_rows=[{"split": s, "rows": n, "skipped": data.get("skipped_rows", {}).get(s),
                     "overlap": data.get("overlap_with_train", {}).get(s)} for s, n in data.get("rows", {}).items()],
-        forgetting=metrics.get("forgetting"), generation=(metrics.get("test") or {}).get("generation"),
+        forgetting=metrics.get("forgetting"), calibration=metrics.get("calibration"), generation=(metrics.get("test") or {}).get("generation"),
         mistakes=_read_json(folder / "mistakes.json") or {})
 
 

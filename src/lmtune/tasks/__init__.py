@@ -11,5 +11,6 @@ from lmtune.tasks import ner  # noqa: F401
 from lmtune.tasks import qa  # noqa: F401
 from lmtune.tasks import causal_lm  # noqa: F401
 from lmtune.tasks import instruct  # noqa: F401
+from lmtune.tasks import regression  # noqa: F401
 
 __all__ = ["TASKS", "Task", "register_task"]

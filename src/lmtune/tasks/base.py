@@ -112,5 +112,12 @@ class Task(ABC):
     def prepare_model(self, model: Any) -> None:
         """Called before training, after the method wrapped the model."""
 
+    def restore(self, config: Any) -> None:
+        """A finished run loaded back: what the task saved in its model's config (a temperature, target scaling)."""
+
+    def own_loss(self) -> Callable[[Any, dict], Any] | None:
+        """The training loss (outputs, batch) -> scalar where it is not the model's own; None: the model's."""
+        return None
+
     def release_model(self) -> None:
         """Called after training, to undo `prepare_model`."""

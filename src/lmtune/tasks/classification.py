@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
                          pad_inputs, read_table, require_columns, resolve_path)
 from lmtune.data.fingerprint import tokenized
+from lmtune.evaluation.calibration import calibration, softmax
 from lmtune.data.labels import label_map_problem, label_renames, label_text
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
@@ -61,6 +62,7 @@ class Classification(Task):
         self.data = data
         self.labels = labels or data.labels
         self.majority: str | None = None  # most frequent training label, for the baseline in reports
+        self.temperature = 1.0  # eval.calibrate: logits are divided by it (fitted on validation, saved with the model)
 
     # ---- metrics ---------------------------------------------------------------------------------
     @property
@@ -69,12 +71,12 @@ class Classification(Task):
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return ("micro_f1", "macro_f1", "subset_accuracy", "loss") if self.options.multi_label else \
-            ("accuracy", "macro_f1", "loss")
+        return ("micro_f1", "macro_f1", "subset_accuracy", "ece", "brier", "loss") if self.options.multi_label else \
+            ("accuracy", "macro_f1", "ece", "brier", "loss")
 
     @staticmethod
     def greater_is_better(metric: str) -> bool:
-        return "loss" not in metric
+        return "loss" not in metric and metric.removeprefix("eval/") not in ("ece", "brier")
 
     @property
     def cross_entropy_targets(self) -> list[tuple[str, str]]:
@@ -86,7 +88,7 @@ class Classification(Task):
         cfg, multi = self.data, self.options.multi_label
         file = resolve_path(path)
         malformed: list[str] = []  # rows skipped as malformed (CSV/TSV) under on_bad_rows=skip
-        ds = read_table(file, cfg.format, on_bad_rows=cfg.on_bad_rows, skipped=malformed)
+        ds = read_table(file, cfg.format, on_bad_rows=cfg.on_bad_rows, skipped=malformed, quoting=cfg.quoting)
         columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
         grouped = [cfg.split_by] if cfg.split_by and path == cfg.train else []  # the file validation/test come from
         require_columns(ds, str(file), columns + ([cfg.label_column] if require_label else []) + grouped,
@@ -259,7 +261,19 @@ class Classification(Task):
         return collate
 
     # ---- outputs ---------------------------------------------------------------------------------
+    def restore(self, config: Any) -> None:
+        self.temperature = getattr(config, "lmtune_temperature", None) or 1.0  # eval.calibrate's
+
+    def logits(self, outputs: Iterable[tuple[list[int], Any, dict]], n: int) -> np.ndarray:
+        """The model's logits for all n rows (before any temperature)."""
+        temperature, self.temperature = self.temperature, 1.0
+        try:
+            return self._collect(outputs, n)[0]
+        finally:
+            self.temperature = temperature
+
     def _collect(self, outputs: Iterable[tuple[list[int], Any, dict]], n: int) -> tuple[np.ndarray, float | None]:
+        """Logits of all n rows divided by the temperature, and the mean loss (the model's, as trained)."""
         logits = np.zeros((n, len(self.labels)), dtype=np.float32)
         loss_sum, count = 0.0, 0
         for indices, out, _ in outputs:
@@ -267,7 +281,7 @@ class Classification(Task):
             if getattr(out, "loss", None) is not None:
                 loss_sum += float(out.loss) * len(indices)
                 count += len(indices)
-        return logits, (loss_sum / count if count else None)
+        return logits / self.temperature, (loss_sum / count if count else None)
 
     def evaluate(self, outputs: Iterable, features: Any, examples: Any = None
                  ) -> tuple[dict[str, float], dict[str, Any]]:
@@ -277,8 +291,10 @@ class Classification(Task):
 
         logits, loss = self._collect(outputs, len(features))
         gold = np.asarray(features["labels"][:])
+        probs = 1 / (1 + np.exp(-logits)) if self.options.multi_label else softmax(logits)
+        calibrated, reliability = calibration(probs, gold, self.options.multi_label)
         if self.options.multi_label:
-            pred = (1 / (1 + np.exp(-logits)) >= self.options.threshold).astype(int)
+            pred = (probs >= self.options.threshold).astype(int)
             gold = gold.astype(int)
             seen = np.flatnonzero(gold.any(0) | pred.any(0))  # labels in neither count in no average (as below)
             scalars = {"micro_f1": f1_score(gold, pred, average="micro", zero_division=0),
@@ -303,6 +319,8 @@ class Classification(Task):
         details["per_class"] = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                        "support": int(s[i])} for i, name in enumerate(self.labels)}
         details["labels"] = self.labels
+        scalars.update(calibrated)
+        details["reliability"] = reliability
         if examples is not None:
             details["mistakes"] = self._mistakes(logits, gold, examples)
         if loss is not None:
