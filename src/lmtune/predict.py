@@ -81,7 +81,8 @@ class Predictor:
         cfg.model = cfg.model.model_copy(update={"trust_remote_code": trust_remote_code, "allow_pickle": False,
                                                  "name": str(self.run_dir)})
         config = AutoConfig.from_pretrained(self.run_dir)
-        task = TASKS[cfg.task.name](cfg.task, cfg.data, labels=[config.id2label[i] for i in range(len(config.id2label))])
+        labels = [config.id2label[i] for i in range(len(config.id2label))]
+        task = TASKS[cfg.task.name](cfg.task, cfg.data, labels=labels)
         task.restore(config)
         model = OnnxModel(self.run_dir / MODEL_FILE, config, OUTPUTS[cfg.task.name])
         self.session = Session(cfg, task, models.load_tokenizer(cfg.model, self.run_dir), model, Accelerator(cpu=True))

@@ -53,17 +53,15 @@ def read_table(
     path: str | Path,
     fmt: str | None = None,
     *,
-    on_bad_rows: str = "error",
-    skipped: list[str] | None = None,
-    quoting: str = "csv",
+    on_bad_rows: str = "error", skipped: list[str] | None = None, quoting: str = "csv",
 ) -> datasets.Dataset:
     """Read a CSV, TSV, JSONL, JSON (array of objects) or Parquet file, each optionally ``.gz``.
 
     The format comes from the extension (``.csv``, ``.tsv``, ``.jsonl``, ``.json``, ``.parquet``,
     plus ``.gz``); ``fmt`` overrides it. Text formats must be UTF-8. TSV is parsed like CSV (quoted
-    fields allowed) with a tab delimiter. In CSV/TSV only empty fields become missing values
-    ("NA", "null" stay text), and every column is text: values stay as written (labels "01" and "1" differ,
-    a text column of numbers is still text); tasks convert what they need.
+    fields allowed; ``quoting="none"``: quotes are plain characters) with a tab delimiter. In CSV/TSV only
+    empty fields become missing values ("NA", "null" stay text), and every column is text: values stay as
+    written (labels "01" and "1" differ, a text column of numbers is still text); tasks convert what they need.
 
     The result has an extra int column ``_row``: the 1-based record number that every error message
     uses. For CSV/TSV it is the data record number (the header is not counted; blank lines are

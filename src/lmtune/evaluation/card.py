@@ -140,8 +140,9 @@ def _loading(folder: Path, pipeline_tag: str | None, adapter: bool, exported: bo
 
 def _onnx_use(folder: Path) -> str:
     return "\n".join([
-        "## Use", "", "`model.onnx` runs with onnxruntime (inputs `input_ids`, `attention_mask` and, where the tokenizer "
-        "makes them, `token_type_ids`; the tokenizer files are here). lmtune runs the folder as it runs the run itself:",
+        "## Use", "", "`model.onnx` runs with onnxruntime (inputs `input_ids`, `attention_mask` and, where the "
+        "tokenizer makes them, `token_type_ids`; the tokenizer files are here). lmtune runs the folder as it runs the "
+        "run itself:",
         "", "```bash", f"lmtune predict {folder} --input inputs.jsonl", f"lmtune serve {folder}", "```", "",
         "`verification.json` says how closely it matched the PyTorch model on the run's validation rows."])
 

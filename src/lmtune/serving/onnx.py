@@ -132,8 +132,9 @@ def write_onnx_folder(folder: Path, session: Any, model: Any, quantize: str | No
     fp32 = compare_outputs(session, OnnxModel(folder / MODEL_FILE, model.config, OUTPUTS[task_name]), features)
     report: dict[str, Any] = {"split": split, "rows": len(features), "inputs": inputs, "tolerance": TOLERANCE,
                               "fp32": fp32}
-    log.info("ONNX export checked on %d %s rows: largest logit difference %.2e, %d of %d predictions differ", len(features),
-             split, fp32["max_abs_difference"], fp32["predictions_differing"], fp32["predictions_compared"])
+    log.info("ONNX export checked on %d %s rows: largest logit difference %.2e, %d of %d predictions differ",
+             len(features), split, fp32["max_abs_difference"], fp32["predictions_differing"],
+             fp32["predictions_compared"])
     if fp32["max_abs_difference"] > TOLERANCE or fp32["predictions_differing"]:
         raise ValueError(f"the ONNX export does not match PyTorch on the run's {split} rows: largest logit difference "
                          f"{fp32['max_abs_difference']:.3g} (allowed {TOLERANCE}), {fp32['predictions_differing']} of "

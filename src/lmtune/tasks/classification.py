@@ -343,8 +343,8 @@ class Classification(Task):
             pred = probs.argmax(-1)
             wrong = np.flatnonzero(pred != gold)
             worst = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:MISTAKES]
-            shown = [{"gold": self.labels[gold[i]], "predicted": self.labels[pred[i]], "score": float(probs[i, pred[i]])}
-                     for i in worst]
+            shown = [{"gold": self.labels[gold[i]], "predicted": self.labels[pred[i]],
+                      "score": float(probs[i, pred[i]])} for i in worst]
         rows = examples.select(worst.tolist())
         pairs = rows["text_pair"][:] if "text_pair" in rows.column_names else [None] * len(rows)
         return [{"row": int(i), "text": text, **({"text_pair": pair} if pair is not None else {}), **found}
