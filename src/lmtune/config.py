@@ -161,6 +161,9 @@ class TrainConfig(Section):
     label_smoothing: float = 0.0
     """Share of the target probability spread over all classes in the training loss (cross-entropy tasks); 0.1 is
     the usual choice (measured: benchmarks/RESULTS.md)."""
+    class_weights: Literal["balanced"] | dict[str, float] | None = None
+    """Classification: weigh each class in the training loss, `balanced` (rows / (classes x the class's rows);
+    multi-label: each label's positives by negatives / positives, BCE's pos_weight) or {label: weight} (others 1)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster), order still shuffled."""
     loss_normalization: Literal["batch", "dataset"] = "batch"

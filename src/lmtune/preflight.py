@@ -42,7 +42,7 @@ def check_setup(cfg: RunConfig) -> Setup:
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
                 replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"),
                 precision_problem(cfg.train.precision), tracker_problem(cfg.output.report_to),
-                calibrate_problem(cfg),
+                calibrate_problem(cfg), class_weights_problem(cfg),
                 "data.label_column: one column (several are for task.name: regression)"
                 if isinstance(cfg.data.label_column, list) and cfg.task.name != "regression" else None]
     problems = [p for p in problems if p] or [method_problem(cfg, task, model_config)]  # builds the model: last
@@ -93,6 +93,12 @@ def method_problem(cfg: RunConfig, task: Any, model_config: Any) -> str | None:
             method.apply(model, info, cfg.method)
     except ValueError as err:  # lmtune's own messages name the method; peft's do not
         return str(err) if str(err).startswith("method ") else f"method {cfg.method.name!r}: {err}"
+    return None
+
+
+def class_weights_problem(cfg: RunConfig) -> str | None:
+    if cfg.train.class_weights and cfg.task.name != "classification":
+        return f"train.class_weights: for classification; the {cfg.task.name} task has no classes to weigh"
     return None
 
 

@@ -115,6 +115,11 @@ class Task(ABC):
     def restore(self, config: Any) -> None:
         """A finished run loaded back: what the task saved in its model's config (a temperature, target scaling)."""
 
+    def weighted_loss(self, weights: Any, label_smoothing: float) -> Callable[[Any, dict], Any] | None:
+        """The training loss with train.class_weights (`balanced` or {label: weight}); None: the task has no
+        classes to weigh."""
+        return None
+
     def own_loss(self) -> Callable[[Any, dict], Any] | None:
         """The training loss (outputs, batch) -> scalar where it is not the model's own; None: the model's."""
         return None

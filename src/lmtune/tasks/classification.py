@@ -62,6 +62,8 @@ class Classification(Task):
         self.data = data
         self.labels = labels or data.labels
         self.majority: str | None = None  # most frequent training label, for the baseline in reports
+        self.counts: dict[str, int] = {}  # training rows per label (train.class_weights)
+        self.rows = 0  # training rows
         self.temperature = 1.0  # eval.calibrate: logits are divided by it (fitted on validation, saved with the model)
 
     # ---- metrics ---------------------------------------------------------------------------------
@@ -174,6 +176,7 @@ class Classification(Task):
         report["label_counts"] = {k: self._counts(v) for k, v in splits.items()}
         if cfg.split_by:
             report["groups"] = listed_groups(splits, cfg.split_by)
+        self.counts, self.rows = report["label_counts"]["train"], len(train)
         if not self.options.multi_label:
             self.majority = max(report["label_counts"]["train"].items(), key=lambda kv: kv[1])[0]
         return splits, report
@@ -261,6 +264,29 @@ class Classification(Task):
         return collate
 
     # ---- outputs ---------------------------------------------------------------------------------
+    def weighted_loss(self, weights: Any, label_smoothing: float) -> Any:
+        """Cross-entropy with a weight per class (multi-label: BCE with a positive weight per label)."""
+        rows = sum(self.counts.values()) if not self.options.multi_label else self.rows
+        counts = np.array([max(self.counts.get(name, 0), 1) for name in self.labels], dtype=np.float64)
+        if weights == "balanced":
+            w = (rows - counts) / counts if self.options.multi_label else rows / (len(self.labels) * counts)
+        else:
+            if unknown := sorted(set(weights) - set(self.labels)):
+                raise DataError("train.class_weights", f"unknown label(s) {', '.join(map(repr, unknown))} (labels: "
+                                f"{', '.join(self.labels)})")
+            w = np.array([float(weights.get(name, 1.0)) for name in self.labels])
+        log.info("class weights: %s", ", ".join(f"{n} {x:.3g}" for n, x in zip(self.labels, w)))
+        weight = torch.tensor(w, dtype=torch.float32)
+
+        def loss(outputs: Any, batch: dict) -> torch.Tensor:
+            logits = outputs.logits.float()
+            if self.options.multi_label:
+                return torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, batch["labels"].float(), pos_weight=weight.to(logits.device))
+            return torch.nn.functional.cross_entropy(logits, batch["labels"], weight=weight.to(logits.device),
+                                                     label_smoothing=label_smoothing)
+        return loss
+
     def restore(self, config: Any) -> None:
         self.temperature = getattr(config, "lmtune_temperature", None) or 1.0  # eval.calibrate's
 

@@ -60,6 +60,8 @@ def cross_entropy_loss(targets: list[tuple[str, str]], label_smoothing: float) -
 def training_loss(cfg: TrainConfig, task: Any) -> Callable | None:
     """The model's own loss (or the task's, where it has one), or label-smoothed cross-entropy over the task's targets
     (`check_setup` made sure that the task has some)."""
+    if cfg.class_weights:
+        return task.weighted_loss(cfg.class_weights, cfg.label_smoothing)
     if not cfg.label_smoothing:
         return task.own_loss()
     return cross_entropy_loss(task.cross_entropy_targets, cfg.label_smoothing)

@@ -1,0 +1,53 @@
+"""train.class_weights: the training loss weighs each class as computed by hand; a run trains with it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lmtune
+from lmtune.config import ConfigError, load_config
+from lmtune.registry import TASKS
+
+
+def task(multi: bool = False):
+    cfg = load_config({"data": {"train": "x.csv"}, "task": {"name": "classification", "multi_label": multi}})
+    t = TASKS["classification"](cfg.task, cfg.data, labels=["a", "b", "c"])
+    t.counts, t.rows = {"a": 60, "b": 30, "c": 10}, 100
+    return t
+
+
+def test_balanced_weights_by_hand() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([0, 2, 1, 2])
+    loss = task().weighted_loss("balanced", 0.0)(SimpleNamespace(logits=logits), {"labels": labels})
+    w = torch.tensor([100 / (3 * 60), 100 / (3 * 30), 100 / (3 * 10)])  # rows / (classes x the class's rows)
+    nll = -torch.log_softmax(logits, -1)[torch.arange(4), labels]
+    assert float(loss) == pytest.approx(float((w[labels] * nll).sum() / w[labels].sum()), rel=1e-6)
+    given = task().weighted_loss({"c": 4.0}, 0.0)(SimpleNamespace(logits=logits), {"labels": labels})
+    w = torch.tensor([1.0, 1.0, 4.0])
+    assert float(given) == pytest.approx(float((w[labels] * nll).sum() / w[labels].sum()), rel=1e-6)
+    with pytest.raises(Exception, match="unknown label.*'d'"):
+        task().weighted_loss({"d": 2.0}, 0.0)
+
+
+def test_multi_label_weighs_positives_by_negatives_over_positives() -> None:
+    logits = torch.tensor([[0.3, -0.2, 1.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0]])
+    loss = task(multi=True).weighted_loss("balanced", 0.0)(SimpleNamespace(logits=logits), {"labels": targets})
+    pos = torch.tensor([40 / 60, 70 / 30, 90 / 10])
+    by_hand = -(pos * targets * torch.nn.functional.logsigmoid(logits) +
+                (1 - targets) * torch.nn.functional.logsigmoid(-logits)).mean()
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-6)
+
+
+def test_a_run_trains_with_class_weights_and_other_tasks_refuse_them(tiny_config: dict) -> None:
+    tiny_config["train"].update(class_weights="balanced", max_steps=4)
+    result = lmtune.train(tiny_config)
+    assert result.metrics["steps"] == 4
+    tiny_config["task"] = {"name": "regression"}
+    tiny_config["data"]["label_column"] = "label"
+    with pytest.raises(ConfigError, match="train.class_weights: for classification"):
+        lmtune.train(tiny_config)
