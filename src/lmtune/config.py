@@ -109,6 +109,9 @@ class DataConfig(Section):
     """Evaluate on a seeded subset of this many validation/test rows (stratified as max_train_samples)."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """What to do with a bad row (empty text, missing/unknown label): stop with an error, or skip and count it."""
+    sampler: Literal["random", "balanced"] = "random"
+    """Single-label classification: `balanced` draws each epoch's rows with replacement, every class equally often
+    on average (`random`: every row once, shuffled)."""
     unescape_html: bool = False
     """Classification: turn HTML entities such as `&#039;` into characters before tokenizing (scraped reviews)."""
     replay: ReplayConfig | None = None

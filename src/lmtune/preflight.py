@@ -99,6 +99,9 @@ def method_problem(cfg: RunConfig, task: Any, model_config: Any) -> str | None:
 def class_weights_problem(cfg: RunConfig) -> str | None:
     if cfg.train.class_weights and cfg.task.name != "classification":
         return f"train.class_weights: for classification; the {cfg.task.name} task has no classes to weigh"
+    if cfg.data.sampler == "balanced" and (cfg.task.name != "classification" or getattr(cfg.task, "multi_label",
+                                                                                         False)):
+        return "data.sampler: balanced is for classification with one label a text"
     return None
 
 

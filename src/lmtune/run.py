@@ -109,7 +109,8 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
               collate=session.collate, metric=metric, greater_is_better=task.greater_is_better(metric),
               evaluate=(lambda m: session.evaluate(validation, m)[0]) if validation is not None and len(validation)
               else None, run_dir=run_dir, callbacks=list(callbacks or []), loss=training_loss(cfg.train, task),
-              count_targets=task.count_targets, width=session.width)
+              count_targets=task.count_targets, width=session.width,
+              sample_weights=task.sample_weights(features["train"]) if cfg.data.sampler == "balanced" else None)
     return _Run(session, task, splits, features, job, data_report, probe, before)
 
 

@@ -51,3 +51,27 @@ def test_a_run_trains_with_class_weights_and_other_tasks_refuse_them(tiny_config
     tiny_config["data"]["label_column"] = "label"
     with pytest.raises(ConfigError, match="train.class_weights: for classification"):
         lmtune.train(tiny_config)
+
+
+def test_balanced_sampling_draws_classes_evenly_and_repeats_per_epoch() -> None:
+    import numpy as np
+
+    from lmtune.training.batching import train_batches
+
+    labels = np.array([0] * 900 + [1] * 100)
+    weights = 1.0 / np.bincount(labels)[labels]
+    batches = train_batches([10] * 1000, 32, seed=3, epoch=0, group_by_length=True, weights=weights)
+    drawn = labels[[i for b in batches for i in b]]
+    assert len(drawn) == 1000 and 0.44 < drawn.mean() < 0.56  # the 10% class drawn about half the time
+    again = train_batches([10] * 1000, 32, seed=3, epoch=0, group_by_length=True, weights=weights)
+    assert again == batches  # rebuilt the same on a resume
+    assert train_batches([10] * 1000, 32, seed=3, epoch=1, group_by_length=True, weights=weights) != batches
+
+
+def test_a_run_trains_with_balanced_sampling(tiny_config: dict) -> None:
+    tiny_config["data"]["sampler"] = "balanced"
+    tiny_config["train"]["max_steps"] = 3
+    assert lmtune.train(tiny_config).metrics["steps"] == 3
+    tiny_config["task"]["multi_label"] = True
+    with pytest.raises(ConfigError, match="data.sampler: balanced"):
+        lmtune.train(tiny_config)

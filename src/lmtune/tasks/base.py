@@ -115,6 +115,11 @@ class Task(ABC):
     def restore(self, config: Any) -> None:
         """A finished run loaded back: what the task saved in its model's config (a temperature, target scaling)."""
 
+    def sample_weights(self, features: Any) -> Any:
+        """Per training row, the odds of drawing it in a class-balanced epoch (data.sampler: balanced); None: the
+        task has no classes to balance."""
+        return None
+
     def weighted_loss(self, weights: Any, label_smoothing: float) -> Callable[[Any, dict], Any] | None:
         """The training loss with train.class_weights (`balanced` or {label: weight}); None: the task has no
         classes to weigh."""

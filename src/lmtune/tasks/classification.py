@@ -264,6 +264,11 @@ class Classification(Task):
         return collate
 
     # ---- outputs ---------------------------------------------------------------------------------
+    def sample_weights(self, features: Any) -> Any:
+        """1 / its class's rows, for each row: every class drawn equally often on average."""
+        labels = np.asarray(features["labels"][:])
+        return (1.0 / np.bincount(labels, minlength=len(self.labels)).clip(min=1))[labels]
+
     def weighted_loss(self, weights: Any, label_smoothing: float) -> Any:
         """Cross-entropy with a weight per class (multi-label: BCE with a positive weight per label)."""
         rows = sum(self.counts.values()) if not self.options.multi_label else self.rows

@@ -12,18 +12,22 @@ from lmtune.training.losses import mean_targets_per_batch
 
 
 def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, group_by_length: bool,
-                  rank: int = 0, world_size: int = 1, fold_single: bool = False) -> list[list[int]]:
+                  rank: int = 0, world_size: int = 1, fold_single: bool = False,
+                  weights: Sequence[float] | None = None) -> list[list[int]]:
     """The batches (lists of row indices) this process trains on in `epoch`.
 
     The order depends only on (seed, epoch), never on global RNG state, so a resumed run can rebuild the
     exact order and skip what it already saw. With grouping, indices are shuffled, cut into megabatches of
     50 batches, sorted by length inside each megabatch (little padding), and the batches shuffled again
-    so lengths still vary from step to step. The longest batch goes first so an out-of-memory error
+    so lengths still vary from step to step. With `weights`, an epoch is as many rows drawn with replacement
+    at those odds (class-balanced sampling). The longest batch goes first so an out-of-memory error
     shows up at step 1, not hours in. With `fold_single`, a last batch of one row joins the one before it: a
     compiled model specialises on dimensions of size 1, so that batch alone would compile everything again.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
+    order = torch.randperm(len(lengths), generator=g).tolist() if weights is None else \
+        torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), len(lengths), replacement=True,
+                          generator=g).tolist()  # as many rows, drawn with these odds (with `weights`)
     if group_by_length:
         mega = batch_size * 50
         order = [i for s in range(0, len(order), mega)

@@ -54,6 +54,7 @@ class Job:
     # target of its accumulation window (token-level LM losses) instead of the mean of its batches' means.
     count_targets: Callable[[dict], torch.Tensor] | None = None
     trackers: Any = None  # where the metrics log is mirrored (training.trackers.Trackers: TensorBoard, MLflow, W&B)
+    sample_weights: Any = None  # per training row: each epoch draws rows with these odds (data.sampler: balanced)
 
 
 class _StageRun:
@@ -165,7 +166,8 @@ class _StageRun:
         cfg, state = self.cfg, self.state
         batches = train_batches(self.lengths, cfg.batch_size, seed=cfg.seed + 7919 * self.index, epoch=state.epoch,
                                 group_by_length=cfg.group_by_length, rank=self.acc.process_index,
-                                world_size=self.acc.num_processes, fold_single=cfg.compile)
+                                world_size=self.acc.num_processes, fold_single=cfg.compile,
+                                weights=self.job.sample_weights)
         if not batches:
             raise ValueError(f"no training batches: {len(self.job.train_set)} rows over "
                              f"{self.acc.num_processes} processes")
