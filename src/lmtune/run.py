@@ -123,6 +123,8 @@ def _measure(cfg: RunConfig, run: _Run, state: Any, started: float) -> tuple[dic
     overfitting = diagnose_run(job.run_dir, cfg.train, job.metric, run.task) if job.evaluate is not None else None
     results: dict[str, Any] = {}
     mistakes: dict[str, Any] = {}
+    if (tuned := run.task.tune(session, run.features.get("validation"))) is not None:  # e.g. per-label thresholds
+        results["tuned"] = tuned
     if cfg.eval.calibrate:  # the temperature first: every figure below is of the calibrated model
         from lmtune.evaluation.calibration import temperature_scaling
 

@@ -75,3 +75,31 @@ def test_a_run_trains_with_balanced_sampling(tiny_config: dict) -> None:
     tiny_config["task"]["multi_label"] = True
     with pytest.raises(ConfigError, match="data.sampler: balanced"):
         lmtune.train(tiny_config)
+
+
+def test_tuned_thresholds_are_chosen_on_validation_saved_and_used(tiny_model_dir, tmp_path) -> None:
+    import json
+    import random
+
+    from helpers import write_jsonl
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(160):
+        good, night = rng.random() < 0.5, rng.random() < 0.2
+        words = (["great"] if good else ["awful"]) + (["night"] if night else ["day"]) + ["film"]
+        rows.append({"text": " ".join(words), "label": (["pos"] if good else []) + (["late"] if night else [])})
+    cfg = {"model": {"name": str(tiny_model_dir)},
+           "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "validation_size": 0.25},
+           "task": {"name": "classification", "multi_label": True, "threshold": "tune"},
+           "method": {"name": "full"}, "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3},
+           "output": {"dir": str(tmp_path / "runs"), "name": "tuned"}}
+    result = lmtune.train(cfg)
+    tuned = result.metrics["tuned"]["thresholds"]
+    assert set(tuned) == {"late", "pos"} and all(0.05 <= t <= 0.95 for t in tuned.values())
+    saved = json.loads((result.run_dir / "model" / "config.json").read_text())["lmtune_thresholds"]
+    loaded = lmtune.load(result.run_dir)
+    assert loaded.session.task.thresholds == saved == [tuned[name] for name in loaded.session.task.labels]
+    (pred,) = loaded.predict(["great night film"])
+    assert pred["labels"] == [name for name in loaded.session.task.labels
+                              if pred["scores"][name] >= tuned[name]]  # each label at its own threshold

@@ -44,6 +44,18 @@ def calibration(probs: np.ndarray, gold: np.ndarray, multi_label: bool = False) 
     return {"ece": float(ece), "brier": brier}, {"bins": bins}
 
 
+def best_thresholds(probs: np.ndarray, gold: np.ndarray) -> list[float]:
+    """Multi-label: per label, the threshold (0.05 to 0.95 by 0.05) with the best F1 on these rows; ties go to the
+    one nearest 0.5."""
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    chosen = []
+    for j in range(probs.shape[1]):
+        f1 = [2 * (p & gold[:, j]).sum() / max(p.sum() + gold[:, j].sum(), 1) for p in (probs[:, j][:, None] >= grid).T]
+        best = max(f1)
+        chosen.append(float(min((t for t, f in zip(grid, f1) if f == best), key=lambda t: abs(t - 0.5))))
+    return chosen
+
+
 def nll(logits: np.ndarray, gold: np.ndarray, temperature: float = 1.0) -> float:
     probs = softmax(logits, temperature)
     return float(-np.log(np.clip(probs[np.arange(len(gold)), gold], 1e-12, None)).mean())

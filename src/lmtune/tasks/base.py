@@ -112,6 +112,11 @@ class Task(ABC):
     def prepare_model(self, model: Any) -> None:
         """Called before training, after the method wrapped the model."""
 
+    def tune(self, session: Any, features: Any) -> dict[str, Any] | None:
+        """After training, before the final evaluation: settings fitted on the validation `features` (saved with
+        the model, reported in metrics.json under `tuned`); None: nothing to tune."""
+        return None
+
     def restore(self, config: Any) -> None:
         """A finished run loaded back: what the task saved in its model's config (a temperature, target scaling)."""
 

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict
 from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
                          pad_inputs, read_table, require_columns, resolve_path)
 from lmtune.data.fingerprint import tokenized
-from lmtune.evaluation.calibration import calibration, softmax
-from lmtune.data.labels import label_map_problem, label_renames, label_text
+from lmtune.evaluation.calibration import best_thresholds, calibration, softmax
+from lmtune.data.labels import label_map_problem, label_renames, label_values, sort_labels
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
 
@@ -30,26 +30,9 @@ class ClassificationOptions(BaseModel):
     """Assign each text (or text pair) one label, or several with multi_label."""
     multi_label: bool = False
     """Each text may carry several labels (sigmoid per label instead of softmax over labels)."""
-    threshold: float = 0.5
-    """Multi-label: a label is predicted when its probability reaches this value."""
-
-
-def _label_values(value: Any, multi: bool, sep: str, rename: dict[str, str]) -> list[str] | None:
-    """A row's label(s) as strings, renamed by data.label_map; None when missing."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if multi and isinstance(value, list) and not value:
-        return []  # multi-label: an explicit empty list means none of the labels applies (all targets 0)
-    items = (value if isinstance(value, list) else str(value).split(sep)) if multi else [value]
-    items = [text for text in map(label_text, items) if text]
-    return [rename.get(v, v) for v in items] or None
-
-
-def _sort_labels(names: set[str]) -> list[str]:
-    try:  # numeric labels (0/1, star ratings) in numeric order
-        return sorted(names, key=float)
-    except ValueError:
-        return sorted(names)
+    threshold: float | Literal["tune"] = 0.5
+    """Multi-label: a label is predicted when its probability reaches this value; `tune`: one threshold per label,
+    chosen after training on the validation rows (best F1 of that label), saved with the model (0.5 until then)."""
 
 
 @register_task("classification")
@@ -64,6 +47,7 @@ class Classification(Task):
         self.majority: str | None = None  # most frequent training label, for the baseline in reports
         self.counts: dict[str, int] = {}  # training rows per label (train.class_weights)
         self.rows = 0  # training rows
+        self.thresholds: list[float] | None = None  # task.threshold: tune, once tuned (or loaded with the model)
         self.temperature = 1.0  # eval.calibrate: logits are divided by it (fitted on validation, saved with the model)
 
     # ---- metrics ---------------------------------------------------------------------------------
@@ -108,7 +92,7 @@ class Classification(Task):
                 return None
             if not multi and isinstance(row[cfg.label_column], list):
                 return cfg.label_column, "a list of labels; set task.multi_label=true for texts with several labels"
-            values = _label_values(row[cfg.label_column], multi, cfg.label_separator, rename)
+            values = label_values(row[cfg.label_column], multi, cfg.label_separator, rename)
             if values is None:
                 return cfg.label_column, "missing label"
             unknown = [v for v in values if known is not None and v not in known]
@@ -119,7 +103,7 @@ class Classification(Task):
         before = len(ds)
         ds, skipped = apply_row_checks(ds, str(file), check, cfg.on_bad_rows)
         if require_label and cfg.label_map and path == cfg.train:
-            found = {v for cell in ds[cfg.label_column][:] for v in _label_values(cell, multi, cfg.label_separator, {})}
+            found = {v for cell in ds[cfg.label_column][:] for v in label_values(cell, multi, cfg.label_separator, {})}
             if problem := label_map_problem(found, cfg.label_map):
                 raise DataError(str(file), problem, field=cfg.label_column)
             if unmapped := sorted(found - set(rename)):
@@ -133,7 +117,7 @@ class Classification(Task):
             if cfg.split_by in batch:  # kept for splitting off validation/test by group
                 out.setdefault(cfg.split_by, batch[cfg.split_by])
             if require_label:
-                out["labels"] = [_label_values(v, multi, cfg.label_separator, rename)
+                out["labels"] = [label_values(v, multi, cfg.label_separator, rename)
                                  for v in batch[cfg.label_column]]
                 if not multi:  # a scalar copy of the label to stratify splits on
                     out["label_key"] = [v[0] for v in out["labels"]]
@@ -155,7 +139,7 @@ class Classification(Task):
         report["skipped_rows"]["train"] = n_skipped
         report["skipped_examples"] += messages[:20]
         if not self.labels:
-            self.labels = _sort_labels({v for labels in train["labels"][:] for v in labels})
+            self.labels = sort_labels({v for labels in train["labels"][:] for v in labels})
 
         def read(name: str, path: str) -> Any:
             ds, n_skipped, messages = self._read(path)
@@ -294,6 +278,26 @@ class Classification(Task):
 
     def restore(self, config: Any) -> None:
         self.temperature = getattr(config, "lmtune_temperature", None) or 1.0  # eval.calibrate's
+        self.thresholds = getattr(config, "lmtune_thresholds", None)  # task.threshold: tune
+
+    @property
+    def cut(self) -> Any:
+        """Multi-label: the probability at which each label is predicted."""
+        if self.thresholds is not None:
+            return np.asarray(self.thresholds)
+        return 0.5 if self.options.threshold == "tune" else self.options.threshold
+
+    def tune(self, session: Any, features: Any) -> dict[str, Any] | None:
+        """task.threshold: tune: each label's threshold chosen on the validation rows (its best F1; ties: the one
+        nearest 0.5), set here and saved in the model's config."""
+        if not self.options.multi_label or self.options.threshold != "tune" or features is None:
+            return None
+        from lmtune.models import base_model_config
+
+        probs = 1 / (1 + np.exp(-self.logits(session.outputs(features), len(features))))
+        self.thresholds = chosen = best_thresholds(probs, np.asarray(features["labels"][:]).astype(bool))
+        base_model_config(session.model).lmtune_thresholds = chosen
+        return {"thresholds": dict(zip(self.labels, chosen))}
 
     def logits(self, outputs: Iterable[tuple[list[int], Any, dict]], n: int) -> np.ndarray:
         """The model's logits for all n rows (before any temperature)."""
@@ -325,7 +329,7 @@ class Classification(Task):
         probs = 1 / (1 + np.exp(-logits)) if self.options.multi_label else softmax(logits)
         calibrated, reliability = calibration(probs, gold, self.options.multi_label)
         if self.options.multi_label:
-            pred = (probs >= self.options.threshold).astype(int)
+            pred = (probs >= self.cut).astype(int)
             gold = gold.astype(int)
             seen = np.flatnonzero(gold.any(0) | pred.any(0))  # labels in neither count in no average (as below)
             scalars = {"micro_f1": f1_score(gold, pred, average="micro", zero_division=0),
@@ -364,10 +368,10 @@ class Classification(Task):
         if self.options.multi_label:
             probs = 1 / (1 + np.exp(-logits))
             error = np.abs(probs - gold)
-            wrong = np.flatnonzero(((probs >= self.options.threshold) != gold.astype(bool)).any(1))
+            wrong = np.flatnonzero(((probs >= self.cut) != gold.astype(bool)).any(1))
             worst = wrong[np.argsort(-error[wrong].max(1), kind="stable")][:MISTAKES]
             shown = [{"gold": [self.labels[j] for j in np.flatnonzero(gold[i])],
-                      "predicted": [self.labels[j] for j in np.flatnonzero(probs[i] >= self.options.threshold)],
+                      "predicted": [self.labels[j] for j in np.flatnonzero(probs[i] >= self.cut)],
                       "score": float(error[i].max())} for i in worst]
         else:
             probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
@@ -385,7 +389,7 @@ class Classification(Task):
         logits, _ = self._collect(outputs, n)
         if self.options.multi_label:
             probs = 1 / (1 + np.exp(-logits))
-            return [{"labels": [self.labels[j] for j in np.flatnonzero(p >= self.options.threshold)],
+            return [{"labels": [self.labels[j] for j in np.flatnonzero(p >= self.cut)],
                      "scores": {name: round(float(p[j]), 6) for j, name in enumerate(self.labels)}} for p in probs]
         probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
         return [{"label": self.labels[int(p.argmax())], "score": round(float(p.max()), 6),
