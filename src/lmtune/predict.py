@@ -5,13 +5,14 @@ A run folder is data: the code and pickle permissions in its config.yaml are ign
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmtune.config import load_config
 from lmtune.errors import DataError
@@ -56,16 +57,16 @@ class Predictor:
 
             # The pretrained backbone as in training, then the saved adapter and head on top. Its load report would
             # call the head "MISSING" (newly initialised): true for a moment, the adapter's copy replaces it.
-            report = logging.getLogger("transformers.modeling_utils")
-            level = report.level
-            report.setLevel(logging.ERROR)
-            try:
+            with _load_report_silenced(True):
                 base, _ = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
-            finally:
-                report.setLevel(level)
+            task.shape_model(base)  # the run's head (its weights come with the adapter)
             model = peft.PeftModel.from_pretrained(base, folder)
         else:
-            model, _ = models.load_model(task.auto_class, model_cfg)
+            # With lmtune's head the report would call its weights unexpected and the class's head missing: both
+            # true for a moment, shape_model puts the saved head back.
+            with _load_report_silenced(getattr(model_config, "lmtune_pooling", None) is not None):
+                model, _ = models.load_model(task.auto_class, model_cfg)
+            task.shape_model(model, weights=folder)
         accelerator = make_accelerator(cfg.train.precision, device)
         model.to(accelerator.device)
         self.session = Session(cfg, task, models.load_tokenizer(model_cfg, folder), model, accelerator)
@@ -131,6 +132,18 @@ class Predictor:
                                 "scores would mean nothing (a diverged run?)")
         generation = self.session.score_generations(raw)
         return {**scalars, **details, "rows": len(features), **({"generation": generation} if generation else {})}
+
+
+@contextlib.contextmanager
+def _load_report_silenced(silenced: bool) -> Iterator[None]:
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    if silenced:
+        report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
 
 
 def predict_rows(predictor: Predictor, inputs: list[Any], source: str, text_column: str | None = None
@@ -225,7 +238,8 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
                          f"{quantize!r})")
     output = Path(output) if output is not None else Path(run_dir).parent / f"{Path(run_dir).name}-{format}"
     _check_output(Path(run_dir), output, overwrite)
-    session = Predictor(run_dir, **permissions).session
+    # ONNX is traced and checked on the CPU (where onnxruntime runs it): the PyTorch side is loaded there too.
+    session = Predictor(run_dir, device="cpu" if format == "onnx" else None, **permissions).session
     model = session.model
     if is_adapter(model):
         if model.active_peft_config.is_prompt_learning:

@@ -85,6 +85,10 @@ def method_problem(cfg: RunConfig, task: Any, model_config: Any) -> str | None:
             model = task.auto_class.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
     except Exception:  # noqa: BLE001 - e.g. an architecture without this task's head: train says so itself
         return None
+    try:
+        task.shape_model(model)
+    except ValueError as err:  # e.g. task.pooling: pooler on a model without one
+        return str(err)
     info = TaskInfo(head_names=head_names(model, []), epochs=cfg.train.epochs)
     try:
         with warnings.catch_warnings():  # peft's wrapping warns as it will again in train

@@ -89,6 +89,8 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     with accelerator.main_process_first():  # the main process fills the datasets cache, the rest read it
         splits, data_report = task.load_splits(cfg.train.seed)
         model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+        task.shape_model(model, checkpoint=models.resolve_model(cfg.model.name, cfg.model.allow_pickle,
+                                                                cfg.model.trust_remote_code))
         session = Session(cfg, task, tokenizer, model, accelerator)
         features = {name: session.encode(ds) for name, ds in splits.items()}
     data_report.update(task.encode_report)

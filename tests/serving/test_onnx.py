@@ -20,18 +20,21 @@ def runs(tmp_path_factory, tiny_model_dir: Path) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("onnx")
     out = {}
-    for task, method in (("classification", "full"), ("ner", "lora"), ("qa", "full")):
-        (root / "data" / task).mkdir(parents=True)
-        data, inputs = SMOKE_DATA[task](root / "data" / task)
+    # "pooled": lmtune's own head (max pooling into an MLP) on a LoRA run, merged and baked into the graph
+    for key, method in (("classification", "full"), ("ner", "lora"), ("qa", "full"), ("pooled", "lora")):
+        task = "classification" if key == "pooled" else key
+        pooled = {"pooling": "max", "head": "mlp"} if key == "pooled" else {}
+        (root / "data" / key).mkdir(parents=True)
+        data, inputs = SMOKE_DATA[task](root / "data" / key)
         cfg = {"model": {"name": str(tiny_model_dir)}, "data": data,
-               "task": {"name": task, **TASK_OPTIONS.get(task, {})},
+               "task": {"name": task, **TASK_OPTIONS.get(task, {}), **pooled},
                "method": {"name": method, **METHOD_OPTIONS.get(method, {})},
-               "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3}, "output": {"dir": str(root / "runs"), "name": task}}
-        out[task] = (lmtune.train(cfg).run_dir, inputs)
+               "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3}, "output": {"dir": str(root / "runs"), "name": key}}
+        out[key] = (lmtune.train(cfg).run_dir, inputs)
     return out
 
 
-@pytest.mark.parametrize("task", ["classification", "ner", "qa"])
+@pytest.mark.parametrize("task", ["classification", "ner", "qa", "pooled"])
 def test_an_onnx_export_matches_pytorch_and_predicts_without_it(task: str, runs, monkeypatch) -> None:
     from lmtune.predict import export
 
@@ -51,7 +54,7 @@ def test_an_onnx_export_matches_pytorch_and_predicts_without_it(task: str, runs,
     loaded = lmtune.load(folder)
     assert type(loaded.session.model).__name__ == "OnnxModel"
     got = loaded.predict(inputs)
-    if task == "classification":
+    if task in ("classification", "pooled"):
         assert [p["label"] for p in got] == [p["label"] for p in expected]
         assert [p["score"] for p in got] == pytest.approx([p["score"] for p in expected], abs=1e-4)
     elif task == "ner":

@@ -3,6 +3,7 @@ the model does, how it was trained, on what, how well, and how to load it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ def write_card(folder: Path, cfg: RunConfig, metrics: dict[str, Any], pipeline_t
         model_name=metrics.get("run", (final or folder).parent.name), eval_results=results or None)
     body = "\n\n".join(part for part in (_about(cfg, metrics, pipeline_tag, adapter), _training(cfg, metrics),
                                          _results(metrics), _onnx_use(final or folder) if onnx else
-                                         _loading(final or folder, pipeline_tag, adapter, exported),
+                                         _loading(final or folder, pipeline_tag, adapter, exported, _own_head(folder)),
                                          _limitations(metrics)) if part)
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
     card.save(folder / "README.md")
@@ -123,12 +124,31 @@ def _results(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _loading(folder: Path, pipeline_tag: str | None, adapter: bool, exported: bool) -> str:
+def _own_head(folder: Path) -> str | None:
+    """lmtune's pooling head where the saved model has one (task.pooling / task.head), described; else None."""
+    for config in (folder / "config.json", folder / "base_config" / "config.json"):
+        if config.is_file():
+            saved = json.loads(config.read_text(encoding="utf-8"))
+            if saved.get("lmtune_pooling"):
+                head = "an MLP" if saved["lmtune_head"] == "mlp" else "a linear layer"
+                return f"{saved['lmtune_pooling']} pooling into {head}"
+    return None
+
+
+def _loading(folder: Path, pipeline_tag: str | None, adapter: bool, exported: bool, head: str | None = None) -> str:
     run = folder.parent
     lines = ["## Use", ""]
     if not exported:
         lines += ["```python", "import lmtune", "", f'model = lmtune.load("{run}")', 'model.predict(["an input"])',
                   "```", ""]
+    if head:  # a plain pipeline would build the transformers class's own head, untrained, and answer at random
+        lines += [f"Its head is lmtune's own ({head}, weights `lmtune_head.*`, settings `lmtune_*` in config.json), "
+                  "which no transformers class represents: a plain `transformers.pipeline` would build the class's "
+                  "own head, untrained, and answer at random. Load it with lmtune (`lmtune.load`, `lmtune predict`, "
+                  "`lmtune serve`), or export it with `lmtune export --format onnx`, which carries the head."]
+        if adapter:
+            lines += ["", f"`lmtune export {run} -o merged/` writes one folder with the adapter merged."]
+        return "\n".join(lines)
     if pipeline_tag and not adapter:
         lines += ["As a plain Hugging Face model:" if exported else "or, as a plain Hugging Face model:", "",
                   "```python", "from transformers import pipeline", "",

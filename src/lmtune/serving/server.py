@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -202,7 +203,13 @@ class _BodyLimit:
 def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
           **options: Any) -> None:
     """Serve until SIGTERM / Ctrl-C: then new connections are refused and requests in flight are answered."""
+    import datasets
     import uvicorn
 
+    # A server prints no per-request progress bars (a datasets map per pass would write one each time, costing ms);
+    # and the model's thread hands the GIL to the event loop 5x as often as by default, so requests arriving
+    # while a pass runs Python (tokenizing, a GPU forward launching kernels) are read into the next batch.
+    datasets.disable_progress_bars()
+    sys.setswitchinterval(0.001)
     app = create_app(folder, limits, **options)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
@@ -108,6 +109,11 @@ class Task(ABC):
     def score_generations(self, ds: Any, generate: Callable[[list], list[dict]]) -> dict[str, Any]:
         """Metrics of generations for the raw examples `ds`; empty where the task scores none."""
         return {}
+
+    def shape_model(self, model: Any, checkpoint: Path | None = None, weights: Path | None = None) -> None:
+        """Called as soon as the task's model is loaded, before any method sees it: the head the task is configured
+        for (`checkpoint`: the pretrained folder it came from); with `weights`, the saved run folder whose trained
+        head comes back."""
 
     def prepare_model(self, model: Any) -> None:
         """Called before training, after the method wrapped the model."""

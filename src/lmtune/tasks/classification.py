@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
                          pad_inputs, read_table, require_columns, resolve_path)
@@ -17,6 +16,7 @@ from lmtune.evaluation.calibration import best_thresholds, calibration, softmax
 from lmtune.data.labels import label_map_problem, label_renames, label_values, sort_labels
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
+from lmtune.tasks.pooling import PooledTask, PoolingOptions
 
 if TYPE_CHECKING:
     from lmtune.config import DataConfig
@@ -24,8 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmtune")
 
 
-class ClassificationOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+class ClassificationOptions(PoolingOptions):
     name: Literal["classification"] = "classification"
     """Assign each text (or text pair) one label, or several with multi_label."""
     multi_label: bool = False
@@ -36,7 +35,7 @@ class ClassificationOptions(BaseModel):
 
 
 @register_task("classification")
-class Classification(Task):
+class Classification(PooledTask, Task):
     pipeline_tag = "text-classification"
     Options = ClassificationOptions
 
@@ -277,6 +276,7 @@ class Classification(Task):
         return loss
 
     def restore(self, config: Any) -> None:
+        super().restore(config)  # the head
         self.temperature = getattr(config, "lmtune_temperature", None) or 1.0  # eval.calibrate's
         self.thresholds = getattr(config, "lmtune_thresholds", None)  # task.threshold: tune
 

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from lmtune.data import DataError, apply_row_checks, carve_splits, count_overlap, pad_inputs, read_table, \
     require_columns, resolve_path
 from lmtune.data.fingerprint import tokenized
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
+from lmtune.tasks.pooling import PooledTask, PoolingOptions
 
 if TYPE_CHECKING:
     from lmtune.config import DataConfig
@@ -23,8 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmtune")
 
 
-class RegressionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+class RegressionOptions(PoolingOptions):
     name: Literal["regression"] = "regression"
     """Predict one or several real numbers for each text (or text pair): similarity scores, ratings."""
     loss: Literal["mse", "huber"] = "mse"
@@ -40,7 +39,7 @@ def _number(value: Any) -> float | None:
 
 
 @register_task("regression")
-class Regression(Task):
+class Regression(PooledTask, Task):
     pipeline_tag = "text-classification"  # what the Hub calls a sequence-level head, regression included
     Options = RegressionOptions
     default_metric = "pearson"
@@ -149,7 +148,8 @@ class Regression(Task):
         config.lmtune_target_mean, config.lmtune_target_std = mean.tolist(), std.tolist()
 
     def restore(self, config: Any) -> None:
-        """The scaling a trained model was saved with (a finished run loaded back)."""
+        """The scaling a trained model was saved with (a finished run loaded back), and its head."""
+        super().restore(config)
         self.scale = (np.asarray(config.lmtune_target_mean), np.asarray(config.lmtune_target_std))
 
     # ---- features --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
     batches = eval_batches(dataset["length"][:], batch_size, width=width, rank=accelerator.process_index,
                            world_size=world)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                        pin_memory=accelerator.device.type == "cuda")
+                        pin_memory=accelerator.device.type == "cuda" and len(batches) > 1)  # (a thread each)
     cache = feature_cache.find(model)
     if cache is not None:  # a stage with a frozen, cached trunk is evaluating: serve this set from memory too
         ensure_cached(cache, model, dataset, collate, batch_size, accelerator, width=width)
