@@ -223,3 +223,25 @@ def test_candidate_judged_at_its_own_length_limit(candidates, tiny_config, tmp_p
     result = select(tiny_config, [candidates["aligned"]], sample=24, folds=2, output=tmp_path / "sel")
     row = result.ranking[0]
     assert "error" not in row and row["max_length"] == 64
+
+
+def test_regression_probe_ranks_by_spearman(candidates, tmp_path) -> None:
+    """A score that counts sentiment words: the candidate whose embeddings carry sentiment ranks first, by a ridge
+    probe's Spearman correlation."""
+    from helpers import write_csv
+
+    rng = random.Random(5)
+    rows = []
+    for _ in range(80):
+        good, bad = rng.randint(0, 3), rng.randint(0, 3)
+        words = rng.sample(POSITIVE, good) + rng.sample(NEGATIVE, bad) + rng.sample(FILLER, 3)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "score": str(good - bad)})
+    cfg = {"model": {"name": candidates["aligned"]}, "data": {"train": str(write_csv(tmp_path / "r.csv", rows)),
+                                                             "label_column": "score"},
+           "task": {"name": "regression"}}
+    result = select(cfg, [candidates["blind"], candidates["aligned"]], sample=80, folds=4, output=tmp_path / "sel")
+    best, other = result.ranking
+    assert best["model"] == candidates["aligned"] and best["probe"]["metric"] == "spearman"
+    assert best["probe"]["score"] > 0.5 > other["probe"]["score"], result.ranking
+    assert "probe spearman" in result.recommendation

@@ -82,3 +82,51 @@ def test_stsb_quotes_are_plain_characters_with_quoting_none() -> None:
         assert len(ds) == lines
         quoted = [t for t in ds["sentence1"][:] + ds["sentence2"][:] if t.startswith('"')]
         assert quoted  # kept as written
+
+
+def test_correlations_match_worked_examples() -> None:
+    from lmtune.evaluation.correlation import pearson, ranks, spearman
+
+    assert list(ranks([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]  # ties share their average rank
+    assert spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)  # monotone, not linear
+    assert pearson([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(0.984374, abs=1e-6)
+    # rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) without ties: d = (0, -2, 1, 1) -> 1 - 36 / 60
+    assert spearman([1, 2, 3, 4], [1, 4, 2, 3]) == pytest.approx(0.4)
+    assert pearson([1, 1, 1], [1, 2, 3]) == 0.0  # constant: no correlation to speak of
+
+
+def test_inspect_compare_search_and_seeds_work_for_regression(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import csv
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from lmtune.cli import app
+
+    cfg = {"model": {"name": str(tiny_model_dir)},
+           "data": {"train": str(write_csv(tmp_path / "train.csv", counted_rows(96, 4))),
+                    "test": str(write_csv(tmp_path / "test.csv", counted_rows(24, 5))), "label_column": "stars"},
+           "task": {"name": "regression"}, "method": {"name": "full"},
+           "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3}, "output": {"dir": str(tmp_path / "runs")}}
+    config = tmp_path / "reg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(config)])
+    assert result.exit_code == 0, result.output
+    profile = json.loads((tmp_path / "runs" / "reg-inspect" / "inspect.json").read_text())
+    assert profile["splits"]["train"]["targets"]["stars"]["max"] <= 70
+    result = runner.invoke(app, ["compare", str(config), "--methods", "full,lora", "--seeds", "2",
+                                 "-o", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
+    assert [r["method"] for r in rows] == ["full", "lora"] and all(r["seeds"] == "2" for r in rows), rows
+    assert "| test pearson |" in (tmp_path / "cmp" / "compare.md").read_text()
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"search": {"trials": 2, "pruner": "none", "space": {
+        "train.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True}}}}))
+    result = runner.invoke(app, ["search", str(config), "--space", str(space), "output.name=tuned"])
+    assert result.exit_code == 0, result.output
+    assert "pearson" in (tmp_path / "runs" / "tuned" / "trials.md").read_text()
+    result = runner.invoke(app, ["train", str(config), "--seeds", "2", "output.name=seeded"])
+    assert result.exit_code == 0, result.output
+    assert "pearson" in result.output

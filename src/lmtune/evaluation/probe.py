@@ -164,6 +164,30 @@ def probe_classification(features: np.ndarray, labels: np.ndarray, folds: int, s
             "folds": k, "examples": int(len(labels)), **({"dropped_classes": single.tolist()} if len(single) else {})}
 
 
+def probe_regression(features: np.ndarray, targets: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
+    """Ridge regression (its strength chosen inside each training fold) on frozen features, k-fold: mean Spearman
+    (over targets, then folds), with Pearson beside it."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from lmtune.evaluation.correlation import pearson, spearman
+
+    targets = targets.reshape(len(targets), -1)
+    k = min(folds, len(targets))
+    if k < 2 or len(targets) < 4:
+        return {"error": "a probe needs at least 4 examples"}
+    rho, r = [], []
+    for train, test in KFold(k, shuffle=True, random_state=seed).split(features):
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+        predicted = model.fit(features[train], targets[train]).predict(features[test]).reshape(len(test), -1)
+        rho.append(np.mean([spearman(predicted[:, j], targets[test, j]) for j in range(targets.shape[1])]))
+        r.append(np.mean([pearson(predicted[:, j], targets[test, j]) for j in range(targets.shape[1])]))
+    return {"metric": "spearman", "score": float(np.mean(rho)), "std": float(np.std(rho)),
+            "pearson": float(np.mean(r)), "folds": k, "examples": int(len(targets))}
+
+
 def probe_ner(word_features: list[np.ndarray], word_tags: list[list[int]], outside: int, folds: int) -> dict[str, Any]:
     """Logistic regression over the tags of single words (first sub-token features), folds by whole sentences.
 

@@ -111,8 +111,20 @@ def duplicates(keys: dict[str, list[str]]) -> dict[str, Any]:
     return {"within": within, "across": across}
 
 
-def profile(splits: dict[str, Any], tokenizer: Any, max_length: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The data profile (JSON-able) and the token lengths per split (for the histogram)."""
+def target_spread(ds: Any, names: list[str]) -> dict[str, dict[str, float]]:
+    """Regression: each target's mean, standard deviation, min, median and max in a split."""
+    values = np.asarray(ds["targets"][:], dtype=np.float64).reshape(len(ds), -1)
+    if not len(values):
+        return {}
+    return {name: {"mean": float(values[:, j].mean()), "std": float(values[:, j].std()), "min": float(values[:, j].min()),
+                   "p50": float(np.median(values[:, j])), "max": float(values[:, j].max())}
+            for j, name in enumerate(names)}
+
+
+def profile(splits: dict[str, Any], tokenizer: Any, max_length: int, targets: list[str] | None = None
+            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The data profile (JSON-able) and the token lengths per split (for the histogram); `targets`: a regression's
+    target names (their spread is profiled too)."""
     ordered = [s for s in SPLITS if s in splits] + [s for s in splits if s not in SPLITS]
     examples = {name: segments(splits[name]) for name in ordered}
     stats, lengths, labels = {}, {}, {}
@@ -121,6 +133,8 @@ def profile(splits: dict[str, Any], tokenizer: Any, max_length: int) -> tuple[di
         fit = tokenizer_fit(tokenizer, examples[name], max_length)
         lengths[name] = fit.pop("lengths")
         stats[name] = fit
+        if targets and "targets" in splits[name].column_names:
+            stats[name]["targets"] = target_spread(splits[name], targets)
         kind, labels[name] = label_balance(splits[name])
     return {"tokenizer": type(tokenizer).__name__, "byte_level": is_byte_level(tokenizer),
             "max_length": max_length, "splits": stats, "label_kind": kind, "labels": labels,
@@ -153,8 +167,8 @@ def inspect(config: str | Path | dict | RunConfig, overrides: list[str] | None =
     stem = Path(config).stem if isinstance(config, (str, Path)) else "run"
     tokenizer = models.load_tokenizer(cfg.model)
     limit = models.max_length(cfg.model, tokenizer, models.load_model_config(cfg.model))
-    _, splits = load_data(cfg)
-    result, lengths = profile(splits, tokenizer, limit)
+    task, splits = load_data(cfg)
+    result, lengths = profile(splits, tokenizer, limit, task.labels if cfg.task.name == "regression" else None)
     result = {"model": cfg.model.name, "task": cfg.task.name, **result}
     folder = Path(output or Path(cfg.output.dir) / f"{stem}-inspect")
     folder.mkdir(parents=True, exist_ok=True)
@@ -217,7 +231,14 @@ def tables(result: dict[str, Any]) -> list[Any]:
     for where, d in {**result["duplicates"]["within"], **result["duplicates"]["across"]}.items():
         shown = [e["text"] if isinstance(e, dict) else e for e in d["examples"]]
         dups.add_row(where, str(d["rows"]), str(d["texts"]), " | ".join(_cut(t) for t in shown))
-    return [main, labels, dups] if names else [main, dups]  # unlabelled text (LM tasks): no counts table
+    spreads = Table(title="targets")
+    for column in ("split", "target", "mean", "std", "min", "median", "max"):
+        spreads.add_column(column, justify="left" if column in ("split", "target") else "right")
+    for split, s in result["splits"].items():
+        for target, v in s.get("targets", {}).items():
+            spreads.add_row(split, target, *(f"{v[k]:.3g}" for k in ("mean", "std", "min", "p50", "max")))
+    shown = [main, labels] if names else [main]  # unlabelled text (LM tasks, regression): no counts table
+    return shown + ([spreads] if spreads.row_count else []) + [dups]
 
 
 def _quantiles(s: dict[str, float]) -> str:

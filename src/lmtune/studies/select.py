@@ -2,7 +2,7 @@
 
 For each candidate, on a sample of the training data: tokenizer fit (unknown-token rate, share of
 examples over max length, tokens per word), transferability (a linear probe with cross-validation on
-frozen features: classification and NER), domain fit (perplexity, for causal LMs) and cost (parameters,
+frozen features: classification, regression and NER), domain fit (perplexity, for causal LMs) and cost (parameters,
 seconds per 1k examples of feature extraction, memory). The probe runs on up to four layers (quarter points of the stack and
 its top) and its best score counts: a decoder's middle layers hold more of a sentence than its last.
 
@@ -70,6 +70,8 @@ def draw_sample(cfg: RunConfig, task: Any, splits: dict[str, Any], n: int, seed:
     if stratum is not None:
         index = {label: i for i, label in enumerate(task.labels)}
         return Sample(name, texts, segments(train), np.array([index[v] for v in train["label_key"][:]]))
+    if "targets" in train.column_names:  # regression
+        return Sample(name, texts, segments(train), np.asarray(train["targets"][:], dtype=np.float64))
     reason = "no probe for multi-label classification" if "labels" in train.column_names else f"no probe for {name}"
     return Sample(name, texts, segments(train), None, no_probe=reason)
 
@@ -142,8 +144,10 @@ def _assess(name: str, cfg: RunConfig, sample: Sample, folds: int, seed: int, ro
         return model
     scores = {}
     for layer in feats.pooled:  # the best layer counts (see probe.probe_layers)
+        pooled = None if words else np.stack(feats.pooled[layer])
         scores[layer] = (probe.probe_ner(feats.words[layer], sample.targets, sample.outside, folds) if words else
-                         probe.probe_classification(np.stack(feats.pooled[layer]), sample.targets, folds, seed))
+                         probe.probe_regression(pooled, sample.targets, folds, seed) if sample.task == "regression"
+                         else probe.probe_classification(pooled, sample.targets, folds, seed))
     best = max(scores, key=lambda layer: scores[layer].get("score", -math.inf))
     row["probe"] = {**scores[best], "layer": best,
                     "layers": {str(layer): scores[layer].get("score") for layer in sorted(scores)}}

@@ -13,6 +13,7 @@ import torch
 from lmtune.data import DataError, apply_row_checks, carve_splits, count_overlap, pad_inputs, read_table, \
     require_columns, resolve_path
 from lmtune.data.fingerprint import tokenized
+from lmtune.evaluation.correlation import pearson, spearman
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
 from lmtune.tasks.pooling import PooledTask, PoolingOptions
@@ -206,17 +207,13 @@ class Regression(PooledTask, Task):
     def evaluate(self, outputs: Iterable, features: Any, examples: Any = None
                  ) -> tuple[dict[str, float], dict[str, Any]]:
         """Pearson, Spearman (the mean over targets), RMSE and MAE in the targets' units; per target in details."""
-        from scipy.stats import pearsonr, spearmanr
-
         predicted, loss = self._collect(outputs, len(features))
         mean, std = self.scale
         gold = np.asarray(features["labels"][:], dtype=np.float64).reshape(len(features), -1) * std + mean
         per = {}
         for j, name in enumerate(self.labels):
             p, g = predicted[:, j], gold[:, j]
-            constant = len(g) < 2 or np.ptp(p) == 0 or np.ptp(g) == 0
-            per[name] = {"pearson": 0.0 if constant else float(pearsonr(p, g)[0]),
-                         "spearman": 0.0 if constant else float(spearmanr(p, g)[0]),
+            per[name] = {"pearson": pearson(p, g), "spearman": spearman(p, g),
                          "rmse": float(np.sqrt(((p - g) ** 2).mean())), "mae": float(np.abs(p - g).mean())}
         scalars = {k: float(np.mean([t[k] for t in per.values()])) for k in ("pearson", "spearman", "rmse", "mae")}
         if loss is not None:
