@@ -137,7 +137,7 @@ def test_unknown_space_key_fails_before_any_trial(tiny_config, tmp_path) -> None
 def test_a_metric_the_task_lacks_fails_before_any_trial(tiny_config, tmp_path) -> None:
     config = write_config(tiny_config, tmp_path, metric="f1")
     with pytest.raises(ConfigError, match=r"search.metric 'f1' is not a metric of the classification task "
-                                          r"\(its metrics: accuracy, macro_f1, loss\)"):
+                                          r"\(its metrics: accuracy, macro_f1, ece, brier, loss\)"):
         search(config, output=tmp_path / "s")
     assert not (tmp_path / "s").exists()
 

@@ -88,6 +88,9 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
                                     "comma-separated seeds; reports mean, std, min and max (sets train.seeds)."),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Fine-tune a model as the config says; writes a run directory."""
+    from lmtune import timing
+
+    timing.process_started = timing.process_start_time()  # start-up counts in the run's phase_seconds
     _setup_logging(verbose)
     from lmtune import run
     from lmtune.config import load_config
@@ -121,6 +124,12 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
                               f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}", highlight=False)
     console.print(f"trained {m['params']['trainable']:,} of {m['params']['total']:,} parameters in "
                   f"{m['train_seconds']:.1f} s; run directory: [bold]{result.run_dir}[/]")
+    if MAIN_PROCESS and result.phases is not None:
+        from lmtune.rundir import record_phases
+
+        result.phases.lap("summary")
+        record_phases(result.run_dir, m, result.phases)
+        console.print(f"whole run {m['phase_seconds']['total']:.1f} s: {result.phases.line()}", highlight=False)
 
 
 @app.command()

@@ -12,8 +12,9 @@ from lmtune.config import RunConfig, load_config
 from lmtune.errors import ConfigError
 from lmtune.preflight import check_setup
 from lmtune.registry import METHODS
-from lmtune.rundir import config_stem, open_run, save_outputs
+from lmtune.rundir import config_stem, open_run, record_phases, save_outputs
 from lmtune.session import Session, count_params, make_accelerator
+from lmtune.timing import Phases
 
 
 @dataclass
@@ -22,6 +23,7 @@ class RunResult:
 
     run_dir: Path
     metrics: dict[str, Any]
+    phases: Any = None  # timing.Phases: where the process's time went (the command line adds its summary's)
 
 
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False,
@@ -32,6 +34,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     from lmtune.training.loop import fit
     from lmtune.training.trackers import tracking
 
+    phases = Phases()
     cfg = config if isinstance(config, RunConfig) and not overrides else load_config(config, overrides)
     if cfg.train.seeds:
         raise ConfigError("train.seeds: several seeds train through lmtune.train or `lmtune train` (one run each)")
@@ -40,24 +43,33 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     setup = check_setup(cfg)  # what validate checks beyond the config file, before anything is written
     accelerator = make_accelerator(cfg.train.precision)
     with open_run(cfg, stem or config_stem(config), resume, accelerator) as (run_dir, cfg):
-        run = _set_up(cfg, setup, accelerator, run_dir, callbacks)
+        phases.lap("config and preflight")
+        run = _set_up(cfg, setup, accelerator, run_dir, callbacks, phases)
         # Trackers open once data and model are ready: a run that stopped before training leaves only its config.
         with tracking(cfg, run_dir, accelerator, resume) as run.job.trackers:
+            phases.lap("trackers")
             started = time.perf_counter()
             try:
                 state = fit(run.job, cfg.train, accelerator, resume=resume)
             finally:
                 run.task.release_model()
+            phases.lap("training")
+            phases.split("training", {part: sum(info.get(f"{key}_seconds", 0.0) for info in state.stages.values())
+                                      for part, key in (("evaluation", "eval"), ("checkpoints", "checkpoint"))})
             session = run.session
             session.model = run.job.model  # the trained (best, averaged) weights
             metrics, mistakes = _measure(cfg, run, state, started)
+            phases.lap("final evaluation")
             if not weights_finite(list(session.model.parameters()), accelerator):  # never saved as the model
                 raise diverged(run_dir, state.step, "the final weights hold values that are not finite (NaN/inf)")
             if accelerator.is_main_process:
-                save_outputs(run_dir, session.model, session.tokenizer, run.task, metrics, cfg, mistakes)
+                save_outputs(run_dir, session.model, session.tokenizer, run.task, metrics, cfg, mistakes, phases)
             run.job.trackers.finish(metrics)  # final metrics; config, metrics.json, plots, model card as files
         accelerator.wait_for_everyone()
-        return RunResult(run_dir, metrics)
+        phases.lap("trackers")
+        if accelerator.is_main_process:
+            record_phases(run_dir, metrics, phases)
+        return RunResult(run_dir, metrics, phases)
 
 
 @dataclass
@@ -75,7 +87,8 @@ class _Run:
     before: dict[str, Any] | None
 
 
-def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbacks: list[Callable] | None) -> _Run:
+def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbacks: list[Callable] | None,
+            phases: Phases) -> _Run:
     """Read and encode the data, load the model, apply the method: the loop's job."""
     import transformers
 
@@ -88,17 +101,21 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     task, tokenizer = setup.task, setup.tokenizer
     with accelerator.main_process_first():  # the main process fills the datasets cache, the rest read it
         splits, data_report = task.load_splits(cfg.train.seed)
+        phases.lap("data read and checks")
         model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
         task.shape_model(model, checkpoint=models.resolve_model(cfg.model.name, cfg.model.allow_pickle,
                                                                 cfg.model.trust_remote_code))
         session = Session(cfg, task, tokenizer, model, accelerator)
+        phases.lap("model load")
         features = {name: session.encode(ds) for name, ds in splits.items()}
+        phases.lap("tokenization")
     data_report.update(task.encode_report)
     generate_test = task.generates_on_test and "test" in splits and cfg.eval.test
     if cfg.eval.general_text or generate_test:
         model.to(accelerator.device)  # measured before training: where it will train
     probe = general_text_probe(cfg.eval, session)
     before = session.score_generations(splits["test"]) if generate_test else None
+    phases.lap("probes before training")
     method = METHODS[cfg.method.name]
     info = TaskInfo(head_names=models.head_names(model, new_weights), epochs=cfg.train.epochs)
     if cfg.train.gradient_checkpointing:
@@ -113,6 +130,7 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
               else None, run_dir=run_dir, callbacks=list(callbacks or []), loss=training_loss(cfg.train, task),
               count_targets=task.count_targets, width=session.width,
               sample_weights=task.sample_weights(features["train"]) if cfg.data.sampler == "balanced" else None)
+    phases.lap("method")
     return _Run(session, task, splits, features, job, data_report, probe, before)
 
 

@@ -331,9 +331,9 @@ def keep_pins(cfg: RunConfig, saved: RunConfig) -> RunConfig:
 
 
 def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: dict, cfg: RunConfig,
-                 mistakes: dict | None = None) -> None:
+                 mistakes: dict | None = None, phases: Any = None) -> None:
     """The run's results: the model folder (with its card), metrics.json, mistakes.json, the plots, report.html; the
-    checkpoints go."""
+    checkpoints go. `phases` (timing.Phases) gets the saving's and the plots' laps."""
     from lmtune.evaluation.card import write_card
     from lmtune.evaluation.report import write_report
     from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting
@@ -353,6 +353,8 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
     write_text(run_dir / "metrics.json", json.dumps(finite_json(metrics), indent=2, default=str, allow_nan=False))
     if mistakes:
         write_text(run_dir / "mistakes.json", json.dumps(finite_json(mistakes), indent=1, ensure_ascii=False))
+    if phases is not None:
+        phases.lap("save")
     metric = metrics["selection"]["metric"]
     plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
     if "overfitting" in metrics:
@@ -370,6 +372,18 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
                                   title=f"Confusion matrix ({split})")
     write_report(run_dir)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed to resume an unfinished run
+    if phases is not None:
+        phases.lap("plots and report")
+
+
+def record_phases(run_dir: Path, metrics: dict, phases: Any) -> None:
+    """metrics.json again with `phase_seconds`: where the whole run's time went (in `metrics` too)."""
+    from lmtune.files import write_text
+    from lmtune.training.logs import finite_json
+
+    metrics["phase_seconds"] = phases.report()
+    log.debug("time: %s", phases.line())
+    write_text(run_dir / "metrics.json", json.dumps(finite_json(metrics), indent=2, default=str, allow_nan=False))
 
 
 def refuse_run_folder(folder: Path, command: str) -> None:
