@@ -119,3 +119,32 @@ def test_pooling_reads_the_real_tokens_whichever_side_the_padding_is_on(mode: st
     assert torch.allclose(pool(mode, hidden, right, None)[0], {"cls": hidden[0, 0], "mean": hidden[0].mean(0),
                                                                "max": hidden[0].max(0).values,
                                                                "last": hidden[0, 2]}[mode])
+
+
+def test_multi_label_and_regression_heads_come_back_from_disk(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from helpers import write_csv, write_jsonl
+
+    rows = [{"text": f"great film {i}", "labels": ["pos", "film"]} if i % 2 else
+            {"text": f"awful drug {i}", "labels": ["neg"]} for i in range(64)]
+    multi = {"model": {"name": str(tiny_model_dir)},
+             "data": {"train": str(write_jsonl(tmp_path / "m.jsonl", rows)), "label_column": "labels",
+                      "validation_size": 0.25, "test_size": 0},
+             "task": {"name": "classification", "multi_label": True, "pooling": "max", "head": "mlp"},
+             "train": {"epochs": 6, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0},
+             "output": {"dir": str(tmp_path / "runs"), "name": "multi"}}
+    result = lmtune.train(multi)
+    assert result.metrics["validation"]["micro_f1"] > 0.9
+    preds = lmtune.load(result.run_dir).predict(["great film", "awful drug"])
+    assert sorted(preds[0]["labels"]) == ["film", "pos"] and preds[1]["labels"] == ["neg"]
+    scored = [{"text": r["text"], "score": str(len(r["labels"]))} for r in rows]
+    regression = {"model": {"name": str(tiny_model_dir)},
+                  "data": {"train": str(write_csv(tmp_path / "r.csv", scored)), "label_column": "score",
+                           "validation_size": 0.25, "test_size": 0},
+                  "task": {"name": "regression", "pooling": "mean", "head": "mlp"},
+                  "train": {"epochs": 6, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0},
+                  "output": {"dir": str(tmp_path / "runs"), "name": "reg"}}
+    result = lmtune.train(regression)
+    assert result.metrics["validation"]["pearson"] > 0.9
+    again = lmtune.evaluate(result.run_dir, tmp_path / "r.csv")
+    (low, high) = lmtune.load(result.run_dir).predict(["awful drug", "great film"])
+    assert low["score"] < 1.5 < high["score"] and again["pearson"] > 0.9
