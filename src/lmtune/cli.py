@@ -93,7 +93,7 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
     timing.process_started = timing.process_start_time()  # start-up counts in the run's phase_seconds
     _setup_logging(verbose)
     from lmtune import run
-    from lmtune.config import load_config
+    from lmtune.config import eval_split_names, load_config
     from lmtune.studies.seeds import parse_seeds, train_seeds
 
     try:
@@ -115,9 +115,11 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
         console.print((result.run_dir / "seeds.md").read_text(encoding="utf-8"), markup=False, highlight=False)
         console.print(f"{len(m['runs'])} seeds; runs, seeds.json and seeds.md in [bold]{result.run_dir}[/]")
         return
-    for split in ("validation", "test"):
+    for split in eval_split_names(m):
         if split in m:
-            console.print(_metrics_table(f"{split} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
+            named = m["data"].get("test_sets", {}).get(split)
+            title = f"{split}{f' ({named})' if named and named != split.partition(':')[2] else ''}"
+            console.print(_metrics_table(f"{title} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
             base = m[split].get("majority_baseline")
             if base:
                 console.print(f"  majority-class baseline ({base['label']!r} always): accuracy "
@@ -266,6 +268,7 @@ def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the
                  ) -> None:
     """Rank candidate pretrained models for the task and data: tokenizer fit, linear probe, perplexity, cost."""
     _setup_logging()
+    from lmtune.config import eval_split_names
     from lmtune.studies.select import select, table
 
     names = [c.strip() for c in candidates.split(",") if c.strip()]
@@ -285,7 +288,7 @@ def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the
             trained = run_train(config, [*(overrides or []), f"model.name={result.winner}"])
         except _user_errors() as err:
             _fail(err)
-        for split in ("validation", "test"):
+        for split in eval_split_names(trained.metrics):
             if split in trained.metrics:
                 console.print(_metrics_table(f"{split} ({result.winner})", trained.metrics[split]))
         console.print(f"run directory: [bold]{trained.run_dir}[/]")

@@ -67,14 +67,32 @@ class ReplayConfig(Section):
 
 
 class DataConfig(Section):
+    @model_validator(mode="after")
+    def _check_tests(self) -> "DataConfig":
+        if isinstance(self.test, dict):
+            if not self.test:
+                raise ValueError("data.test: an empty mapping; give a file, or {name: file} for each test set")
+            bad = [n for n in self.test if not n or ":" in n or "/" in n or n != n.strip()]
+            if bad:
+                raise ValueError(f"data.test: test set name {bad[0]!r}: names are non-empty, without ':' or '/'")
+        return self
+
+    def test_sets(self) -> list[tuple[str, str, str]]:
+        """(split key, set name, file) of each configured test file: `test` first, then `test:<name>`."""
+        if isinstance(self.test, dict):
+            return [("test" if i == 0 else f"test:{name}", name, path)
+                    for i, (name, path) in enumerate(self.test.items())]
+        return [("test", "test", self.test)] if self.test else []
+
     train: str | None = None
     """Training file (csv, tsv, jsonl, json, parquet, optionally .gz) or `builtin:NAME/FILE`."""
     validation: str | None = None
     """Validation file; when absent, `validation_size` of train is split off (seeded; stratified by label for
     single-label classification)."""
-    test: str | None = None
-    """Test file; when absent, `test_size` of train is split off (seeded; stratified by label for single-label
-    classification)."""
+    test: str | dict[str, str] | None = None
+    """Test file; or several named test sets `{name: file}` (e.g. in-domain and out-of-domain files), each
+    evaluated and reported under its name: the first is the headline `test`, the others `test:<name>`. When
+    absent, `test_size` of train is split off (seeded; stratified by label for single-label classification)."""
     format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = None
     """File format; default: from the file extension."""
     quoting: Literal["csv", "none"] = "csv"
@@ -392,3 +410,14 @@ def load_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list
     raw = {k: v for k, v in raw.items() if k != "search"} if isinstance(raw, dict) else raw
     return build_config(override(raw, overrides or []))
 
+
+def eval_split_names(keys: Any) -> list[str]:
+    """The evaluated splits among `keys` (a metrics dict, the splits): validation, the headline test, then the other
+    named test sets (`test:<name>`) in their configured order."""
+    keys = list(keys)
+    return [k for k in ("validation", "test") if k in keys] + [k for k in keys if str(k).startswith("test:")]
+
+
+def plot_stem(split: str) -> str:
+    """A split's name in file names (plots): `test:ood` -> `test-ood`."""
+    return split.replace(":", "-")

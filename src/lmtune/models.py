@@ -76,9 +76,16 @@ def pin(cfg: RunConfig) -> RunConfig:
     from lmtune import hub
 
     name = pinned_name(cfg.model.name, cfg.model.allow_pickle, cfg.model.trust_remote_code)
-    files = {key: hub.pinned_data(getattr(cfg.data, key)) for key in ("train", "validation", "test")}
+    def pinned(value: Any) -> Any:  # a file, or named test sets {name: file}
+        return {k: hub.pinned_data(v) for k, v in value.items()} if isinstance(value, dict) else hub.pinned_data(value)
+
+    files = {key: pinned(getattr(cfg.data, key)) for key in ("train", "validation", "test")}
     changed = {k: v for k, v in files.items() if v != getattr(cfg.data, k)}
-    for given, now in [(cfg.model.name, name), *((getattr(cfg.data, k), v) for k, v in changed.items())]:
+    given_now = [(cfg.model.name, name)]
+    for k, v in changed.items():
+        before = getattr(cfg.data, k)
+        given_now += list(zip(before.values(), v.values())) if isinstance(v, dict) else [(before, v)]
+    for given, now in given_now:
         if given != now:
             log.info("%s: the Hub revision is commit %s (recorded as %s)", given, now.split("@")[1][:40], now)
     if name == cfg.model.name and not changed:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lmtune import models
-from lmtune.config import RunConfig, load_config
+from lmtune.config import RunConfig, eval_split_names, load_config
 from lmtune.errors import ConfigError
 from lmtune.preflight import check_setup
 from lmtune.registry import METHODS
@@ -110,6 +110,8 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
         features = {name: session.encode(ds) for name, ds in splits.items()}
         phases.lap("tokenization")
     data_report.update(task.encode_report)
+    if isinstance(cfg.data.test, dict):  # named test sets: their split keys and names
+        data_report["test_sets"] = {key: name for key, name, _ in cfg.data.test_sets()}
     generate_test = task.generates_on_test and "test" in splits and cfg.eval.test
     if cfg.eval.general_text or generate_test:
         model.to(accelerator.device)  # measured before training: where it will train
@@ -148,11 +150,11 @@ def _measure(cfg: RunConfig, run: _Run, state: Any, started: float) -> tuple[dic
     if cfg.eval.calibrate:  # the temperature first: every figure below is of the calibrated model
         from lmtune.evaluation.calibration import temperature_scaling
 
-        shown = {k: run.features[k] for k in ("validation", "test") if k in run.features and len(run.features[k])}
+        shown = {k: run.features[k] for k in eval_split_names(run.features) if len(run.features[k])}
         results["calibration"] = temperature_scaling(session, shown)
         models.base_model_config(session.model).lmtune_temperature = results["calibration"]["temperature"]
-    for name in ("validation", "test"):
-        if name in run.features and len(run.features[name]) and (name != "test" or cfg.eval.test):
+    for name in eval_split_names(run.features):  # validation, the test set, any other named test sets
+        if len(run.features[name]) and (name == "validation" or cfg.eval.test):
             scalars, details = session.evaluate(run.features[name], examples=run.splits[name])
             if "mistakes" in details:
                 mistakes[name] = details.pop("mistakes")

@@ -323,7 +323,7 @@ def keep_pins(cfg: RunConfig, saved: RunConfig) -> RunConfig:
     if not Path(cfg.model.name).expanduser().is_dir() and same(cfg.model.name, saved.model.name, hub.parse_id):
         update["model"] = cfg.model.model_copy(update={"name": saved.model.name})
     data = {k: getattr(saved.data, k) for k in ("train", "validation", "test")
-            if hub.is_dataset_name(getattr(cfg.data, k) or "") and
+            if isinstance(getattr(cfg.data, k), str) and hub.is_dataset_name(getattr(cfg.data, k)) and
             same(getattr(cfg.data, k), getattr(saved.data, k), hub.parse_dataset_name)}
     if data:
         update["data"] = cfg.data.model_copy(update=data)
@@ -334,6 +334,7 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
                  mistakes: dict | None = None, phases: Any = None) -> None:
     """The run's results: the model folder (with its card), metrics.json, mistakes.json, the plots, report.html; the
     checkpoints go. `phases` (timing.Phases) gets the saving's and the plots' laps."""
+    from lmtune.config import eval_split_names, plot_stem
     from lmtune.evaluation.card import write_card
     from lmtune.evaluation.report import write_report
     from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting
@@ -359,16 +360,17 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
     plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
     if "overfitting" in metrics:
         plot_overfitting(metrics["overfitting"], run_dir / "plots" / "overfitting.png")
-    for split in ("test", "validation"):
+    for split in eval_split_names(metrics):
+        stem = plot_stem(split)
         reliability = metrics.get(split, {}).get("reliability")
         if reliability:
             from lmtune.evaluation.calibration import plot_reliability
 
-            plot_reliability(reliability["bins"], run_dir / "plots" / f"reliability_{split}.png",
+            plot_reliability(reliability["bins"], run_dir / "plots" / f"reliability_{stem}.png",
                              f"Reliability ({split}): ECE {metrics[split].get('ece', 0):.3f}")
         matrix = metrics.get(split, {}).get("confusion_matrix")
         if matrix:
-            plot_confusion_matrix(matrix, metrics[split]["labels"], run_dir / "plots" / f"confusion_{split}.png",
+            plot_confusion_matrix(matrix, metrics[split]["labels"], run_dir / "plots" / f"confusion_{stem}.png",
                                   title=f"Confusion matrix ({split})")
     write_report(run_dir)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed to resume an unfinished run

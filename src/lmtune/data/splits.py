@@ -29,7 +29,11 @@ def carve_splits(
     stratified by the column ``stratum`` names), then cut to ``max_train_samples`` / ``max_eval_samples`` rows.
     Returns what is left of ``train`` and the other splits; the rows split off are counted in ``report``."""
     splits: dict[str, datasets.Dataset] = {}
+    for key, _, path in cfg.test_sets():  # named test sets: `test` first, then `test:<name>`
+        splits[key] = read(key, path)
     for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation, cfg.validation_size)):
+        if name == "test" and path:
+            continue
         if path:
             splits[name] = read(name, path)
         elif size:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmtune.config import eval_split_names
+
 if TYPE_CHECKING:
     from lmtune.config import RunConfig
 
@@ -40,9 +42,10 @@ def write_card(folder: Path, cfg: RunConfig, metrics: dict[str, Any], pipeline_t
     written by `lmtune export` (loaded with transformers alone), not a run's model."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    files = {"validation": cfg.data.validation, **{key: path for key, _, path in cfg.data.test_sets()}}
     results = [EvalResult(task_type=pipeline_tag or cfg.task.name, metric_type=key, metric_value=round(value, 6),
-                          **_dataset(getattr(cfg.data, split) or cfg.data.train, split))
-               for split in ("validation", "test") for key, value in scalars(metrics.get(split, {})).items()]
+                          **_dataset(files.get(split) or cfg.data.train, split))
+               for split in eval_split_names(metrics) for key, value in scalars(metrics.get(split, {})).items()]
     card_data = ModelCardData(
         base_model=base_model(cfg.model.name), library_name="peft" if adapter else "transformers",
         pipeline_tag=pipeline_tag, tags=["lmtune", cfg.task.name, cfg.method.name],
@@ -83,7 +86,7 @@ def _about(cfg: RunConfig, metrics: dict[str, Any], pipeline_tag: str | None, ad
 def _training(cfg: RunConfig, metrics: dict[str, Any]) -> str:
     data = metrics.get("data", {})
     files = [f"{split}: `{path}`" for split, path in (("train", cfg.data.train), ("validation", cfg.data.validation),
-                                                      ("test", cfg.data.test)) if path]
+                                                      *((k, p) for k, _, p in cfg.data.test_sets())) if path]
     rows = ", ".join(f"{split} {n:,}" for split, n in data.get("rows", {}).items())
     balance = "; ".join(f"{split}: " + ", ".join(f"{label} {n}" for label, n in counts.items())
                         for split, counts in data.get("label_counts", {}).items())
@@ -103,7 +106,7 @@ def _training(cfg: RunConfig, metrics: dict[str, Any]) -> str:
 
 def _results(metrics: dict[str, Any]) -> str:
     lines = ["## Results", "", "| split | metric | value |", "|---|---|---|"]
-    for split in ("validation", "test"):
+    for split in eval_split_names(metrics):
         for key, value in scalars(metrics.get(split, {})).items():
             lines.append(f"| {split} | {key} | {value:.4f} |")
         base = metrics.get(split, {}).get("majority_baseline")

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmtune.config import eval_split_names, plot_stem
+
 KINDS = {"metrics.json": "run", "seeds.json": "seeds", "runs.json": "compare", "trials.csv": "search"}
 
 
@@ -84,7 +86,7 @@ def _run_page(folder: Path) -> str:
     metrics = _read_json(folder / "metrics.json")
     card = folder / "model" / "README.md"
     splits = []
-    for name in ("validation", "test"):
+    for name in eval_split_names(metrics):
         split = metrics.get(name)
         if not split:
             continue
@@ -92,8 +94,8 @@ def _run_page(folder: Path) -> str:
         kind = "entity type" if "per_type" in split else "target" if "per_target" in split else "class"
         splits.append({"name": name, "scalars": _scalars(split), "baseline": split.get("majority_baseline"),
                        "classes": classes, "class_kind": kind,
-                       "confusion": _image(folder / "plots" / f"confusion_{name}.png"),
-                       "reliability": _image(folder / "plots" / f"reliability_{name}.png")})
+                       "confusion": _image(folder / "plots" / f"confusion_{plot_stem(name)}.png"),
+                       "reliability": _image(folder / "plots" / f"reliability_{plot_stem(name)}.png")})
     overfitting = metrics.get("overfitting")
     data = metrics.get("data", {})
     return _render(
@@ -112,7 +114,7 @@ def _headline(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The selection metric on each split, beside what always answering the majority class scores."""
     metric = (metrics.get("selection") or {}).get("metric", "")
     out = []
-    for split in ("validation", "test"):
+    for split in eval_split_names(metrics):
         value = (metrics.get(split) or {}).get(metric)
         if isinstance(value, (int, float)):
             base = (metrics.get(split) or {}).get("majority_baseline") or {}
@@ -134,7 +136,7 @@ def _study_page(folder: Path, kind: str) -> str:
     elif kind == "seeds":
         summary = _read_json(folder / "seeds.json")
         tables.append(("Over the seeds", [{"split": split, "metric": key, **values}
-                                          for split in ("validation", "test", "forgetting")
+                                          for split in [*eval_split_names(summary), "forgetting"]
                                           for key, values in summary.get(split, {}).items()]))
         runs = [(f"seed {seed}", Path(path)) for seed, path in summary.get("runs", {}).items()]
         intro = f"{len(runs)} seed(s): every scalar metric described over them."

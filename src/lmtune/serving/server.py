@@ -149,11 +149,13 @@ def _error_handlers(app: Any) -> None:
 def _info(folder: Path, predictor: Any, limits: Limits, cap: int | None) -> dict[str, Any]:
     from lmtune.serving.onnx import is_onnx_folder
 
+    from lmtune.config import eval_split_names
+
     session, task = predictor.session, predictor.session.task
     metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8")) \
         if (folder / "metrics.json").is_file() else {}
     metric = (metrics.get("selection") or {}).get("metric")
-    headline = {f"{split}/{metric}": metrics[split][metric] for split in ("validation", "test")
+    headline = {f"{split}/{metric}": metrics[split][metric] for split in eval_split_names(metrics)
                 if metric and isinstance((metrics.get(split) or {}).get(metric), (int, float))}
     labels = getattr(task, "labels", None)
     return {"task": session.cfg.task.name, "method": session.cfg.method.name,

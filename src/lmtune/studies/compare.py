@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmtune.config import ConfigError, load_config
+from lmtune.config import ConfigError, eval_split_names, load_config
 from lmtune.preflight import check_setup
 from lmtune.rundir import claim, refuse_run_folder
 from lmtune.studies.seeds import apply, describe, shared_by_runs
@@ -58,7 +58,9 @@ def _method_section(base: dict[str, Any], name: str, options: dict[str, Any]) ->
 def _summary(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
     split = "test" if "test" in metrics else "validation"
     memory = [s.get("peak_memory_mb") for s in metrics.get("stages", {}).values() if s.get("peak_memory_mb")]
-    return {"split": split, "metric": metrics.get(split, {}).get(metric),
+    # the other named test sets (e.g. out-of-domain) as columns of their own
+    extras = {f"{s} {metric}": metrics[s].get(metric) for s in eval_split_names(metrics) if s.startswith("test:")}
+    return {"split": split, "metric": metrics.get(split, {}).get(metric), **extras,
             "trainable_params": metrics["params"]["trainable"], "total_params": metrics["params"]["total"],
             "train_seconds": metrics["train_seconds"], "peak_memory_mb": max(memory) if memory else None}
 
@@ -121,9 +123,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         values = [r["metric"] for r in mine if r["metric"] is not None]
         spread = describe(values) if values else None
         memory = [r["peak_memory_mb"] for r in mine if r["peak_memory_mb"] is not None]
+        extras = {}
+        for column in dict.fromkeys(c for r in mine for c in r if c.startswith("test:")):
+            found = [r[column] for r in mine if r.get(column) is not None]
+            extras[f"{column} mean"] = describe(found)["mean"] if found else None
+            extras[f"{column} std"] = describe(found)["std"] if found else None
         out.append({"method": method, "seeds": len(mine), "split": mine[0]["split"],
                     "metric_mean": spread["mean"] if spread else None,
-                    "metric_std": spread["std"] if spread else 0.0,
+                    "metric_std": spread["std"] if spread else 0.0, **extras,
                     "trainable_params": mine[0]["trainable_params"], "total_params": mine[0]["total_params"],
                     "train_seconds_mean": describe([r["train_seconds"] for r in mine])["mean"],
                     "peak_memory_mb": max(memory) if memory else None})
@@ -135,15 +142,21 @@ def write_table(table: list[dict[str, Any]], folder: Path, metric: str) -> None:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    lines = [f"| method | {table[0]['split']} {metric} | trainable params | train time (s) | peak GPU memory (MB) |",
-             "|---|---|---|---|---|"]
+    extras = [c[:-len(" mean")] for c in table[0] if c.endswith(" mean") and c != "train_seconds_mean"]
+    lines = [f"| method | {table[0]['split']} {metric} | {''.join(f'{c} | ' for c in extras)}trainable params | "
+             "train time (s) | peak GPU memory (MB) |", "|---|---|" + "---|" * len(extras) + "---|---|---|"]
+
+    def shown(mean: float | None, std: float | None, seeds: int) -> str:
+        if mean is None:
+            return "n/a"
+        return f"{mean:.4f}" + (f" ± {std:.4f} ({seeds} seeds)" if seeds > 1 else "")
+
     for r in table:
-        value = "n/a" if r["metric_mean"] is None else f"{r['metric_mean']:.4f}"
-        if r["seeds"] > 1 and r["metric_mean"] is not None:
-            value += f" ± {r['metric_std']:.4f} ({r['seeds']} seeds)"
+        value = shown(r["metric_mean"], r["metric_std"], r["seeds"])
+        more = "".join(f"{shown(r.get(f'{c} mean'), r.get(f'{c} std'), r['seeds'])} | " for c in extras)
         share = r["trainable_params"] / r["total_params"]
         memory = "—" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
-        lines.append(f"| {r['method']} | {value} | {r['trainable_params']:,} ({share:.1%}) | "
+        lines.append(f"| {r['method']} | {value} | {more}{r['trainable_params']:,} ({share:.1%}) | "
                      f"{r['train_seconds_mean']:.1f} | {memory} |")
     (folder / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from lmtune.config import RunConfig
+from lmtune.config import RunConfig, eval_split_names
 from lmtune.training.logs import finite_json
 
 log = logging.getLogger("lmtune")
@@ -41,14 +41,16 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-SPLITS = ("validation", "test", "forgetting")  # metrics.json sections summarised (forgetting: the causal-LM probe)
+def summarised(metrics: Any) -> list[str]:
+    """The metrics.json sections summarised: validation, each test set, the forgetting probe."""
+    return [*eval_split_names(metrics), *(["forgetting"] if "forgetting" in metrics else [])]
 
 
 def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Every scalar metric of validation, test and the forgetting probe (and the training time) described over the
     seeds."""
     out: dict[str, Any] = {"seeds": list(per_seed)}
-    for split in SPLITS:
+    for split in summarised(next(iter(per_seed.values()), {})):
         tables = [_scalars(m.get(split, {})) for m in per_seed.values()]
         shared = [k for k in tables[0] if all(k in t for t in tables)] if tables else []
         if shared:
@@ -61,7 +63,7 @@ def _markdown(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> s
     seeds = list(per_seed)
     lines = [f"| split | metric | mean | std | min | max | {' | '.join(f'seed {s}' for s in seeds)} |",
              "|---|---|---|---|---|---|" + "---|" * len(seeds)]
-    for split in SPLITS:
+    for split in summarised(summary):
         for key, d in summary.get(split, {}).items():
             values = " | ".join(f"{_scalars(per_seed[s][split])[key]:.4f}" for s in seeds)
             lines.append(f"| {split} | {key} | {d['mean']:.4f} | {d['std']:.4f} | {d['min']:.4f} | "

@@ -1,0 +1,70 @@
+"""Several named test sets (data.test: {name: file}): each evaluated and reported under its name, the first the
+headline `test`, the others `test:<name>`, through metrics.json, console, plots, report, card, compare and seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import lmtune
+from helpers import make_sentiment_rows, write_csv
+from lmtune.cli import app
+from lmtune.errors import ConfigError
+
+
+def _named(tiny_config: dict, tmp_path: Path) -> dict:
+    ood = write_csv(tmp_path / "ood.csv", make_sentiment_rows(20, seed=9))
+    tiny_config["data"]["test"] = {"indomain": tiny_config["data"]["test"], "ood": str(ood)}
+    tiny_config["train"]["epochs"] = 1
+    return tiny_config
+
+
+def test_each_named_test_set_is_evaluated_and_reported(tiny_config: dict, tmp_path: Path) -> None:
+    cfg = _named(tiny_config, tmp_path)
+    config = tmp_path / "named.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["train", str(config)])
+    assert result.exit_code == 0, result.output
+    run = Path(cfg["output"]["dir"]) / "tiny"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["data"]["rows"]["test"] == 32 and metrics["data"]["rows"]["test:ood"] == 20
+    assert metrics["data"]["test_sets"] == {"test": "indomain", "test:ood": "ood"}
+    assert set(metrics["test"]) >= {"accuracy", "macro_f1"} and set(metrics["test:ood"]) >= {"accuracy", "macro_f1"}
+    # the second set scored alone by `lmtune eval` gives the same numbers
+    alone = lmtune.evaluate(run, cfg["data"]["test"]["ood"])
+    assert alone["accuracy"] == metrics["test:ood"]["accuracy"]
+    assert "test:ood (20 rows)" in " ".join(result.output.split())
+    assert (run / "plots" / "confusion_test-ood.png").is_file() and (run / "plots" / "confusion_test.png").is_file()
+    assert "test:ood" in (run / "report.html").read_text()
+    card = (run / "model" / "README.md").read_text()
+    assert "| test:ood | accuracy |" in card and "ood.csv" in card
+
+
+def test_compare_and_seeds_carry_the_other_test_sets(tiny_config: dict, tmp_path: Path) -> None:
+    cfg = _named(tiny_config, tmp_path)
+    config = tmp_path / "named.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(config), "--methods", "head,full", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert all(r["test:ood accuracy mean"] for r in rows), rows
+    assert "| test:ood accuracy |" in (out / "compare.md").read_text()
+    result = lmtune.train(cfg | {"train": {**cfg["train"], "seeds": [1, 2]},
+                                 "output": {**cfg["output"], "name": "seeded"}})
+    assert set(result.metrics["test:ood"]) >= {"accuracy"} and result.metrics["test:ood"]["accuracy"]["n"] == 2
+    assert "| test:ood | accuracy |" in (result.run_dir / "seeds.md").read_text()
+
+
+def test_test_set_names_are_checked(tiny_config: dict) -> None:
+    tiny_config["data"]["test"] = {"in:domain": tiny_config["data"]["test"]}
+    with pytest.raises(ConfigError, match="test set name 'in:domain'"):
+        lmtune.train(tiny_config)
+    tiny_config["data"]["test"] = {}
+    with pytest.raises(ConfigError, match="an empty mapping"):
+        lmtune.train(tiny_config)
