@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -68,18 +68,6 @@ def _interrupted(err: KeyboardInterrupt) -> None:
     raise typer.Exit(130)
 
 
-def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
-    table = Table("metric", "value", title=title)
-    table.columns[1].justify = "right"
-    # One level of nesting is shown too (an instruct run's `generation` scores as generation/accuracy ...).
-    flat = {**metrics, **{f"{key}/{k}": v for key, inner in metrics.items() if isinstance(inner, dict)
-                          for k, v in inner.items()}}
-    for key, value in flat.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    return table
-
-
 @app.command()
 def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
           overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-5"),
@@ -93,7 +81,8 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
     timing.process_started = timing.process_start_time()  # start-up counts in the run's phase_seconds
     _setup_logging(verbose)
     from lmtune import run
-    from lmtune.config import eval_split_names, load_config
+    from lmtune.config import load_config
+    from lmtune.listing import split_tables
     from lmtune.studies.seeds import parse_seeds, train_seeds
 
     try:
@@ -115,15 +104,8 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
         console.print((result.run_dir / "seeds.md").read_text(encoding="utf-8"), markup=False, highlight=False)
         console.print(f"{len(m['runs'])} seeds; runs, seeds.json and seeds.md in [bold]{result.run_dir}[/]")
         return
-    for split in eval_split_names(m):
-        if split in m:
-            named = m["data"].get("test_sets", {}).get(split)
-            title = f"{split}{f' ({named})' if named and named != split.partition(':')[2] else ''}"
-            console.print(_metrics_table(f"{title} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
-            base = m[split].get("majority_baseline")
-            if base:
-                console.print(f"  majority-class baseline ({base['label']!r} always): accuracy "
-                              f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}", highlight=False)
+    for table in split_tables(m):
+        console.print(table, highlight=False)
     console.print(f"trained {m['params']['trainable']:,} of {m['params']['total']:,} parameters in "
                   f"{m['train_seconds']:.1f} s; run directory: [bold]{result.run_dir}[/]")
     if MAIN_PROCESS and result.phases is not None:
@@ -196,6 +178,7 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
              trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
     """Score a trained run on a labelled file."""
     _setup_logging()
+    from lmtune.listing import metrics_table
     from lmtune.predict import evaluate as run_evaluate
 
     try:
@@ -203,7 +186,7 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
                                allow_pickle=allow_pickle)
     except _user_errors() as err:
         _fail(err)
-    console.print(_metrics_table(f"{data} ({metrics['rows']} rows)", metrics))
+    console.print(metrics_table(f"{data} ({metrics['rows']} rows)", metrics))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         from lmtune.training.logs import finite_json
@@ -268,7 +251,7 @@ def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the
                  ) -> None:
     """Rank candidate pretrained models for the task and data: tokenizer fit, linear probe, perplexity, cost."""
     _setup_logging()
-    from lmtune.config import eval_split_names
+    from lmtune.listing import split_tables
     from lmtune.studies.select import select, table
 
     names = [c.strip() for c in candidates.split(",") if c.strip()]
@@ -288,9 +271,8 @@ def select_model(config: Path = typer.Argument(..., help="Run config (YAML): the
             trained = run_train(config, [*(overrides or []), f"model.name={result.winner}"])
         except _user_errors() as err:
             _fail(err)
-        for split in eval_split_names(trained.metrics):
-            if split in trained.metrics:
-                console.print(_metrics_table(f"{split} ({result.winner})", trained.metrics[split]))
+        for shown in split_tables(trained.metrics):
+            console.print(shown, highlight=False)
         console.print(f"run directory: [bold]{trained.run_dir}[/]")
 
 

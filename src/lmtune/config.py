@@ -10,8 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
 
-from lmtune.config_read import (ALIASES, _alias_growth_problem, _clip, _closest, _format_errors, alias_growth_exceeds,
-                                override, read_yaml, shown)
+from lmtune.config_read import (ALIASES, _alias_growth_problem, _clip, _closest, _format_errors, _validate_registered,
+                                alias_growth_exceeds, override, read_yaml, shown)
 from lmtune.errors import ConfigError
 from lmtune.registry import METHODS, TASKS
 
@@ -342,26 +342,6 @@ def _unknown_section(key: str, known: list[str]) -> str:
     return f"; did you mean {owners[0]!r}?" if len(owners) == 1 else _closest(key, known)
 
 
-
-
-def _validate_registered(raw: Any, section: str, table: dict[str, Any], default: str) -> tuple[Any, list[str]]:
-    if raw is not None and not isinstance(raw, (str, dict)):
-        return None, [f"{section}: give a {section} name or a mapping with `name` (got {shown(raw)})"]
-    raw = {"name": raw} if isinstance(raw, str) else dict(raw or {})
-    raw.setdefault("name", default)
-    name = raw["name"]
-    if not isinstance(name, str):  # a list is no key of the table (it raised TypeError)
-        return None, [f"{section}.name: give a {section} name (got {shown(name)})"]
-    if name not in table:
-        return None, [f"{section}.name: unknown {section} {shown(name)}{_closest(name, list(table))}"
-                      .replace("valid keys", f"known {section}s")]
-    options = table[name].Options
-    try:
-        return options.model_validate(raw), []
-    except ValidationError as err:
-        return None, _format_errors(err, (section,), options)
-
-
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw nested dict into a RunConfig, raising one ConfigError listing every problem."""
     import lmtune.methods  # noqa: F401  (importing the packages registers the built-in tasks and methods)
@@ -410,14 +390,3 @@ def load_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list
     raw = {k: v for k, v in raw.items() if k != "search"} if isinstance(raw, dict) else raw
     return build_config(override(raw, overrides or []))
 
-
-def eval_split_names(keys: Any) -> list[str]:
-    """The evaluated splits among `keys` (a metrics dict, the splits): validation, the headline test, then the other
-    named test sets (`test:<name>`) in their configured order."""
-    keys = list(keys)
-    return [k for k in ("validation", "test") if k in keys] + [k for k in keys if str(k).startswith("test:")]
-
-
-def plot_stem(split: str) -> str:
-    """A split's name in file names (plots): `test:ood` -> `test-ood`."""
-    return split.replace(":", "-")

@@ -223,3 +223,21 @@ def _switch_sections(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any
                                                  f"section ({_clip(str(name))})")
                 raw[section] = {}
     return raw
+
+
+def _validate_registered(raw: Any, section: str, table: dict[str, Any], default: str) -> tuple[Any, list[str]]:
+    if raw is not None and not isinstance(raw, (str, dict)):
+        return None, [f"{section}: give a {section} name or a mapping with `name` (got {shown(raw)})"]
+    raw = {"name": raw} if isinstance(raw, str) else dict(raw or {})
+    raw.setdefault("name", default)
+    name = raw["name"]
+    if not isinstance(name, str):  # a list is no key of the table (it raised TypeError)
+        return None, [f"{section}.name: give a {section} name (got {shown(name)})"]
+    if name not in table:
+        return None, [f"{section}.name: unknown {section} {shown(name)}{_closest(name, list(table))}"
+                      .replace("valid keys", f"known {section}s")]
+    options = table[name].Options
+    try:
+        return options.model_validate(raw), []
+    except ValidationError as err:
+        return None, _format_errors(err, (section,), options)

@@ -1,9 +1,10 @@
-"""What `lmtune ls` prints: tasks, methods, built-in models, example configs and (--fields) every config field."""
+"""Console tables: what `lmtune ls` prints (tasks, methods, built-in models, example configs and with --fields every
+config field), and a finished run's metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from rich.table import Table
 
@@ -47,3 +48,30 @@ def tables(examples: Path, fields: bool = False) -> Iterator[Table]:
 def _first_comment(path: Path) -> str:
     return next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
                  if line.startswith("#")), "")
+
+
+def metrics_table(title: str, metrics: dict[str, Any]) -> Table:
+    table = Table("metric", "value", title=title)
+    table.columns[1].justify = "right"
+    # One level of nesting is shown too (an instruct run's `generation` scores as generation/accuracy ...).
+    flat = {**metrics, **{f"{key}/{k}": v for key, inner in metrics.items() if isinstance(inner, dict)
+                          for k, v in inner.items()}}
+    for key, value in flat.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def split_tables(m: dict[str, Any]) -> list[Any]:
+    """A finished run's metrics: a table per evaluated split (validation, each test set), each with its baseline."""
+    from lmtune.split_names import eval_split_names
+
+    out: list[Any] = []
+    for split in eval_split_names(m):
+        named = m["data"].get("test_sets", {}).get(split)
+        title = f"{split}{f' ({named})' if named and named != split.partition(':')[2] else ''}"
+        out.append(metrics_table(f"{title} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
+        if base := m[split].get("majority_baseline"):
+            out.append(f"  majority-class baseline ({base['label']!r} always): accuracy "
+                       f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}")
+    return out

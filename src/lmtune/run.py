@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lmtune import models
-from lmtune.config import RunConfig, eval_split_names, load_config
+from lmtune.config import RunConfig, load_config
+from lmtune.split_names import eval_split_names
 from lmtune.errors import ConfigError
 from lmtune.preflight import check_setup
 from lmtune.registry import METHODS

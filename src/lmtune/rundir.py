@@ -334,7 +334,7 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
                  mistakes: dict | None = None, phases: Any = None) -> None:
     """The run's results: the model folder (with its card), metrics.json, mistakes.json, the plots, report.html; the
     checkpoints go. `phases` (timing.Phases) gets the saving's and the plots' laps."""
-    from lmtune.config import eval_split_names, plot_stem
+    from lmtune.split_names import eval_split_names, plot_stem
     from lmtune.evaluation.card import write_card
     from lmtune.evaluation.report import write_report
     from lmtune.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_overfitting

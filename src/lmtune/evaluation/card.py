@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtune.config import eval_split_names
+from lmtune.split_names import eval_split_names
 
 if TYPE_CHECKING:
     from lmtune.config import RunConfig

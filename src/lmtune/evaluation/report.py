@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmtune.config import eval_split_names, plot_stem
+from lmtune.split_names import eval_split_names, plot_stem
 
 KINDS = {"metrics.json": "run", "seeds.json": "seeds", "runs.json": "compare", "trials.csv": "search"}
 

@@ -149,7 +149,7 @@ def _error_handlers(app: Any) -> None:
 def _info(folder: Path, predictor: Any, limits: Limits, cap: int | None) -> dict[str, Any]:
     from lmtune.serving.onnx import is_onnx_folder
 
-    from lmtune.config import eval_split_names
+    from lmtune.split_names import eval_split_names
 
     session, task = predictor.session, predictor.session.task
     metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8")) \

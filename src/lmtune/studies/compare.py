@@ -9,7 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmtune.config import ConfigError, eval_split_names, load_config
+from lmtune.config import ConfigError, load_config
+from lmtune.split_names import eval_split_names
 from lmtune.preflight import check_setup
 from lmtune.rundir import claim, refuse_run_folder
 from lmtune.studies.seeds import apply, describe, shared_by_runs

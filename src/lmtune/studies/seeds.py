@@ -8,7 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from lmtune.config import RunConfig, eval_split_names
+from lmtune.config import RunConfig
+from lmtune.split_names import eval_split_names
 from lmtune.training.logs import finite_json
 
 log = logging.getLogger("lmtune")

@@ -175,7 +175,7 @@ class WandB:
 def _final(metrics: dict[str, Any]) -> dict[str, float]:
     """metrics.json's numbers of the validation and test splits (each named test set), as `final/<split>/<metric>`
     (`final/test-ood/...` for a test set named `ood`)."""
-    from lmtune.config import eval_split_names, plot_stem
+    from lmtune.split_names import eval_split_names, plot_stem
 
     return {f"final/{plot_stem(split)}/{k}": v for split in eval_split_names(metrics)
             for k, v in _numbers(metrics.get(split, {})).items()}
