@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, SerializeAsAny, ValidationError, model_validator
 
+from lmtune.config_sections import ReferenceProbeConfig, ReplayConfig, Section, _report
 from lmtune.config_read import (ALIASES, _alias_growth_problem, _clip, _closest, _format_errors, _validate_registered,
                                 alias_growth_exceeds, override, read_yaml, shown)
 from lmtune.errors import ConfigError
+from lmtune.files import name_problem
 from lmtune.registry import METHODS, TASKS
-
-
-def _report(problems: list[str]) -> None:
-    """A section's own checks raise once with all their problems (shown as separate lines of the config error)."""
-    if problems:
-        raise ValueError("\n  - ".join(problems))
-
-
-class Section(BaseModel):
-    # Field docstrings become descriptions (`lmtune ls`, --help); unknown keys are errors.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -50,19 +40,6 @@ class ModelConfig(Section):
         if self.dropout is not None and not 0 <= self.dropout < 1:
             problems.append(f"model.dropout={self.dropout}: must be in [0, 1)")
         _report(problems)
-        return self
-
-
-class ReplayConfig(Section):
-    path: str
-    """General-domain text (.txt: one document per line, or a table with a `text` column) to mix into training."""
-    ratio: float = 0.2
-    """Share of the training tokens that come from the replay text (documents sampled with train.seed)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> "ReplayConfig":
-        if not 0 < self.ratio < 1:
-            raise ValueError(f"data.replay.ratio={self.ratio}: must be in (0, 1)")
         return self
 
 
@@ -268,24 +245,24 @@ class EvalConfig(Section):
     """Forgetting probe (causal LMs): perplexity on this general-domain .txt file before and after training."""
     general_text_max_documents: int | None = None
     """Forgetting probe: use at most this many documents (lines) of general_text, the first ones."""
+    reference_probe: ReferenceProbeConfig | None = None
+    """Encoders' forgetting probe: a linear probe on the backbone's frozen features for a labelled reference task,
+    fitted and scored before training and again after; the drop is the run's representation forgetting."""
     calibrate: Literal["temperature"] | None = None
     """Classification (one label a text): after training, fit one temperature on the validation rows (minimising
     NLL) that divides the logits; saved with the model and used by predict, eval and serve. Metrics report ECE
     before and after; accuracy is unchanged."""
 
-
-def name_problem(name: str) -> str | None:
-    """Why `name` cannot name a folder inside output.dir (None if it can): one plain path component."""
-    if not name.strip():
-        return "is empty"
-    if name in (".", ".."):
-        return f"is {name!r}: it names output.dir itself or the folder above it, not a run folder inside output.dir"
-    seps = {os.sep, "/", "\\"} | ({os.altsep} if os.altsep else set())
-    if any(s in name for s in seps) or os.path.isabs(name) or Path(name).drive:
-        return "holds a path separator; a run name is one folder name inside output.dir (set output.dir for where)"
-    if "\0" in name:
-        return "holds a NUL character"
-    return None
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if self.reference_probe is not None:
+            try:
+                DataConfig.model_validate(self.reference_probe.data)
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(map(str, first["loc"]))
+                raise ValueError(f"eval.reference_probe.data.{where}: {first['msg']}") from None
+        return self
 
 
 class OutputConfig(Section):

@@ -64,3 +64,17 @@ def _sync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a folder inside output.dir (None if it can): one plain path component."""
+    if not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return f"is {name!r}: it names output.dir itself or the folder above it, not a run folder inside output.dir"
+    seps = {os.sep, "/", "\\"} | ({os.altsep} if os.altsep else set())
+    if any(s in name for s in seps) or os.path.isabs(name) or Path(name).drive:
+        return "holds a path separator; a run name is one folder name inside output.dir (set output.dir for where)"
+    if "\0" in name:
+        return "holds a NUL character"
+    return None

@@ -93,7 +93,7 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     """Read and encode the data, load the model, apply the method: the loop's job."""
     import transformers
 
-    from lmtune.evaluation.forgetting import general_text_probe
+    from lmtune.evaluation.forgetting import forgetting_probes
     from lmtune.methods import TaskInfo
     from lmtune.training.losses import training_loss
     from lmtune.training.loop import Job
@@ -114,9 +114,9 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     if isinstance(cfg.data.test, dict):  # named test sets: their split keys and names
         data_report["test_sets"] = {key: name for key, name, _ in cfg.data.test_sets()}
     generate_test = task.generates_on_test and "test" in splits and cfg.eval.test
-    if cfg.eval.general_text or generate_test:
+    if cfg.eval.general_text or cfg.eval.reference_probe or generate_test:
         model.to(accelerator.device)  # measured before training: where it will train
-    probe = general_text_probe(cfg.eval, session)
+    probe = forgetting_probes(cfg.eval, session, cfg.train.seed)
     before = session.score_generations(splits["test"]) if generate_test else None
     phases.lap("probes before training")
     method = METHODS[cfg.method.name]

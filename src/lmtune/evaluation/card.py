@@ -119,11 +119,17 @@ def _results(metrics: dict[str, Any]) -> str:
                       f"{selection.get('metric')} ({selection['best']:.4f})."]
     if "overfitting" in metrics:
         lines += ["", f"Overfitting: {metrics['overfitting'].get('message', '')}"]
-    forgetting = metrics.get("forgetting")
-    if forgetting:
+    forgetting = metrics.get("forgetting") or {}
+    if "general_text" in forgetting:
         lines += ["", f"Forgetting: perplexity on `{forgetting['general_text']}` {forgetting['perplexity_before']:.2f} "
                       f"before training, {forgetting['perplexity_after']:.2f} after "
                       f"({100 * forgetting['relative_change']:+.1f}%)."]
+    if "reference_probe" in forgetting:
+        probe = forgetting["reference_probe"]
+        lines += ["", f"Forgetting: a linear probe on the backbone's features for `{probe['data']}` ({probe['task']}) "
+                      f"scored {probe['metric']} {forgetting['reference_probe_before']:.4f} before training, "
+                      f"{forgetting['reference_probe_after']:.4f} after "
+                      f"(drop {forgetting['reference_probe_drop']:+.4f})."]
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
 if TYPE_CHECKING:
     from lmtune.config import EvalConfig
 
@@ -36,3 +38,89 @@ def general_text_probe(cfg: EvalConfig, session: Any) -> Callable[[], dict[str, 
                 "perplexity_after": value, "relative_change": change}
 
     return after
+
+
+def reference_probe(cfg: EvalConfig, session: Any, seed: int) -> Callable[[], dict[str, Any]] | None:
+    """Encoders: a linear probe on the backbone's frozen features for a labelled reference task (as `lmtune select`
+    fits it), scored now (before training); the returned call scores it again on the tuned backbone."""
+    if cfg.reference_probe is None:
+        return None
+    spec = cfg.reference_probe
+    inputs, targets, outside, words = _reference_rows(spec, seed)
+    file = spec.data["train"]
+
+    def score() -> dict[str, Any]:
+        from lmtune.evaluation import probe
+
+        backbone = _backbone(session.model)
+        was_training = backbone.training
+        backbone.eval()  # no dropout: the same backbone gives the same features
+        try:
+            feats = probe.extract(backbone, session.tokenizer, inputs, session.max_length, words=words,
+                                  desc="reference probe")
+        finally:
+            backbone.train(was_training)
+        top = max(feats.pooled)  # the top layer: what the task head reads, and what tuning moves most
+        if words:
+            return {**probe.probe_ner(feats.words[top], targets, outside, spec.folds), "layer": top}
+        return {**probe.probe_classification(np.stack(feats.pooled[top]), targets, spec.folds, seed), "layer": top}
+
+    before = score()
+    if "error" in before:
+        raise ValueError(f"eval.reference_probe: {file}: {before['error']}")
+    log.info("reference probe (%s on %s): %s %.4f before training", spec.task.get("name", "classification"), file,
+             before["metric"], before["score"])
+
+    def after() -> dict[str, Any]:
+        now = score()
+        drop = before["score"] - now["score"]
+        log.info("reference probe: %s %.4f before, %.4f after training (drop %+.4f)", before["metric"],
+                 before["score"], now["score"], drop)
+        return {"reference_probe_before": before["score"], "reference_probe_after": now["score"],
+                "reference_probe_drop": drop,
+                "reference_probe": {"data": file, "task": spec.task.get("name", "classification"),
+                                    "metric": before["metric"], "layer": before["layer"],
+                                    "examples": before["examples"], "folds": before["folds"],
+                                    "before": before, "after": now}}
+
+    return after
+
+
+def forgetting_probes(cfg: EvalConfig, session: Any, seed: int) -> Callable[[], dict[str, Any]] | None:
+    """The configured forgetting probes measured now; the returned call measures them again (one `forgetting`
+    section: general-text perplexity, the reference probe)."""
+    probes = [p for p in (general_text_probe(cfg, session), reference_probe(cfg, session, seed)) if p is not None]
+    if not probes:
+        return None
+    return lambda: {k: v for p in probes for k, v in p().items()}
+
+
+def _backbone(model: Any) -> Any:
+    """The transformer under the task head (and under a peft wrapper, its adapters active)."""
+    from lmtune.models import is_adapter
+
+    return (model.get_base_model() if is_adapter(model) else model).base_model
+
+
+def _reference_rows(spec: Any, seed: int) -> tuple[list[Any], Any, int, bool]:
+    """The reference file read as its task reads it, sampled: (inputs, targets, index of NER's O tag, words?)."""
+    from lmtune.config import DataConfig
+    from lmtune.data import stratified_subset
+    from lmtune.registry import TASKS
+
+    name = spec.task.get("name", "classification")
+    data = DataConfig.model_validate({"validation_size": 0, "test_size": 0, **spec.data})
+    task = TASKS[name](TASKS[name].Options.model_validate({"name": name, **spec.task}), data)
+    rows = task.load_splits(seed)[0]["train"]
+    if name == "ner":
+        rows = rows.shuffle(seed=seed).select(range(min(len(rows), spec.max_examples)))
+        index = {tag: i for i, tag in enumerate(task.labels)}
+        return ([list(t) for t in rows["tokens"][:]], [[index[t] for t in tags] for tags in rows["tags"][:]],
+                index.get("O", -1), True)
+    if "label_key" not in rows.column_names:
+        raise ValueError("eval.reference_probe: a multi-label reference task has no probe; give one label a row")
+    rows = stratified_subset(rows, spec.max_examples, seed, "label_key")
+    index = {label: i for i, label in enumerate(task.labels)}
+    pairs = rows["text_pair"][:] if "text_pair" in rows.column_names else [None] * len(rows)
+    inputs = [(t,) if p is None else (t, p) for t, p in zip(rows["text"][:], pairs)]
+    return inputs, np.array([index[v] for v in rows["label_key"][:]]), -1, False

@@ -105,7 +105,8 @@ def _run_page(folder: Path) -> str:
         overfitting=overfitting, overfitting_plot=_image(folder / "plots" / "overfitting.png"),
         data_rows=[{"split": s, "rows": n, "skipped": data.get("skipped_rows", {}).get(s),
                     "overlap": data.get("overlap_with_train", {}).get(s)} for s, n in data.get("rows", {}).items()],
-        forgetting=metrics.get("forgetting"), calibration=metrics.get("calibration"),
+        forgetting={k: v for k, v in (metrics.get("forgetting") or {}).items() if not isinstance(v, dict)},
+        calibration=metrics.get("calibration"),
         generation=(metrics.get("test") or {}).get("generation"),
         mistakes=_read_json(folder / "mistakes.json") or {})
 

@@ -56,11 +56,21 @@ def _method_section(base: dict[str, Any], name: str, options: dict[str, Any]) ->
     return {**(base if base.get("name") == name else {"name": name}), **options}
 
 
+# metrics.json's forgetting figures shown as compare columns
+FORGETTING = {"reference_probe_drop": "reference probe drop", "relative_change": "general-text perplexity change"}
+
+
+def _extra(column: str) -> bool:
+    return column.startswith("test:") or column in FORGETTING.values()
+
+
 def _summary(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
     split = "test" if "test" in metrics else "validation"
     memory = [s.get("peak_memory_mb") for s in metrics.get("stages", {}).values() if s.get("peak_memory_mb")]
     # the other named test sets (e.g. out-of-domain) as columns of their own
     extras = {f"{s} {metric}": metrics[s].get(metric) for s in eval_split_names(metrics) if s.startswith("test:")}
+    forgetting = metrics.get("forgetting") or {}  # what the run lost, where it was measured
+    extras.update({column: forgetting[key] for key, column in FORGETTING.items() if key in forgetting})
     return {"split": split, "metric": metrics.get(split, {}).get(metric), **extras,
             "trainable_params": metrics["params"]["trainable"], "total_params": metrics["params"]["total"],
             "train_seconds": metrics["train_seconds"], "peak_memory_mb": max(memory) if memory else None}
@@ -125,7 +135,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         spread = describe(values) if values else None
         memory = [r["peak_memory_mb"] for r in mine if r["peak_memory_mb"] is not None]
         extras = {}
-        for column in dict.fromkeys(c for r in mine for c in r if c.startswith("test:")):
+        for column in dict.fromkeys(c for r in mine for c in r if _extra(c)):
             found = [r[column] for r in mine if r.get(column) is not None]
             extras[f"{column} mean"] = describe(found)["mean"] if found else None
             extras[f"{column} std"] = describe(found)["std"] if found else None

@@ -173,12 +173,12 @@ class WandB:
 
 
 def _final(metrics: dict[str, Any]) -> dict[str, float]:
-    """metrics.json's numbers of the validation and test splits (each named test set), as `final/<split>/<metric>`
-    (`final/test-ood/...` for a test set named `ood`)."""
+    """metrics.json's numbers of the validation and test splits (each named test set) and the forgetting probes, as
+    `final/<split>/<metric>` (`final/test-ood/...` for a test set named `ood`, `final/forgetting/...`)."""
     from lmtune.split_names import eval_split_names, plot_stem
 
-    return {f"final/{plot_stem(split)}/{k}": v for split in eval_split_names(metrics)
-            for k, v in _numbers(metrics.get(split, {})).items()}
+    return {f"final/{plot_stem(split)}/{k}": v for split in [*eval_split_names(metrics), "forgetting"]
+            for k, v in _numbers(metrics.get(split) or {}).items()}
 
 
 KINDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
