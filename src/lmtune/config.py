@@ -245,6 +245,11 @@ class EvalConfig(Section):
     """Forgetting probe (causal LMs): perplexity on this general-domain .txt file before and after training."""
     general_text_max_documents: int | None = None
     """Forgetting probe: use at most this many documents (lines) of general_text, the first ones."""
+    general_chat: str | None = None
+    """Forgetting probe (decoders with a chat template): instruction/reply pairs the run does not train on, in any
+    format `instruct` reads; the per-token loss of the replies before and after training, and a few greedy replies."""
+    general_chat_max_examples: int = 200
+    """general_chat: the first this many conversations (the first 5 are also answered by greedy generation)."""
     reference_probe: ReferenceProbeConfig | None = None
     """Encoders' forgetting probe: a linear probe on the backbone's frozen features for a labelled reference task,
     fitted and scored before training and again after; the drop is the run's representation forgetting."""

@@ -141,23 +141,25 @@ def replay_problem(cfg: RunConfig, task: Any) -> str | None:
 
 
 def general_text_problems(cfg: RunConfig, task: Any, model_config: Any) -> list[str]:
-    """The forgetting probe measures the perplexity of the pretrained model before training and of the tuned one
-    after: only a causal-LM task on a model saved with its language-modelling head gives it a meaning."""
-    path = cfg.eval.general_text
-    if not path:
-        return []
+    """The decoder forgetting probes (eval.general_text, eval.general_chat) measure the pretrained model before
+    training and the tuned one after: only a causal-LM task on a model saved with its language-modelling head gives
+    them a meaning."""
     from lmtune.data import resolve_path
     from lmtune.evaluation.probe import is_causal_lm
 
     problems = []
-    if getattr(task.auto_class, "__name__", "") != "AutoModelForCausalLM":
-        problems.append(f"eval.general_text measures a causal LM's perplexity; the {cfg.task.name} task does not "
-                        "train a causal LM: remove eval.general_text")
-    elif not is_causal_lm(model_config):
-        saved = ", ".join(getattr(model_config, "architectures", None) or []) or "no architecture named"
-        problems.append(f"eval.general_text measures a causal LM's perplexity; model {cfg.model.name} is not "
-                        f"saved as one ({saved}; an encoder?): remove eval.general_text or use a decoder")
-    file = resolve_path(path)
-    if not file.is_file():
-        problems.append(f"eval.general_text={path}: " + ("no such file" if not file.exists() else "not a file"))
+    for key, what in (("general_text", "a causal LM's perplexity"), ("general_chat", "a causal LM's reply loss")):
+        path = getattr(cfg.eval, key)
+        if not path:
+            continue
+        if getattr(task.auto_class, "__name__", "") != "AutoModelForCausalLM":
+            problems.append(f"eval.{key} measures {what}; the {cfg.task.name} task does not train a causal LM: "
+                            f"remove eval.{key} (encoders: eval.reference_probe)")
+        elif not is_causal_lm(model_config):
+            saved = ", ".join(getattr(model_config, "architectures", None) or []) or "no architecture named"
+            problems.append(f"eval.{key} measures {what}; model {cfg.model.name} is not saved as one ({saved}; an "
+                            f"encoder?): remove eval.{key} or use a decoder")
+        file = resolve_path(path)
+        if not file.is_file():
+            problems.append(f"eval.{key}={path}: " + ("no such file" if not file.exists() else "not a file"))
     return problems

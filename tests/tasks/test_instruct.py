@@ -184,3 +184,39 @@ def test_eval_table_shows_the_generation_scores() -> None:
     console.print(_metrics_table("t", {"loss": 1.5, "rows": 3, "generation": {"accuracy": 0.5, "no_choice_rate": 0.25}}))
     text = console.export_text()
     assert "generation/accuracy" in text and "0.5000" in text and "generation/no_choice_rate" in text
+
+
+def test_general_chat_probe_scores_reply_tokens_before_and_after(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    """eval.general_chat: the reply loss before training equals a hand computation over the reply tokens alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    train = [{"messages": [{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"}]},
+             {"messages": [{"role": "user", "content": "bad drug"}, {"role": "assistant", "content": "negative"}]}] * 8
+    chats = [[{"role": "user", "content": "the music at night"}, {"role": "assistant", "content": "one story"}],
+             [{"role": "user", "content": "acting"}, {"role": "assistant", "content": "the people in the year"}]]
+    general = write_jsonl(tmp_path / "general.jsonl", [{"messages": c} for c in chats])
+    cfg = {"model": {"name": str(tiny_decoder_dir), "max_length": 64},
+           "data": {"train": str(write_jsonl(tmp_path / "t.jsonl", train)), "validation_size": 0, "test_size": 0},
+           "task": {"name": "instruct", "max_new_tokens": 4}, "method": {"name": "full"},
+           "eval": {"general_chat": str(general)},
+           "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2}, "output": {"dir": str(tmp_path / "runs"), "name": "c"}}
+    forgetting = lmtune.train(cfg).metrics["forgetting"]
+    tok = tokenizer_of(tiny_decoder_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for chat in chats:  # the reply and its end of turn: the characters after the prompt's generation marker
+        text = tok.apply_chat_template(chat, tokenize=False)
+        start = len(tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True))
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        for position, (a, _) in enumerate(enc["offset_mapping"][1:], 1):
+            if a >= start:
+                total -= float(logp[position - 1, ids[0, position]])
+                count += 1
+    assert forgetting["general_chat_loss_before"] == pytest.approx(total / count, rel=1e-4)
+    assert forgetting["general_chat_loss_after"] != forgetting["general_chat_loss_before"]
+    samples = forgetting["general_chat"]["samples"]
+    assert [s["prompt"] for s in samples] == ["the music at night", "acting"] and all("after" in s for s in samples)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from lmtune.config import EvalConfig
 
 log = logging.getLogger("lmtune")
+SAMPLES = 5  # general_chat conversations answered by greedy generation before and after training
 
 
 def general_text_probe(cfg: EvalConfig, session: Any) -> Callable[[], dict[str, Any]] | None:
@@ -86,10 +87,52 @@ def reference_probe(cfg: EvalConfig, session: Any, seed: int) -> Callable[[], di
     return after
 
 
+def general_chat_probe(cfg: EvalConfig, session: Any, seed: int) -> Callable[[], dict[str, Any]] | None:
+    """Decoders: the per-token loss of reference replies (eval.general_chat: conversations the run does not train
+    on) under the chat template, reply tokens only, now; the returned call measures it again after training. The
+    first conversations are also answered by greedy generation before and after, for a person to read."""
+    if not cfg.general_chat:
+        return None
+    from lmtune.config import DataConfig
+    from lmtune.registry import TASKS
+    from lmtune.session import Session
+
+    kind = TASKS["instruct"]
+    options = session.task.options if session.cfg.task.name == "instruct" else kind.Options(name="instruct")
+    task = kind(options, DataConfig(train=cfg.general_chat, validation_size=0, test_size=0))
+    rows = task.load_splits(seed)[0]["train"]
+    rows = rows.select(range(min(len(rows), cfg.general_chat_max_examples)))
+    probe = Session(session.cfg, task, session.tokenizer, session.model, session.accelerator)
+    features = probe.encode(rows)
+    shown = [task.split_prompt(m) for m in rows["messages"][:SAMPLES]]
+
+    def measure() -> tuple[float, list[str]]:
+        probe.model = session.model  # the tuned model once training is over
+        loss = probe.evaluate(features)[0]["loss"]
+        replies = task.generate(session.model, session.tokenizer, [p for p, _ in shown], session.accelerator.device)
+        return loss, [r["generated"] for r in replies]
+
+    before, said = measure()
+    log.info("forgetting probe: reply loss on %s before training: %.4f", cfg.general_chat, before)
+
+    def after() -> dict[str, Any]:
+        loss, now = measure()
+        log.info("forgetting probe: reply loss on %s %.4f before, %.4f after training (%+.4f)", cfg.general_chat,
+                 before, loss, loss - before)
+        return {"general_chat_loss_before": before, "general_chat_loss_after": loss,
+                "general_chat_loss_change": loss - before,
+                "general_chat": {"data": cfg.general_chat, "conversations": len(features),
+                                 "samples": [{"prompt": p[-1]["content"], "reference": r, "before": b, "after": a}
+                                             for (p, r), b, a in zip(shown, said, now)]}}
+
+    return after
+
+
 def forgetting_probes(cfg: EvalConfig, session: Any, seed: int) -> Callable[[], dict[str, Any]] | None:
     """The configured forgetting probes measured now; the returned call measures them again (one `forgetting`
-    section: general-text perplexity, the reference probe)."""
-    probes = [p for p in (general_text_probe(cfg, session), reference_probe(cfg, session, seed)) if p is not None]
+    section: general-text perplexity, general-chat reply loss, the reference probe)."""
+    probes = [p for p in (general_text_probe(cfg, session), general_chat_probe(cfg, session, seed),
+                          reference_probe(cfg, session, seed)) if p is not None]
     if not probes:
         return None
     return lambda: {k: v for p in probes for k, v in p().items()}

@@ -57,7 +57,8 @@ def _method_section(base: dict[str, Any], name: str, options: dict[str, Any]) ->
 
 
 # metrics.json's forgetting figures shown as compare columns
-FORGETTING = {"reference_probe_drop": "reference probe drop", "relative_change": "general-text perplexity change"}
+FORGETTING = {"reference_probe_drop": "reference probe drop", "relative_change": "general-text perplexity change",
+              "general_chat_loss_change": "general-chat loss change"}
 
 
 def _extra(column: str) -> bool:

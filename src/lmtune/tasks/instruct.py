@@ -153,6 +153,11 @@ class Instruct(lm_common.DecoderTask):
     def load_eval_file(self, path: str) -> Any:
         return self._read(path)
 
+    @staticmethod
+    def split_prompt(messages: list[dict]) -> tuple[list[dict], str | None]:
+        """A chat's prompt (the turns before its last reply) and that reply (None where it ends on another turn)."""
+        return _split_prompt(messages)
+
     def from_texts(self, records: list[Any]) -> list[list[dict]]:
         """Chats to answer: strings (one user turn), or dicts with `messages`, `instruction`[/`input`], or the
         prompt template's fields; a chat ending with an assistant reply is answered from the turns before it."""
