@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,71 @@ def test_general_chat_probe_scores_reply_tokens_before_and_after(tiny_decoder_di
     assert forgetting["general_chat_loss_after"] != forgetting["general_chat_loss_before"]
     samples = forgetting["general_chat"]["samples"]
     assert [s["prompt"] for s in samples] == ["the music at night", "acting"] and all("after" in s for s in samples)
+
+
+def _chats(n: int) -> list[dict]:
+    words = ["good film", "bad drug", "the music at night", "acting", "one story of the people in the year"]
+    return [{"messages": [{"role": "user", "content": words[i % 5]},
+                          {"role": "assistant", "content": "positive" if i % 2 else "negative"}]} for i in range(n)]
+
+
+def test_packed_conversations_attend_only_to_themselves(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    """Each conversation's reply loss inside a packed row equals its loss alone: a leaking mask would change it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.tasks.lm_common import collate_rows
+
+    path = write_jsonl(tmp_path / "c.jsonl", _chats(6))
+    tok = tokenizer_of(tiny_decoder_dir)
+    plain = task(path, packing=False)
+    packed = task(path, packing=True)
+    alone = plain.encode(plain.load_splits(0)[0]["train"], tok, 64)
+    rows = packed.encode(packed.load_splits(0)[0]["train"], tok, 64)
+    assert len(rows) < len(alone) and packed.encode_report["packing"] == {"examples": len(alone), "rows": len(rows)}
+    assert sum(p.count(0) for p in rows["position_ids"]) == len(alone)  # one restart per conversation
+    assert all(p[0] == 0 for p in rows["position_ids"]) and all(len(r) <= 64 for r in rows["input_ids"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder_dir, dtype=torch.float32).eval()
+
+    def token_losses(features) -> dict[tuple, list[float]]:
+        """Per conversation (its ids), the loss of each target token, in order."""
+        batch = collate_rows(tok, 8)([features[i] for i in range(len(features))])
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        out = {}
+        for i in range(len(features)):
+            ids, labels = batch["input_ids"][i], batch["labels"][i]
+            starts = (batch["position_ids"][i] == 0).nonzero().flatten().tolist() if "position_ids" in batch else [0]
+            n = len(features[i]["input_ids"])
+            starts = [s for s in starts if s < n]  # (padding restarts its positions too)
+            for s, e in zip(starts, starts[1:] + [n]):
+                logp = torch.log_softmax(logits[i, s:e - 1].float(), -1)
+                targets = labels[s + 1:e]
+                out[tuple(ids[s:e].tolist())] = [float(-logp[t, targets[t]]) for t in range(len(targets))
+                                                 if targets[t] != -100]
+        return out
+
+    separate, together = token_losses(alone), token_losses(rows)
+    assert set(separate) == set(together)
+    for key in separate:
+        assert together[key] == pytest.approx(separate[key], abs=1e-4)
+
+
+def test_packed_rows_keep_the_loss_on_replies(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", _chats(6))
+    tok = tokenizer_of(tiny_decoder_dir)
+    plain, packed = task(path), task(path, packing=True)
+    alone = plain.encode(plain.load_splits(0)[0]["train"], tok, 64)
+    rows = packed.encode(packed.load_splits(0)[0]["train"], tok, 64)
+    targets = sorted(t for labels in alone["labels"] for t in labels[1:] if t != -100)
+    assert sorted(t for labels in rows["labels"] for t in labels if t != -100) == targets
+    cfg = {"model": {"name": str(tiny_decoder_dir), "max_length": 64},
+           "data": {"train": str(write_jsonl(tmp_path / "t.jsonl", _chats(40))), "validation_size": 0.2,
+                    "test_size": 0},
+           "task": {"name": "instruct", "packing": True}, "method": {"name": "full"},
+           "train": {"epochs": 3, "batch_size": 4, "lr": 1e-2}, "output": {"dir": str(tmp_path / "runs"), "name": "p"}}
+    result = lmtune.train(cfg)
+    assert result.metrics["data"]["packing"]["rows"] < result.metrics["data"]["packing"]["examples"]
+    curve = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in curve if "train/loss" in r]
+    assert losses[-1] < losses[0]

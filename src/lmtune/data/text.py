@@ -101,3 +101,32 @@ def pack(token_lists: Iterable[list[int]], length: int) -> list[dict[str, list[i
     if ids:
         rows.append({"input_ids": ids, "position_ids": positions})
     return rows
+
+
+def pack_whole(examples: list[tuple[list[int], list[int]]], length: int) -> list[dict[str, list[int]]]:
+    """Labelled examples (ids, labels: conversations) packed whole into rows of at most `length` tokens, longest
+    first into the first row with room (first-fit decreasing); `position_ids` restart at 0 where each example starts,
+    and its first label is -100 (a token is never predicted from the example before it). An example longer than
+    `length` gets a row of its own."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    rows: list[list[int]] = []  # example indices per row
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i][0])
+        spot = next((r for r, left in enumerate(room) if left >= n), None)
+        if spot is None:
+            rows.append([i])
+            room.append(length - n)
+        else:
+            rows[spot].append(i)
+            room[spot] -= n
+    out = []
+    for members in rows:
+        ids, labels, positions = [], [], []
+        for i in members:
+            example_ids, example_labels = examples[i]
+            ids += example_ids
+            labels += [-100] + list(example_labels[1:])
+            positions += range(len(example_ids))
+        out.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return out

@@ -39,6 +39,10 @@ class InstructOptions(DecoderOptions):
     """Score generations as a choice among these answers (the first one named), not by exact match."""
     eval_generate: bool = False
     """Also generate for the test split before and after training and score the generations."""
+    packing: bool = False
+    """Pack several conversations into one row of model.max_length tokens, each attending only to itself (position
+    ids restart per conversation: a block-diagonal mask), the loss still on the replies alone: fewer, fuller rows
+    for short conversations."""
 
 
 def _check_messages(messages: Any) -> tuple[str, str] | None:
@@ -244,6 +248,13 @@ class Instruct(lm_common.DecoderTask):
         self.encode_report.setdefault("too_long", {}).update(counts)
         if replay:
             self._add_replay(rows, replay, tokenizer, max_length)
+        if self.options.packing:
+            from lmtune.data.text import pack_whole
+
+            packed = pack_whole(list(zip(rows["input_ids"], rows["labels"])), max_length)
+            self.encode_report["packing"] = {"examples": len(rows["input_ids"]), "rows": len(packed)}
+            rows = {key: [r[key] for r in packed] for key in ("input_ids", "labels", "position_ids")}
+            rows["length"] = [len(ids) for ids in rows["input_ids"]]
         return datasets.Dataset.from_dict(rows)
 
     def _add_replay(self, rows: dict[str, list], texts: list[str], tokenizer: Any, max_length: int) -> None:

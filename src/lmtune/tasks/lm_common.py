@@ -205,7 +205,7 @@ def collate_rows(tokenizer: Any, pad_to_multiple_of: int,
             if packed:
                 positions[i, :n] = torch.tensor(row["position_ids"])
                 positions[i, n:] = torch.arange(width - n)
-            if "labels" in row:
+            if "labels" in row:  # (packed labelled rows mask each example's first token themselves)
                 labels[i, :n] = torch.tensor(row["labels"])
             else:
                 labels[i, :n] = ids[i, :n]
