@@ -29,3 +29,37 @@ def test_two_process_run_shards_training_and_gathers_evaluation(tiny_config: dic
     assert sum(map(sum, metrics["validation"]["confusion_matrix"])) == 24  # all rows, gathered
     assert metrics["validation"]["accuracy"] > 0.8
     assert proc.stderr.count("resolved config") == 1  # only the main process prints
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tiny_config: dict, tmp_path: Path) -> None:
+    """Written by two processes, resumed by one: the position in the epoch and the step count are carried over into
+    the one process's batches, and the run ends after exactly the one-process run's steps."""
+    import signal
+    import time
+
+    from helpers import make_sentiment_rows, write_csv
+
+    tiny_config["data"]["train"] = str(write_csv(tmp_path / "big.csv", make_sentiment_rows(400, seed=3)))
+    tiny_config["train"].update(batch_size=4, epochs=4, eval_every=5)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                             "lmtune.cli", "train", str(config)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    saved = tmp_path / "runs" / "tiny" / "checkpoints" / "last" / "loop_state.json"
+    deadline = time.time() + 200
+    while not saved.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    state = json.loads(saved.read_text())
+    assert state["world_size"] == 2 and 0 < state["step"] < 2 * 37  # two processes: 37 steps an epoch
+    resumed = subprocess.run([sys.executable, "-m", "lmtune.cli", "train", str(config), "--resume"],
+                             capture_output=True, text=True, env={**env, "COLUMNS": "300"}, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = " ".join(resumed.stderr.split())
+    assert "written by 2 process(es) and is resumed by 1" in said
+    metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 * 75  # one process: 300 rows / 4 a batch = 75 steps an epoch
+    assert metrics["test"]["accuracy"] > 0.8

@@ -39,6 +39,7 @@ class LoopState:
     scheduler: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: params, steps, time, memory
+    world_size: int | None = None  # processes that wrote it (None: an older checkpoint, taken as the current count)
 
 
 def recover_dir(final: Path, complete: Callable[[Path], bool] = lambda p: (p / "loop_state.json").is_file()) -> None:

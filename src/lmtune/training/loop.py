@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lmtune.training import compiling, graphs, guard, setup
-from lmtune.training.batching import TrainRows, train_batches
+from lmtune.training.batching import TrainRows, steps_per_epoch, train_batches
 from lmtune.training.checkpoint import LoopState, load_checkpoint, load_weights, read_loop_state, save_checkpoint
 from lmtune.training.logs import MetricsLog, logged_lr
 from lmtune.training.passes import ensure_cached, iterate_outputs
@@ -98,6 +99,30 @@ class _StageRun:
         self.scheduler.load_state_dict(self.state.scheduler)
         if self.average is not None:
             self.average.load(folder)
+        if self.state.world_size not in (None, self.acc.num_processes):
+            self._regrid(self.state.world_size)
+        self.state.world_size = self.acc.num_processes
+
+    def _regrid(self, saved: int) -> None:
+        """A checkpoint written by `saved` processes resumed by another number: the epoch's position becomes the
+        same share of its global batches in this count's batches (rounded down to a window: a few batches may
+        be seen again, none skipped), and the step counters and the schedule follow it."""
+        state, cfg, now = self.state, self.cfg, self.acc.num_processes
+        consumed = state.batch * saved // now  # this count's batches of the epoch already seen, per process
+        position = consumed - consumed % cfg.grad_accum
+        per_epoch = steps_per_epoch(len(self.job.train_set), cfg.batch_size, cfg.grad_accum, now,
+                                    fold_single=cfg.compile)
+        stage_step = min(self.total_steps, state.epoch * per_epoch + position // cfg.grad_accum)
+        log.warning("stage %s: the checkpoint was written by %d process(es) and is resumed by %d: epoch %d goes on "
+                    "at its batch %d of this count (was %d), step %d of %d (was %d of that count's); random draws "
+                    "cannot repeat the uninterrupted run's", self.stage.name, saved, now, state.epoch + 1, position,
+                    state.batch, stage_step, self.total_steps, state.stage_step)
+        state.step += stage_step - state.stage_step
+        state.stage_step, state.batch = stage_step, position
+        with warnings.catch_warnings():  # the schedule at the new step: its learning rates set as a step sets them
+            warnings.simplefilter("ignore")
+            self.scheduler.last_epoch = stage_step - 1
+            self.scheduler.step()
 
     def _feature_cache(self) -> Any:
         """Run the frozen trunk once over the training set when the stage allows it (see feature_cache)."""
@@ -116,6 +141,7 @@ class _StageRun:
         if fresh:
             state.epoch = state.batch = state.stage_step = state.bad_evals = 0
             state.stage_done = False
+            state.world_size = self.acc.num_processes
         if self.acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         log.info("stage %s: %s of %s parameters train, %d steps", stage.name, f"{trainable:,}", f"{total:,}",
