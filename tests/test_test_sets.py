@@ -68,3 +68,24 @@ def test_test_set_names_are_checked(tiny_config: dict) -> None:
     tiny_config["data"]["test"] = {}
     with pytest.raises(ConfigError, match="an empty mapping"):
         lmtune.train(tiny_config)
+
+
+def test_a_test_set_with_columns_of_its_own(tiny_config: dict, tmp_path: Path) -> None:
+    """An out-of-domain file whose text and labels are named and written differently (as IMDB's beside SST-2's)."""
+    other = [{"review": r["text"], "stars": {"positive": "1", "negative": "0"}[r["label"]]}
+             for r in make_sentiment_rows(20, seed=9)]
+    tiny_config["data"]["test"] = {"indomain": tiny_config["data"]["test"],
+                                   "reviews": {"path": str(write_csv(tmp_path / "reviews.csv", other)),
+                                               "text_column": "review", "label_column": "stars",
+                                               "label_map": {0: "negative", 1: "positive"}}}
+    tiny_config["train"]["epochs"] = 2
+    result = lmtune.train(tiny_config)
+    assert result.metrics["data"]["rows"]["test:reviews"] == 20
+    assert set(result.metrics["test:reviews"]["per_class"]) == {"negative", "positive"}
+    # the same rows in the run's own columns score the same
+    same = lmtune.evaluate(result.run_dir, write_csv(tmp_path / "same.csv", make_sentiment_rows(20, seed=9)))
+    assert same["accuracy"] == result.metrics["test:reviews"]["accuracy"]
+    assert same["loss"] == pytest.approx(result.metrics["test:reviews"]["loss"], abs=1e-6)
+    tiny_config["data"]["test"]["reviews"]["colour"] = "x"
+    with pytest.raises(ConfigError, match="data.test.reviews.colour: a test set may set only"):
+        lmtune.train(tiny_config)

@@ -43,6 +43,11 @@ class ModelConfig(Section):
         return self
 
 
+# What a named test set may set for its own file (data.test: {name: {path: FILE, ...}})
+TEST_SET_KEYS = {"format", "quoting", "text_column", "text_pair_column", "label_column", "label_map",
+                 "label_separator", "unescape_html"}
+
+
 class DataConfig(Section):
     @model_validator(mode="after")
     def _check_tests(self) -> "DataConfig":
@@ -52,24 +57,37 @@ class DataConfig(Section):
             bad = [n for n in self.test if not n or ":" in n or "/" in n or n != n.strip()]
             if bad:
                 raise ValueError(f"data.test: test set name {bad[0]!r}: names are non-empty, without ':' or '/'")
+            for name, given in self.test.items():
+                if isinstance(given, dict):
+                    if not isinstance(given.get("path"), str):
+                        raise ValueError(f"data.test.{name}: give `path` (the file) beside the columns it changes")
+                    if unknown := sorted(set(given) - {"path"} - TEST_SET_KEYS):
+                        raise ValueError(f"data.test.{name}.{unknown[0]}: a test set may set only "
+                                         f"{', '.join(sorted(TEST_SET_KEYS))} (beside `path`)")
         return self
 
-    def test_sets(self) -> list[tuple[str, str, str]]:
-        """(split key, set name, file) of each configured test file: `test` first, then `test:<name>`."""
-        if isinstance(self.test, dict):
-            return [("test" if i == 0 else f"test:{name}", name, path)
-                    for i, (name, path) in enumerate(self.test.items())]
-        return [("test", "test", self.test)] if self.test else []
+    def test_sets(self) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """(split key, set name, file, data settings of its own) of each configured test file: `test` first, then
+        `test:<name>`."""
+        if not isinstance(self.test, dict):
+            return [("test", "test", self.test, {})] if self.test else []
+        out = []
+        for i, (name, given) in enumerate(self.test.items()):
+            path, own = (given["path"], {k: v for k, v in given.items() if k != "path"}) if isinstance(given, dict) \
+                else (given, {})
+            out.append(("test" if i == 0 else f"test:{name}", name, path, own))
+        return out
 
     train: str | None = None
     """Training file (csv, tsv, jsonl, json, parquet, optionally .gz) or `builtin:NAME/FILE`."""
     validation: str | None = None
     """Validation file; when absent, `validation_size` of train is split off (seeded; stratified by label for
     single-label classification)."""
-    test: str | dict[str, str] | None = None
+    test: str | dict[str, str | dict[str, Any]] | None = None
     """Test file; or several named test sets `{name: file}` (e.g. in-domain and out-of-domain files), each
-    evaluated and reported under its name: the first is the headline `test`, the others `test:<name>`. When
-    absent, `test_size` of train is split off (seeded; stratified by label for single-label classification)."""
+    evaluated and reported under its name: the first is the headline `test`, the others `test:<name>`; a set whose
+    file has other columns gives them, `{path: FILE, text_column: text, label_map: {...}}`. When absent,
+    `test_size` of train is split off (seeded; stratified by label for single-label classification)."""
     format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = None
     """File format; default: from the file extension."""
     quoting: Literal["csv", "none"] = "csv"

@@ -76,15 +76,20 @@ def pin(cfg: RunConfig) -> RunConfig:
     from lmtune import hub
 
     name = pinned_name(cfg.model.name, cfg.model.allow_pickle, cfg.model.trust_remote_code)
-    def pinned(value: Any) -> Any:  # a file, or named test sets {name: file}
-        return {k: hub.pinned_data(v) for k, v in value.items()} if isinstance(value, dict) else hub.pinned_data(value)
+    def pinned(value: Any) -> Any:  # a file, or named test sets {name: file or {path: file, ...}}
+        if isinstance(value, dict):
+            return {k: {**v, "path": hub.pinned_data(v["path"])} if isinstance(v, dict) else hub.pinned_data(v)
+                    for k, v in value.items()}
+        return hub.pinned_data(value)
 
     files = {key: pinned(getattr(cfg.data, key)) for key in ("train", "validation", "test")}
     changed = {k: v for k, v in files.items() if v != getattr(cfg.data, k)}
     given_now = [(cfg.model.name, name)]
     for k, v in changed.items():
         before = getattr(cfg.data, k)
-        given_now += list(zip(before.values(), v.values())) if isinstance(v, dict) else [(before, v)]
+        path = lambda x: x["path"] if isinstance(x, dict) else x  # noqa: E731 - a named test set's file
+        given_now += [(path(a), path(b)) for a, b in zip(before.values(), v.values())] if isinstance(v, dict) \
+            else [(before, v)]
     for given, now in given_now:
         if given != now:
             log.info("%s: the Hub revision is commit %s (recorded as %s)", given, now.split("@")[1][:40], now)

@@ -112,7 +112,7 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
         phases.lap("tokenization")
     data_report.update(task.encode_report)
     if isinstance(cfg.data.test, dict):  # named test sets: their split keys and names
-        data_report["test_sets"] = {key: name for key, name, _ in cfg.data.test_sets()}
+        data_report["test_sets"] = {key: name for key, name, _, _ in cfg.data.test_sets()}
     generate_test = task.generates_on_test and "test" in splits and cfg.eval.test
     if cfg.eval.general_text or cfg.eval.reference_probe or generate_test:
         model.to(accelerator.device)  # measured before training: where it will train

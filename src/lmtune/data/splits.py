@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import datasets
@@ -29,8 +30,9 @@ def carve_splits(
     stratified by the column ``stratum`` names), then cut to ``max_train_samples`` / ``max_eval_samples`` rows.
     Returns what is left of ``train`` and the other splits; the rows split off are counted in ``report``."""
     splits: dict[str, datasets.Dataset] = {}
-    for key, _, path in cfg.test_sets():  # named test sets: `test` first, then `test:<name>`
-        splits[key] = read(key, path)
+    for key, _, path, own in cfg.test_sets():  # named test sets: `test` first, then `test:<name>`
+        with _reading_as(cfg, own):  # a set with columns of its own is read with them
+            splits[key] = read(key, path)
     for name, path, size in (("test", cfg.test, cfg.test_size), ("validation", cfg.validation, cfg.validation_size)):
         if name == "test" and path:
             continue
@@ -44,6 +46,19 @@ def carve_splits(
     if cfg.max_eval_samples:
         splits = {k: stratified_subset(v, cfg.max_eval_samples, seed, stratum(v)) for k, v in splits.items()}
     return train, splits
+
+
+@contextlib.contextmanager
+def _reading_as(cfg: Any, settings: dict[str, Any]) -> Iterator[None]:
+    """`cfg` (the task's data section, which its reader reads) with `settings` for a moment."""
+    before = {k: getattr(cfg, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(cfg, k, v)
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(cfg, k, v)
 
 
 def split_off_named(train: datasets.Dataset, name: str, size: float, seed: int, split_by: str | None = None,

@@ -42,7 +42,7 @@ def write_card(folder: Path, cfg: RunConfig, metrics: dict[str, Any], pipeline_t
     written by `lmtune export` (loaded with transformers alone), not a run's model."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    files = {"validation": cfg.data.validation, **{key: path for key, _, path in cfg.data.test_sets()}}
+    files = {"validation": cfg.data.validation, **{key: path for key, _, path, _ in cfg.data.test_sets()}}
     results = [EvalResult(task_type=pipeline_tag or cfg.task.name, metric_type=key, metric_value=round(value, 6),
                           **_dataset(files.get(split) or cfg.data.train, split))
                for split in eval_split_names(metrics) for key, value in scalars(metrics.get(split, {})).items()]
@@ -86,7 +86,7 @@ def _about(cfg: RunConfig, metrics: dict[str, Any], pipeline_tag: str | None, ad
 def _training(cfg: RunConfig, metrics: dict[str, Any]) -> str:
     data = metrics.get("data", {})
     files = [f"{split}: `{path}`" for split, path in (("train", cfg.data.train), ("validation", cfg.data.validation),
-                                                      *((k, p) for k, _, p in cfg.data.test_sets())) if path]
+                                                      *((k, p) for k, _, p, _ in cfg.data.test_sets())) if path]
     rows = ", ".join(f"{split} {n:,}" for split, n in data.get("rows", {}).items())
     balance = "; ".join(f"{split}: " + ", ".join(f"{label} {n}" for label, n in counts.items())
                         for split, counts in data.get("label_counts", {}).items())
