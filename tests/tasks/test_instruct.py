@@ -180,10 +180,10 @@ def test_generation_pads_with_eos_when_the_tokenizer_has_no_pad(tiny_decoder_dir
 def test_eval_table_shows_the_generation_scores() -> None:
     from rich.console import Console
 
-    from lmtune.cli import _metrics_table
+    from lmtune.listing import metrics_table
 
     console = Console(width=120, record=True)
-    console.print(_metrics_table("t", {"loss": 1.5, "rows": 3, "generation": {"accuracy": 0.5, "no_choice_rate": 0.25}}))
+    console.print(metrics_table("t", {"loss": 1.5, "rows": 3, "generation": {"accuracy": 0.5, "no_choice_rate": 0.25}}))
     text = console.export_text()
     assert "generation/accuracy" in text and "0.5000" in text and "generation/no_choice_rate" in text
 
