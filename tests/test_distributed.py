@@ -61,5 +61,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tiny_config: dict, tmp_
     said = " ".join(resumed.stderr.split())
     assert "written by 2 process(es) and is resumed by 1" in said
     metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
-    assert metrics["steps"] == 4 * 75  # one process: 300 rows / 4 a batch = 75 steps an epoch
+    # One process: 300 rows / 4 a batch = 75 steps an epoch, 300 in the stage; the checkpoint's position (epoch e,
+    # batch b of 37 a process) is step 75e + 2b of them, and the run's counter adds the steps still to take.
+    assert metrics["stages"]["full"]["steps"] == 4 * 75
+    assert metrics["steps"] == state["step"] + 4 * 75 - (75 * state["epoch"] + 2 * state["batch"])
     assert metrics["test"]["accuracy"] > 0.8

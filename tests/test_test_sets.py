@@ -89,3 +89,18 @@ def test_a_test_set_with_columns_of_its_own(tiny_config: dict, tmp_path: Path) -
     tiny_config["data"]["test"]["reviews"]["colour"] = "x"
     with pytest.raises(ConfigError, match="data.test.reviews.colour: a test set may set only"):
         lmtune.train(tiny_config)
+
+
+def test_a_resumed_run_keeps_the_commits_its_named_hub_test_sets_were_pinned_to() -> None:
+    from lmtune.config import load_config
+    from lmtune.rundir import keep_pins
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    given = load_config({"data": {"train": "t.csv", "test": {
+        "own": "d.csv", "hub": "hf:org/ds:test", "wide": {"path": "hf:org/other/cfg:test", "text_column": "text"}}}})
+    saved = load_config({"data": {"train": "t.csv", "test": {
+        "own": "d.csv", "hub": f"hf:org/ds@{commit}:test",
+        "wide": {"path": f"hf:org/other@{commit}/cfg:test", "text_column": "text"}}}})
+    kept = keep_pins(given, saved).data.test
+    assert kept == {"own": "d.csv", "hub": f"hf:org/ds@{commit}:test",
+                    "wide": {"path": f"hf:org/other@{commit}/cfg:test", "text_column": "text"}}

@@ -109,7 +109,7 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML)."),
     console.print(f"trained {m['params']['trainable']:,} of {m['params']['total']:,} parameters in "
                   f"{m['train_seconds']:.1f} s; run directory: [bold]{result.run_dir}[/]")
     if MAIN_PROCESS and result.phases is not None:
-        from lmtune.rundir import record_phases
+        from lmtune.timing import record_phases
 
         result.phases.lap("summary")
         record_phases(result.run_dir, m, result.phases)

@@ -64,6 +64,13 @@ class DataConfig(Section):
                     if unknown := sorted(set(given) - {"path"} - TEST_SET_KEYS):
                         raise ValueError(f"data.test.{name}.{unknown[0]}: a test set may set only "
                                          f"{', '.join(sorted(TEST_SET_KEYS))} (beside `path`)")
+                    own = {k: v for k, v in given.items() if k != "path"}
+                    try:  # its settings as the data section would take them
+                        DataConfig.model_validate({**self.model_dump(exclude={"test"}), **own})
+                    except ValidationError as err:
+                        first = err.errors()[0]
+                        raise ValueError(f"data.test.{name}.{'.'.join(map(str, first['loc']))}: "
+                                         f"{first['msg']}") from None
         return self
 
     def test_sets(self) -> list[tuple[str, str, str, dict[str, Any]]]:

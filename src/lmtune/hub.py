@@ -14,7 +14,7 @@ from lmtune.errors import ModelError
 MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                "vocab.txt", "vocab.json", "merges.txt", "*.model", "chat_template.jinja", "chat_template.json",
-               "preprocessor_config.json"]
+               "preprocessor_config.json", "modules.json", "1_Pooling/config.json"]  # (the last two: task.pooling auto)
 PICKLE_FILES = ["*.bin", "*.bin.index.json"]
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<revision>[\w./-]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")

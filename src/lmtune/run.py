@@ -13,9 +13,9 @@ from lmtune.split_names import eval_split_names
 from lmtune.errors import ConfigError
 from lmtune.preflight import check_setup
 from lmtune.registry import METHODS
-from lmtune.rundir import config_stem, open_run, record_phases, save_outputs
+from lmtune.rundir import config_stem, open_run, save_outputs
 from lmtune.session import Session, count_params, make_accelerator
-from lmtune.timing import Phases
+from lmtune.timing import Phases, record_phases
 
 
 @dataclass
@@ -31,6 +31,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
           callbacks: list[Callable] | None = None, stem: str | None = None) -> RunResult:
     """Fine-tune as configured (one seed: `lmtune.train` hands several to `studies.seeds`) and write a run directory;
     returns its path and final metrics. Ctrl-C raises `RunInterrupted` saying how to continue."""
+    from lmtune.training.checkpoint import read_loop_state
     from lmtune.training.guard import diverged, weights_finite
     from lmtune.training.loop import fit
     from lmtune.training.trackers import tracking
@@ -50,13 +51,13 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         with tracking(cfg, run_dir, accelerator, resume) as run.job.trackers:
             phases.lap("trackers")
             started = time.perf_counter()
+            spent = _inside_training(read_loop_state(run_dir / "checkpoints" / "last").stages) if resume else {}
             try:
                 state = fit(run.job, cfg.train, accelerator, resume=resume)
             finally:
                 run.task.release_model()
-            phases.lap("training")
-            phases.split("training", {part: sum(info.get(f"{key}_seconds", 0.0) for info in state.stages.values())
-                                      for part, key in (("evaluation", "eval"), ("checkpoints", "checkpoint"))})
+            phases.lap("training")  # this process's share: a resumed run's earlier evaluations were not in it
+            phases.split("training", {k: v - spent.get(k, 0.0) for k, v in _inside_training(state.stages).items()})
             session = run.session
             session.model = run.job.model  # the trained (best, averaged) weights
             metrics, mistakes = _measure(cfg, run, state, started)
@@ -71,6 +72,12 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         if accelerator.is_main_process:
             record_phases(run_dir, metrics, phases)
         return RunResult(run_dir, metrics, phases)
+
+
+def _inside_training(stages: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Seconds of evaluations and checkpoints during training, all stages together (carved out of its phase)."""
+    return {part: sum(info.get(f"{key}_seconds", 0.0) for info in stages.values())
+            for part, key in (("evaluation", "eval"), ("checkpoints", "checkpoint"))}
 
 
 @dataclass
@@ -114,7 +121,7 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     if isinstance(cfg.data.test, dict):  # named test sets: their split keys and names
         data_report["test_sets"] = {key: name for key, name, _, _ in cfg.data.test_sets()}
     generate_test = task.generates_on_test and "test" in splits and cfg.eval.test
-    if cfg.eval.general_text or cfg.eval.reference_probe or generate_test:
+    if cfg.eval.general_text or cfg.eval.general_chat or cfg.eval.reference_probe or generate_test:
         model.to(accelerator.device)  # measured before training: where it will train
     probe = forgetting_probes(cfg.eval, session, cfg.train.seed)
     before = session.score_generations(splits["test"]) if generate_test else None

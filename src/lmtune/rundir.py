@@ -322,9 +322,19 @@ def keep_pins(cfg: RunConfig, saved: RunConfig) -> RunConfig:
     update: dict[str, Any] = {}
     if not Path(cfg.model.name).expanduser().is_dir() and same(cfg.model.name, saved.model.name, hub.parse_id):
         update["model"] = cfg.model.model_copy(update={"name": saved.model.name})
-    data = {k: getattr(saved.data, k) for k in ("train", "validation", "test")
-            if isinstance(getattr(cfg.data, k), str) and hub.is_dataset_name(getattr(cfg.data, k)) and
-            same(getattr(cfg.data, k), getattr(saved.data, k), hub.parse_dataset_name)}
+    def kept(given: Any, pinned: Any) -> Any:  # a file name, or named test sets {name: file or {path: file, ...}}
+        if isinstance(given, dict) and isinstance(pinned, dict):
+            return {name: kept(value, pinned.get(name)) for name, value in given.items()}
+        if isinstance(given, dict) and isinstance(pinned, str):  # a set's own settings beside its path
+            return {**given, "path": kept(given.get("path"), pinned)}
+        if isinstance(pinned, dict) and "path" in pinned:
+            pinned = pinned["path"]
+        if isinstance(given, str) and hub.is_dataset_name(given) and same(given, pinned, hub.parse_dataset_name):
+            return pinned
+        return given
+
+    data = {k: new for k in ("train", "validation", "test")
+            if (new := kept(getattr(cfg.data, k), getattr(saved.data, k))) != getattr(cfg.data, k)}
     if data:
         update["data"] = cfg.data.model_copy(update=data)
     return cfg.model_copy(update=update) if update else cfg
@@ -376,16 +386,6 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed to resume an unfinished run
     if phases is not None:
         phases.lap("plots and report")
-
-
-def record_phases(run_dir: Path, metrics: dict, phases: Any) -> None:
-    """metrics.json again with `phase_seconds`: where the whole run's time went (in `metrics` too)."""
-    from lmtune.files import write_text
-    from lmtune.training.logs import finite_json
-
-    metrics["phase_seconds"] = phases.report()
-    log.debug("time: %s", phases.line())
-    write_text(run_dir / "metrics.json", json.dumps(finite_json(metrics), indent=2, default=str, allow_nan=False))
 
 
 def refuse_run_folder(folder: Path, command: str) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 # Set by the command line as it starts: the process's own start, so imports and start-up count too. A library
@@ -54,3 +55,14 @@ class Phases:
     def line(self) -> str:
         total = sum(self.seconds.values()) or 1.0
         return ", ".join(f"{name} {s:.1f} s ({s / total:.0%})" for name, s in self.seconds.items())
+
+
+def record_phases(run_dir: Path, metrics: dict, phases: Phases) -> None:
+    """metrics.json again with `phase_seconds`: where the whole run's time went (in `metrics` too)."""
+    import json
+
+    from lmtune.files import write_text
+    from lmtune.training.logs import finite_json
+
+    metrics["phase_seconds"] = phases.report()
+    write_text(run_dir / "metrics.json", json.dumps(finite_json(metrics), indent=2, default=str, allow_nan=False))

@@ -105,21 +105,26 @@ def pack(token_lists: Iterable[list[int]], length: int) -> list[dict[str, list[i
 
 def pack_whole(examples: list[tuple[list[int], list[int]]], length: int) -> list[dict[str, list[int]]]:
     """Labelled examples (ids, labels: conversations) packed whole into rows of at most `length` tokens, longest
-    first into the first row with room (first-fit decreasing); `position_ids` restart at 0 where each example starts,
-    and its first label is -100 (a token is never predicted from the example before it). An example longer than
-    `length` gets a row of its own."""
+    first, each into the row it fills best (best-fit decreasing, O(n log n)); `position_ids` restart at 0 where each
+    example starts, and its first label is -100 (a token is never predicted from the example before it). An example
+    longer than `length` gets a row of its own."""
+    import bisect
+
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     rows: list[list[int]] = []  # example indices per row
-    room: list[int] = []
+    open_rows: list[tuple[int, int]] = []  # (room left, row), sorted: the fullest row that still fits comes first
     for i in order:
         n = len(examples[i][0])
-        spot = next((r for r, left in enumerate(room) if left >= n), None)
-        if spot is None:
+        at = bisect.bisect_left(open_rows, (n, -1))
+        if at == len(open_rows):
             rows.append([i])
-            room.append(length - n)
+            room, row = length - n, len(rows) - 1
         else:
-            rows[spot].append(i)
-            room[spot] -= n
+            room, row = open_rows.pop(at)
+            rows[row].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(open_rows, (room, row))
     out = []
     for members in rows:
         ids, labels, positions = [], [], []

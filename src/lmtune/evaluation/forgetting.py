@@ -53,14 +53,14 @@ def reference_probe(cfg: EvalConfig, session: Any, seed: int) -> Callable[[], di
     def score() -> dict[str, Any]:
         from lmtune.evaluation import probe
 
-        backbone = _backbone(session.model)
-        was_training = backbone.training
+        backbone, tokenizer = _backbone(session.model), session.tokenizer
+        was_training, side, pad = backbone.training, tokenizer.padding_side, tokenizer.pad_token
         backbone.eval()  # no dropout: the same backbone gives the same features
         try:
-            feats = probe.extract(backbone, session.tokenizer, inputs, session.max_length, words=words,
-                                  desc="reference probe")
-        finally:
+            feats = probe.extract(backbone, tokenizer, inputs, session.max_length, words=words, desc="reference probe")
+        finally:  # the probe pads its own way: the run's tokenizer (saved with the model) stays as it was
             backbone.train(was_training)
+            tokenizer.padding_side, tokenizer.pad_token = side, pad
         top = max(feats.pooled)  # the top layer: what the task head reads, and what tuning moves most
         if words:
             return {**probe.probe_ner(feats.words[top], targets, outside, spec.folds), "layer": top}
@@ -74,6 +74,10 @@ def reference_probe(cfg: EvalConfig, session: Any, seed: int) -> Callable[[], di
 
     def after() -> dict[str, Any]:
         now = score()
+        if "error" in now:  # e.g. a diverged backbone's features: said, and the run still saves its model
+            log.warning("reference probe after training: %s", now["error"])
+            return {"reference_probe_before": before["score"],
+                    "reference_probe": {"data": file, "metric": before["metric"], "error": now["error"]}}
         drop = before["score"] - now["score"]
         log.info("reference probe: %s %.4f before, %.4f after training (drop %+.4f)", before["metric"],
                  before["score"], now["score"], drop)

@@ -106,19 +106,23 @@ class _StageRun:
     def _regrid(self, saved: int) -> None:
         """A checkpoint written by `saved` processes resumed by another number: the epoch's position becomes the
         same share of its global batches in this count's batches (rounded down to a window: a few batches may
-        be seen again, none skipped), and the step counters and the schedule follow it."""
+        be seen again, none skipped; an epoch whose share is used up goes on at the next one), the stage's step
+        and the schedule follow it. The run's step counter stays the count of steps taken (it never goes back)."""
         state, cfg, now = self.state, self.cfg, self.acc.num_processes
         consumed = state.batch * saved // now  # this count's batches of the epoch already seen, per process
         position = consumed - consumed % cfg.grad_accum
         per_epoch = steps_per_epoch(len(self.job.train_set), cfg.batch_size, cfg.grad_accum, now,
                                     fold_single=cfg.compile)
-        stage_step = min(self.total_steps, state.epoch * per_epoch + position // cfg.grad_accum)
-        log.warning("stage %s: the checkpoint was written by %d process(es) and is resumed by %d: epoch %d goes on "
-                    "at its batch %d of this count (was %d), step %d of %d (was %d of that count's); random draws "
-                    "cannot repeat the uninterrupted run's", self.stage.name, saved, now, state.epoch + 1, position,
-                    state.batch, stage_step, self.total_steps, state.stage_step)
-        state.step += stage_step - state.stage_step
-        state.stage_step, state.batch = stage_step, position
+        epoch = state.epoch
+        if position // cfg.grad_accum >= per_epoch:  # (each process's share of an epoch drops its remainder)
+            epoch, position = epoch + 1, 0
+        stage_step = min(self.total_steps, epoch * per_epoch + position // cfg.grad_accum)
+        log.warning("stage %s: the checkpoint was written by %d process(es) and is resumed by %d: it goes on at "
+                    "epoch %d, batch %d of this count (was epoch %d, batch %d), stage step %d of %d (was %d of that "
+                    "count's); random draws cannot repeat the uninterrupted run's", self.stage.name, saved, now,
+                    epoch + 1, position, state.epoch + 1, state.batch, stage_step, self.total_steps,
+                    state.stage_step)
+        state.epoch, state.batch, state.stage_step = epoch, position, stage_step
         with warnings.catch_warnings():  # the schedule at the new step: its learning rates set as a step sets them
             warnings.simplefilter("ignore")
             self.scheduler.last_epoch = stage_step - 1
