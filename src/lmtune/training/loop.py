@@ -160,6 +160,8 @@ class _StageRun:
                    disable=not self.acc.is_local_main_process)
         try:  # a callback may stop the run by raising (a pruned search trial): the bar still closes
             self.model.train()
+            if self.state.stage_step >= self.total_steps and not self.state.stage_done:
+                self._evaluate_and_checkpoint()  # resumed at its last step (another process count): its evaluation
             stop = self.state.stage_done
             while not stop and self.state.epoch < self.epochs:
                 stop = self._epoch(bar)
