@@ -160,7 +160,7 @@ class _StageRun:
                    disable=not self.acc.is_local_main_process)
         try:  # a callback may stop the run by raising (a pruned search trial): the bar still closes
             self.model.train()
-            if self.state.stage_step >= self.total_steps and not self.state.stage_done:
+            if 0 < self.total_steps <= self.state.stage_step and not self.state.stage_done:
                 self._evaluate_and_checkpoint()  # resumed at its last step (another process count): its evaluation
             stop = self.state.stage_done
             while not stop and self.state.epoch < self.epochs:
