@@ -73,6 +73,19 @@ def test_instruction_rows_and_too_long_policy(tiny_decoder_dir: Path, tmp_path: 
         task(only_long, too_long="drop").encode(t._read(str(only_long)), tok, 32)
 
 
+def test_self_instruct_rows_read_as_their_first_instance(tmp_path: Path) -> None:
+    """Self-instruct's rows (`instruction` + `instances: [{input, output}]`, e.g. the user-oriented evaluation set)."""
+    path = write_jsonl(tmp_path / "si.jsonl", [
+        {"id": "t0", "instruction": "Rewrite it.", "instances": [{"input": "a b", "output": "b a"}, {"input": "x"}]},
+        {"id": "t1", "instruction": "Name a colour.", "instances": [{"input": "", "output": "red"}]}])
+    ds = task(path)._read(str(path))
+    assert ds["messages"] == [[{"role": "user", "content": "Rewrite it.\n\na b"}, {"role": "assistant", "content": "b a"}],
+                              [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"}]]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "instances": [{"input": "y"}]}])
+    with pytest.raises(DataError, match="bad.jsonl, row 1, field 'output'"):
+        task(bad)._read(str(bad))
+
+
 def test_scoring_normalises_and_picks_choices() -> None:
     assert normalise("  Positive!\n") == "positive"
     assert pick_choice("I think it is negative, not positive", ["positive", "negative"]) == "negative"

@@ -103,6 +103,10 @@ class Instruct(lm_common.DecoderTask):
             label = self.renames.get(label, label)
             return [{"role": "user", "content": opts.prompt_template.format(**{f: row[f] for f in fields})},
                     {"role": "assistant", "content": str(label)}]
+        if "output" not in columns and isinstance(row.get("instances"), list) and row["instances"]:
+            first = row["instances"][0]  # self-instruct rows: the first instance's input and output
+            if isinstance(first, dict):
+                row = {**row, "input": first.get("input"), "output": first.get("output")}
         for name in ("instruction", "output"):
             if not isinstance(row.get(name), str) or not row[name].strip():
                 return name, "empty content" if row.get(name) is None or isinstance(row.get(name), str) \
@@ -114,9 +118,11 @@ class Instruct(lm_common.DecoderTask):
     def _read(self, path: str, skipped: list[str] | None = None) -> Any:
         ds = read_table(resolve_path(path), self.data.format, on_bad_rows=self.data.on_bad_rows, skipped=skipped)
         columns = ds.column_names
-        if not self.options.prompt_template and "messages" not in columns and not {"instruction", "output"} <= set(columns):
+        shapes = ({"messages"}, {"instruction", "output"}, {"instruction", "instances"})  # the last: self-instruct
+        if not self.options.prompt_template and not any(shape <= set(columns) for shape in shapes):
             raise DataError(path, f"instruction data needs a `messages` column or `instruction` and `output` "
-                                  f"columns (found: {', '.join(c for c in columns if c != '_row')}); for a labelled "
+                                  f"(or self-instruct's `instances`) columns (found: "
+                                  f"{', '.join(c for c in columns if c != '_row')}); for a labelled "
                                   "table set task.prompt_template")
 
         def check(row: dict) -> tuple[str, str] | None:
