@@ -237,6 +237,25 @@ def test_general_chat_probe_scores_reply_tokens_before_and_after(tiny_decoder_di
     assert [s["prompt"] for s in samples] == ["the music at night", "acting"] and all("after" in s for s in samples)
 
 
+def test_general_chat_of_a_templated_run_reads_its_file_as_chats(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    """A run that turns a labelled table into chats (task.prompt_template) still reads eval.general_chat as chats:
+    its template names the table's columns, which the reference set does not have (here self-instruct rows)."""
+    train = write_csv(tmp_path / "t.csv", [{"sentence": "good film", "label": "1"},
+                                               {"sentence": "bad drug", "label": "0"}] * 8)
+    general = write_jsonl(tmp_path / "general.jsonl", [
+        {"instruction": "Name a colour.", "instances": [{"input": "", "output": "red"}]},
+        {"instruction": "Say hi.", "instances": [{"input": "twice", "output": "hi hi"}]}])
+    cfg = {"model": {"name": str(tiny_decoder_dir), "max_length": 64},
+           "data": {"train": str(train), "validation_size": 0, "test_size": 0, "label_map": {0: "negative", 1: "positive"}},
+           "task": {"name": "instruct", "prompt_template": "Review: {sentence}", "answer_choices": ["positive", "negative"],
+                    "max_new_tokens": 4},
+           "method": {"name": "full"}, "eval": {"general_chat": str(general)},
+           "train": {"epochs": 1, "batch_size": 4, "lr": 1e-2}, "output": {"dir": str(tmp_path / "runs"), "name": "c"}}
+    forgetting = lmtune.train(cfg).metrics["forgetting"]
+    assert forgetting["general_chat"]["conversations"] == 2
+    assert [s["prompt"] for s in forgetting["general_chat"]["samples"]] == ["Name a colour.", "Say hi.\n\ntwice"]
+
+
 def _chats(n: int) -> list[dict]:
     words = ["good film", "bad drug", "the music at night", "acting", "one story of the people in the year"]
     return [{"messages": [{"role": "user", "content": words[i % 5]},

@@ -102,7 +102,10 @@ def general_chat_probe(cfg: EvalConfig, session: Any, seed: int) -> Callable[[],
     from lmtune.session import Session
 
     kind = TASKS["instruct"]
-    options = session.task.options if session.cfg.task.name == "instruct" else kind.Options(name="instruct")
+    options = kind.Options(name="instruct")
+    if session.cfg.task.name == "instruct":  # the run's chat settings; its prompt template is for its own rows only
+        options = session.task.options.model_copy(update={"prompt_template": None, "answer_choices": None,
+                                                          "eval_generate": False, "packing": False})
     task = kind(options, DataConfig(train=cfg.general_chat, validation_size=0, test_size=0))
     rows = task.load_splits(seed)[0]["train"]
     rows = rows.select(range(min(len(rows), cfg.general_chat_max_examples)))
