@@ -248,6 +248,10 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
         if not merge:
             raise ValueError(f"{run_dir} holds an adapter: export it with --merge")
         model = session.model = model.merge_and_unload()
+        if format == "hf" and getattr(session.cfg.method, "quantize", None):  # QLoRA: merged into bf16 weights
+            import torch
+
+            model = session.model = model.to(torch.bfloat16)
     rundir.make_parent(output.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))  # a name of its own
     tmp.chmod(0o755)  # mkdtemp makes it private

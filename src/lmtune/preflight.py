@@ -42,7 +42,7 @@ def check_setup(cfg: RunConfig) -> Setup:
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
                 replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"),
                 precision_problem(cfg.train.precision), tracker_problem(cfg.output.report_to),
-                calibrate_problem(cfg), class_weights_problem(cfg),
+                calibrate_problem(cfg), class_weights_problem(cfg), quantize_problem(cfg),
                 "data.label_column: one column (several are for task.name: regression)"
                 if isinstance(cfg.data.label_column, list) and cfg.task.name != "regression" else None]
     problems = [p for p in problems if p] or [method_problem(cfg, task, model_config)]  # builds the model: last
@@ -115,6 +115,24 @@ def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
     return (f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
             f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
             "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
+
+
+def quantize_problem(cfg: RunConfig) -> str | None:
+    """method.quantize (QLoRA) needs bitsandbytes on a CUDA GPU, and an adapter that wraps linear layers."""
+    if not getattr(cfg.method, "quantize", None):
+        return None
+    import importlib.util
+
+    import torch
+
+    if cfg.method.variant not in ("lora", "dora"):
+        return f"method.quantize: QLoRA trains LoRA or DoRA adapters, not method.variant={cfg.method.variant}"
+    if not torch.cuda.is_available():
+        return (f"method.quantize={cfg.method.quantize} (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit layers run "
+                "only there; on this machine train plain LoRA (drop method.quantize)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"method.quantize={cfg.method.quantize} needs the bitsandbytes package: pip install bitsandbytes"
+    return None
 
 
 def precision_problem(precision: str) -> str | None:

@@ -110,7 +110,9 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     with accelerator.main_process_first():  # the main process fills the datasets cache, the rest read it
         splits, data_report = task.load_splits(cfg.train.seed)
         phases.lap("data read and checks")
-        model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
+        method = METHODS[cfg.method.name]
+        model, new_weights = models.load_model(task.auto_class, cfg.model, **task.model_kwargs(),
+                                               **method.load_kwargs(cfg.method, accelerator.device))
         task.shape_model(model, checkpoint=models.resolve_model(cfg.model.name, cfg.model.allow_pickle,
                                                                 cfg.model.trust_remote_code))
         session = Session(cfg, task, tokenizer, model, accelerator)
@@ -126,7 +128,6 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     probe = forgetting_probes(cfg.eval, session, cfg.train.seed)
     before = session.score_generations(splits["test"]) if generate_test else None
     phases.lap("probes before training")
-    method = METHODS[cfg.method.name]
     info = TaskInfo(head_names=models.head_names(model, new_weights), epochs=cfg.train.epochs)
     if cfg.train.gradient_checkpointing:
         models.checkpoint_activations(model)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmtune
+from lmtune.errors import ConfigError
 from lmtune.predict import export
 
 TEXTS = ["great excellent film", "awful terrible film", "some time it was", "best drug, love it"]
@@ -148,3 +149,28 @@ def test_reload_prints_no_missing_head_report(lora_run, caplog) -> None:
         assert "MISSING" not in caplog.text  # the head comes from the adapter, not at random
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
+
+
+def test_qlora_is_refused_without_a_cuda_gpu_before_any_data_is_read(tiny_config: dict, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tiny_config["method"] = {"name": "lora", "quantize": "4bit"}
+    tiny_config["data"]["train"] = "/no/such/file.csv"  # never read: the config is refused first
+    with pytest.raises(ConfigError, match=r"method.quantize=4bit \(QLoRA\) needs a CUDA GPU"):
+        lmtune.train(tiny_config)
+    tiny_config["method"]["variant"] = "ia3"
+    with pytest.raises(ConfigError, match="QLoRA trains LoRA or DoRA adapters, not method.variant=ia3"):
+        lmtune.train(tiny_config)
+
+
+def test_qlora_loads_the_backbone_in_4bit_nf4_with_double_quantisation_on_the_gpu() -> None:
+    import torch
+
+    from lmtune.methods.lora import Lora, LoraOptions
+
+    assert Lora.load_kwargs(LoraOptions(), "cuda:0") == {}
+    kwargs = Lora.load_kwargs(LoraOptions(quantize="4bit"), torch.device("cuda", 1))
+    q = kwargs["quantization_config"]
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and kwargs["device_map"] == {"": "cuda:1"}

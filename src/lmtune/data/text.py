@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import gzip
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import datasets
 
@@ -14,6 +14,7 @@ from lmtune.data.errors import DataError
 from lmtune.data.readers import read_table, require_columns, resolve_path
 
 TEXT_SUFFIXES = (".txt", ".tokens", ".text")
+TEXT_FEATURES = datasets.Features({"text": datasets.Value("string"), "_row": datasets.Value("int64")})
 
 
 def is_plain_text(path: str | Path) -> bool:
@@ -31,8 +32,7 @@ def read_documents(path: str, column: str = "text", documents: Literal["line", "
     on_bad_rows=skip are described in `skipped` when given."""
     file = resolve_path(path)
     if fmt is None and is_plain_text(file):
-        return datasets.Dataset.from_list(_text_documents(file, path, documents), features=datasets.Features(
-            {"text": datasets.Value("string"), "_row": datasets.Value("int64")}))
+        return _stored_text(file, path, documents)
     ds = read_table(file, fmt, on_bad_rows=on_bad_rows, skipped=skipped)
     require_columns(ds, str(path), [column])
 
@@ -48,36 +48,59 @@ def read_documents(path: str, column: str = "text", documents: Literal["line", "
     return ds.map(lambda b: {"text": b[column], "_row": b["_row"]}, batched=True, remove_columns=ds.column_names)
 
 
-def _text_documents(file: Path, shown: str, documents: str) -> list[dict[str, Any]]:
+def _stored_text(file: Path, shown: str, documents: str) -> datasets.Dataset:
+    """A .txt file's documents, read once into the token store's folder (named by the file's path, size and time,
+    and how documents are cut) and memory-mapped from there: the file is read a line at a time, never whole."""
+    from lmtune.data import store
+
     if not file.is_file():
         raise DataError(shown, "file not found" if not file.exists() else "is a directory, expected a text file")
-    opener = gzip.open if file.suffix == ".gz" else open
-    with opener(file, "rb") as f:
-        data = f.read()
-    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # an editor's byte-order mark: no text
-    try:
-        lines = data[bom:].decode("utf-8").split("\n")  # not splitlines(): U+2028, form feeds ... are no line ends
-    except UnicodeDecodeError as err:
-        at = bom + err.start
-        column = at - data.rfind(b"\n", 0, at)  # 1-based byte of the line
-        raise DataError(shown, f"not UTF-8 text ({err.reason} at byte {column} of the line)",
-                        row=data.count(b"\n", 0, at) + 1, unit="line") from None
-    docs: list[dict[str, Any]] = []
-    if documents == "line":
-        docs = [{"text": line.strip(), "_row": i} for i, line in enumerate(lines, 1) if line.strip()]
-    else:
-        current: list[str] = []
-        for i, line in enumerate(lines + [""], 1):
-            if line.strip():
-                if not current:
-                    start = i
-                current.append(line.strip())
-            elif current:
-                docs.append({"text": "\n".join(current), "_row": start})
-                current = []
-    if not docs:
+    stat = file.stat()
+    key = store.key_of("text", file.resolve(), stat.st_size, stat.st_mtime_ns, documents)
+    return store.stored("text", key, TEXT_FEATURES, lambda: _text_batches(file, shown, documents))
+
+
+def _text_batches(file: Path, shown: str, documents: str) -> Iterator[dict[str, list]]:
+    batch: dict[str, list] = {"text": [], "_row": []}
+    count = 0
+    for text, row in _text_documents(file, shown, documents):
+        batch["text"].append(text)
+        batch["_row"].append(row)
+        if len(batch["text"]) == 10_000:
+            count += len(batch["text"])
+            yield batch
+            batch = {"text": [], "_row": []}
+    if batch["text"]:
+        yield batch
+    elif not count:
         raise DataError(shown, "no documents (the file holds only blank lines)")
-    return docs
+
+
+def _text_documents(file: Path, shown: str, documents: str) -> Iterator[tuple[str, int]]:
+    """(document, the line it starts on), a line at a time."""
+    opener = gzip.open if file.suffix == ".gz" else open
+    current: list[str] = []
+    start = 0
+    with opener(file, "rb") as f:
+        for number, raw in enumerate(f, 1):  # lines end at b"\n" only: U+2028, form feeds ... are no line ends
+            bom = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0  # no text
+            try:
+                line = raw[bom:].decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise DataError(shown, f"not UTF-8 text ({err.reason} at byte {bom + err.start + 1} of the line)",
+                                row=number, unit="line") from None
+            if documents == "line":
+                if line:
+                    yield line, number
+            elif line:
+                if not current:
+                    start = number
+                current.append(line)
+            elif current:
+                yield "\n".join(current), start
+                current = []
+    if current:
+        yield "\n".join(current), start
 
 
 def pack(token_lists: Iterable[list[int]], length: int) -> list[dict[str, list[int]]]:

@@ -35,6 +35,10 @@ class LoraOptions(BaseModel):
     """Learning rate of the adapters; default: train.lr (adapters usually want about 10x full fine-tuning's)."""
     head_lr: float | None = None
     """Learning rate of the head; default: the adapters'."""
+    quantize: Literal["4bit"] | None = None
+    """4bit: QLoRA, the frozen backbone held in 4-bit NF4 (bitsandbytes, double quantisation, bf16 compute) while
+    the adapters train in full precision; CUDA only. Predict, eval and serve load the base in full precision;
+    `export` merges the adapters into bf16 weights."""
 
 
 def _task_type(model: Any) -> str:
@@ -90,10 +94,24 @@ class Lora(Method):
     Options = LoraOptions
 
     @staticmethod
+    def load_kwargs(options: LoraOptions, device: Any) -> dict[str, Any]:
+        """QLoRA: the backbone loaded in 4-bit NF4 straight onto the training GPU."""
+        if not options.quantize:
+            return {}
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        return {"quantization_config": quantization, "dtype": torch.bfloat16, "device_map": {"": str(device)}}
+
+    @staticmethod
     def prepare(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
         """Wrap the model with peft adapters (the returned model replaces the original)."""
         import peft
 
+        if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms and head in fp32, inputs that carry gradients
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return peft.get_peft_model(model, peft_config(model, info, options))
 
     @staticmethod

@@ -58,7 +58,7 @@ def head_parameters(model: Any, info: TaskInfo, method: str) -> list[str]:
 
 class Method:
     """The method contract: `Options` (a pydantic model of its `method:` section, field `name: Literal["name"]`) and
-    `apply`, required; `prepare`, optional (methods that wrap the model). Register a subclass with
+    `apply`, required; `prepare` (methods that wrap the model) and `load_kwargs` (how the model is loaded), optional. Register a subclass with
     `@register_method("name")` (lmtune.registry)."""
 
     Options: type
@@ -67,6 +67,12 @@ class Method:
     def apply(model: Any, info: TaskInfo, options: Any) -> list[Stage]:
         """The stages of training: which parameters train, in which groups, at what rates, for how long."""
         raise NotImplementedError
+
+    @staticmethod
+    def load_kwargs(options: Any, device: Any) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments for loading the model onto `device` (QLoRA's quantisation); none by
+        default."""
+        return {}
 
     @staticmethod
     def prepare(model: Any, info: TaskInfo, options: Any) -> Any:

@@ -6,7 +6,9 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
-from lmtune.data import DataError
+import numpy as np
+
+from lmtune.data import DataError, store
 from lmtune.data.text import read_documents
 from lmtune.registry import register_task
 import lmtune.tasks.lm_common as lm_common
@@ -70,22 +72,23 @@ class CausalLM(lm_common.DecoderTask):
 
     # ---- features --------------------------------------------------------------------------------
     def encode(self, ds: Any, tokenizer: Any, max_length: int) -> Any:
+        """Packed rows of the documents, tokenized into the on-disk store and packed from it (lmtune.data.store)."""
         if "replay" not in ds.column_names:
-            return lm_common.encode_documents(ds["text"][:], tokenizer, max_length)
-        flags = ds["replay"][:]
-        texts = ds["text"][:]
-        task = lm_common.tokenize_documents([t for t, r in zip(texts, flags) if not r], tokenizer)
-        replay = lm_common.tokenize_documents([t for t, r in zip(texts, flags) if r], tokenizer)
-        task_tokens = sum(map(len, task))
-        chosen = lm_common.choose_replay(task_tokens, replay, self.data.replay.ratio, self.seed)
-        replay_tokens = sum(map(len, chosen))
+            return store.packed(store.tokenize(ds, tokenizer), max_length)
+        tokens = store.tokenize(ds, tokenizer, keep=("replay",))
+        flags = np.asarray(tokens["replay"][:], dtype=bool)
+        sizes = store.lengths(tokens)
+        task, replay = np.flatnonzero(~flags), np.flatnonzero(flags)
+        task_tokens = int(sizes[task].sum())
+        chosen = replay[lm_common.choose_replay(task_tokens, sizes[replay], self.data.replay.ratio, self.seed)]
+        replay_tokens = int(sizes[chosen].sum())
         self.encode_report["replay"] = {"documents": len(chosen), "tokens": replay_tokens, "task_tokens": task_tokens,
                                         "share": round(replay_tokens / max(1, replay_tokens + task_tokens), 4)}
         log.info("data.replay: %d general-text documents (%d tokens, %.1f%% of training tokens) mixed in",
                  len(chosen), replay_tokens, 100 * self.encode_report["replay"]["share"])
-        docs = task + chosen
-        random.Random(self.seed).shuffle(docs)  # replay spread through the rows, not all at the end
-        return lm_common.packed_dataset(docs, max_length)
+        order = [*task.tolist(), *chosen.tolist()]
+        random.Random(self.seed).shuffle(order)  # replay spread through the rows, not all at the end
+        return store.packed(tokens, max_length, np.asarray(order, dtype=np.int64))
 
     def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
         return lm_common.collate_rows(tokenizer, pad_to_multiple_of, max_width)

@@ -268,7 +268,8 @@ class Instruct(lm_common.DecoderTask):
         task_tokens = sum(rows["length"])
         # Cut to max_length before choosing: the ratio counts the tokens that are actually trained on.
         docs = [d[:max_length] for d in lm_common.tokenize_documents(texts, tokenizer)]
-        chosen = lm_common.choose_replay(task_tokens, docs, self.data.replay.ratio, self.seed)
+        chosen = [docs[i] for i in lm_common.choose_replay(task_tokens, map(len, docs), self.data.replay.ratio,
+                                                            self.seed)]
         for ids in chosen:
             rows["input_ids"].append(ids)
             rows["labels"].append(ids)

@@ -152,29 +152,30 @@ def read_splits(read: Callable[[str, list[str]], Any], cfg: Any, seed: int) -> t
     return splits, train, skipped
 
 
-def choose_replay(task_tokens: int, replay: list[list[int]], ratio: float, seed: int) -> list[list[int]]:
-    """Replay documents, in seeded random order, until they hold `ratio` of all training tokens.
+def choose_replay(task_tokens: int, sizes: Any, ratio: float, seed: int) -> list[int]:
+    """Indices of replay documents (of the given token counts), in seeded random order, until they hold `ratio` of
+    all training tokens.
 
     A replay file smaller than that share is gone through again (a fresh order each pass), as a second
     epoch over it would be; the number of passes is logged."""
+    sizes = [int(n) for n in sizes]
     wanted = ratio / (1 - ratio) * task_tokens
-    if not replay or not any(replay):
+    if not any(sizes):
         return []
     rng = random.Random(seed)
     chosen, total, passes = [], 0, 0
     while total < wanted:
-        order = list(range(len(replay)))
+        order = list(range(len(sizes)))
         rng.shuffle(order)
         passes += 1
         for i in order:
             if total >= wanted:
                 break
-            chosen.append(replay[i])
-            total += len(replay[i])
+            chosen.append(i)
+            total += sizes[i]
     if passes > 1:
         log.warning("data.replay: its file holds %d tokens, fewer than the %d a ratio of %.2f asks for; "
-                    "its documents are used %.1f times over", sum(map(len, replay)), int(wanted), ratio,
-                    total / sum(map(len, replay)))
+                    "its documents are used %.1f times over", sum(sizes), int(wanted), ratio, total / sum(sizes))
     return chosen
 
 

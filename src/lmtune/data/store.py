@@ -1,0 +1,152 @@
+"""The on-disk token store: documents tokenized once into Arrow files in lmtune's cache (memory-mapped, named by what
+made them, so a second run on the same data and tokenizer reuses them) and packed into rows from there a batch of
+documents at a time, so a corpus larger than memory trains in memory that does not grow with it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import datasets
+import numpy as np
+
+from lmtune.data.fingerprint import tokenized
+
+VERSION = "1"  # change when a file's layout changes: files of the old layout are then never read
+BATCH = 1000  # documents tokenized, or rows written, at a time
+DOCS_PER_PROCESS = 20_000  # below this many documents a tokenizing process costs more to start than it saves
+TOKENS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+ROWS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                          "position_ids": datasets.Sequence(datasets.Value("int32")),
+                          "length": datasets.Value("int32")})
+
+
+def store_dir() -> Path:
+    from lmtune.data.builtin import cache_dir
+
+    return cache_dir() / "store"
+
+
+def key_of(*parts: Any) -> str:
+    return hashlib.sha256("|".join(map(str, (VERSION, *parts))).encode("utf-8")).hexdigest()[:24]
+
+
+def stored(name: str, key: str, features: datasets.Features, batches: Callable[[], Iterable[dict]]) -> datasets.Dataset:
+    """The Arrow file `<name>-<key>.arrow` of the store, memory-mapped; written from `batches()` first when missing
+    (to a temporary file renamed into place: a run stopped half-way leaves no half file, and of two processes
+    writing the same file the later rename wins with the same content)."""
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import MemoryMappedTable
+
+    target = store_dir() / f"{name}-{key}.arrow"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            writer = ArrowWriter(features=features, path=str(tmp))
+            for batch in batches():
+                writer.write_batch(batch)
+            writer.finalize()
+            writer.close()
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return datasets.Dataset(MemoryMappedTable.from_file(str(target)), fingerprint=key)
+
+
+def tokenize(ds: datasets.Dataset, tokenizer: Any, keep: tuple[str, ...] = ()) -> datasets.Dataset:
+    """`ds`'s `text` column as token ids, each document followed by EOS (so the model learns where documents end),
+    plus the columns in `keep`. Data read from files (on disk, named by content) is tokenized once into the store,
+    by several processes when it is large; data held in memory only is tokenized in memory."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; documents cannot be separated when packed")
+    features = datasets.Features({**TOKENS, **{name: ds.features[name] for name in keep}})
+
+    def encode(batch: dict) -> dict:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [[*t, eos] for t in ids], **{name: batch[name] for name in keep}}
+
+    drop = [c for c in ds.column_names if c not in keep]
+    if not ds.cache_files:
+        return ds.map(encode, batched=True, batch_size=BATCH, remove_columns=drop, features=features,
+                      keep_in_memory=True)
+    key = tokenized(ds, tokenizer, "documents", keep, VERSION)
+    processes = max(1, min(os.cpu_count() or 1, len(ds) // DOCS_PER_PROCESS))
+    store_dir().mkdir(parents=True, exist_ok=True)
+    return ds.map(encode, batched=True, batch_size=BATCH, remove_columns=drop, features=features,
+                  num_proc=processes if processes > 1 else None, new_fingerprint=key,
+                  cache_file_name=str(store_dir() / f"tokens-{key}.arrow"), load_from_cache_file=True,
+                  desc="tokenizing")
+
+
+def lengths(tokens: datasets.Dataset) -> np.ndarray:
+    """Each document's token count, read from the Arrow offsets (no token is loaded)."""
+    column = _column(tokens)
+    return np.concatenate([np.diff(chunk.offsets.to_numpy()) for chunk in column.chunks] or [np.zeros(0, np.int64)])
+
+
+def packed(tokens: datasets.Dataset, max_length: int, order: np.ndarray | None = None) -> datasets.Dataset:
+    """Rows of `max_length` tokens (columns input_ids, position_ids, length): the documents of `tokens`, in `order`
+    (indices; default: as stored), concatenated and cut, with position ids restarting where each document starts,
+    as `lmtune.data.text.pack` does in memory. Stored in the store under the tokens' name, the length and the order."""
+    where = hashlib.sha256(np.asarray(order, np.int64).tobytes()).hexdigest()[:16] if order is not None else "stored"
+    key = key_of(tokens._fingerprint, max_length, where)
+    return stored("packed", key, ROWS, lambda: _pack(_documents(tokens, order), max_length))
+
+
+def _column(tokens: datasets.Dataset) -> Any:
+    if tokens._indices is not None:  # a selection of a bigger table: the rows it names, written out
+        tokens = tokens.flatten_indices()
+    return tokens.data.column("input_ids")
+
+
+def _documents(tokens: datasets.Dataset, order: np.ndarray | None) -> Iterator[np.ndarray]:
+    """Each document's ids as a view of the memory-mapped file, in order."""
+    chunks = _column(tokens).chunks
+    offsets = [chunk.offsets.to_numpy() for chunk in chunks]
+    values = [chunk.values.to_numpy(zero_copy_only=False) for chunk in chunks]
+    if order is None:
+        for off, vals in zip(offsets, values):
+            for i in range(len(off) - 1):
+                yield vals[off[i]:off[i + 1]]
+        return
+    starts = np.cumsum([0] + [len(off) - 1 for off in offsets])
+    for index in order:
+        c = int(np.searchsorted(starts, index, side="right")) - 1
+        i = int(index) - int(starts[c])
+        yield values[c][offsets[c][i]:offsets[c][i + 1]]
+
+
+def _pack(documents: Iterable[np.ndarray], length: int) -> Iterator[dict[str, list]]:
+    ids: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    filled = 0
+    rows: dict[str, list] = {"input_ids": [], "position_ids": [], "length": []}
+
+    def close_row() -> None:
+        rows["input_ids"].append(np.concatenate(ids))
+        rows["position_ids"].append(np.concatenate(positions))
+        rows["length"].append(filled)
+
+    for doc in documents:
+        start = 0
+        while start < len(doc):
+            take = min(length - filled, len(doc) - start)
+            ids.append(doc[start:start + take])
+            positions.append(np.arange(take, dtype=np.int32))
+            filled += take
+            start += take
+            if filled == length:
+                close_row()
+                ids, positions, filled = [], [], 0
+                if len(rows["length"]) == BATCH:
+                    yield rows
+                    rows = {"input_ids": [], "position_ids": [], "length": []}
+    if filled:
+        close_row()
+    if rows["length"]:
+        yield rows
