@@ -108,3 +108,31 @@ def test_a_causal_lm_run_resumed_mid_epoch_continues_at_the_same_rows(tiny_decod
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     assert straight.metrics["data"]["replay"]["documents"] > 0
+
+
+def test_parsed_files_are_kept_on_disk_so_their_tokenization_is_reused(tmp_path: Path, cache: Path) -> None:
+    """CoNLL and SQuAD files are parsed in Python: written to the store, their maps (the task's tokenization, named
+    by data + tokenizer + settings) are kept on disk by datasets and read back by the next run."""
+    import json
+
+    from lmtune.data.conll import NerReadOptions, read_ner
+    from lmtune.data.squad import read_squad
+
+    path = tmp_path / "a.conll"
+    path.write_text("EU B-ORG\nrejects O\n\nPeter B-PER\nBlackburn I-PER\n", encoding="utf-8")
+    calls: list[int] = []
+
+    def encode(batch: dict) -> dict:
+        calls.append(1)
+        return {"n": [len(t) for t in batch["tokens"]]}
+
+    first = read_ner(path, NerReadOptions())[0]
+    assert first.cache_files and first["tokens"][:] == [["EU", "rejects"], ["Peter", "Blackburn"]]
+    a = first.map(encode, batched=True, new_fingerprint="tokenized-1")
+    second = read_ner(path, NerReadOptions())[0]
+    b = second.map(encode, batched=True, new_fingerprint="tokenized-1")
+    assert len(calls) == 1 and a["n"][:] == b["n"][:] == [2, 2]
+    squad = tmp_path / "q.jsonl"
+    squad.write_text(json.dumps({"id": "1", "question": "who?", "context": "Ann ran.",
+                                 "answers": {"text": ["Ann"], "answer_start": [0]}}) + "\n", encoding="utf-8")
+    assert read_squad(squad)[0].cache_files

@@ -108,6 +108,27 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server: st
     assert info["batches"] - before < 32 and info["largest_batch"] > 1  # several requests shared passes
 
 
+def test_a_bad_request_among_concurrent_ones_fails_alone_and_names_its_input(server: str, run: Path) -> None:
+    """Inputs are checked in the pass they join: a bad one fails that pass, and each request is then answered alone
+    (the good ones as predict answers them, the bad one with a 422 naming its index, also past the first pass)."""
+    expected = {t: p["label"] for t, p in zip(TEXTS, lmtune.load(run).predict(TEXTS))}
+    bodies = [{"inputs": [t]} for t in TEXTS[:15]] + [{"inputs": ["fine", {"txt": "typo"}]}]
+    barrier = threading.Barrier(len(bodies))
+
+    def ask(body: dict) -> httpx.Response:
+        barrier.wait()
+        return httpx.post(f"{server}/v1/predict", json=body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(ask, bodies))
+    for body, answer in zip(bodies[:-1], answers):
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == expected[body["inputs"][0]]
+    assert answers[-1].status_code == 422 and answers[-1].json()["index"] == 1
+    assert answers[-1].json()["error"].startswith("inputs[1]")
+    late = httpx.post(f"{server}/v1/predict", json={"inputs": ["fine"] * 35 + [{"txt": "typo"}]})  # passes of 32
+    assert late.status_code == 422 and late.json()["index"] == 35 and late.json()["error"].startswith("inputs[35]")
+
+
 @pytest.mark.parametrize("body, status, words", [
     (b'{"inputs": ["unclosed', 400, "malformed JSON"),
     (b'{"input": "typo"}', 422, "inputs: Field required"),

@@ -11,6 +11,7 @@ from typing import Any
 
 import datasets
 
+from lmtune.data import store
 from lmtune.data.errors import DataError
 from lmtune.data.readers import ROW_COLUMN, read_table, require_columns, resolve_path
 
@@ -136,7 +137,7 @@ def read_ner(path: str | Path, opts: NerReadOptions) -> tuple[datasets.Dataset, 
                ROW_COLUMN: [s.lines[0] if s.lines else 0 for s in kept]}
     if opts.group_field:
         columns[opts.group_field] = [s.group for s in kept]
-    ds = datasets.Dataset.from_dict(columns)
+    ds = store.on_disk(datasets.Dataset.from_dict(columns))
     return ds, len(sentences) - len(kept), messages
 
 

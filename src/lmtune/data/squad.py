@@ -12,6 +12,7 @@ from typing import Any
 import datasets
 
 from lmtune.data.checks import apply_row_checks
+from lmtune.data import store
 from lmtune.data.errors import DataError
 from lmtune.data.readers import ROW_COLUMN, read_table, resolve_path
 
@@ -61,7 +62,7 @@ def read_squad(path: str | Path, fmt: str | None = None, *, on_bad_rows: str = "
     ds = datasets.Dataset.from_list(rows, features=_features(keep))
     ds, skipped = apply_row_checks(ds, shown, lambda r: (r[_FIELD], r[_PROBLEM]) if r[_PROBLEM] else None,
                                    on_bad_rows)
-    return ds.remove_columns([_PROBLEM, _FIELD]), malformed + skipped
+    return store.on_disk(ds.remove_columns([_PROBLEM, _FIELD])), malformed + skipped
 
 
 def _features(keep: tuple[str, ...]) -> datasets.Features:

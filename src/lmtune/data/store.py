@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from lmtune.data.fingerprint import tokenized
 
@@ -48,13 +49,24 @@ def stored(name: str, key: str, features: datasets.Features, batches: Callable[[
         try:
             writer = ArrowWriter(features=features, path=str(tmp))
             for batch in batches():
-                writer.write_batch(batch)
+                writer.write_table(batch) if isinstance(batch, pa.Table) else writer.write_batch(batch)
             writer.finalize()
             writer.close()
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
     return datasets.Dataset(MemoryMappedTable.from_file(str(target)), fingerprint=key)
+
+
+def on_disk(ds: datasets.Dataset) -> datasets.Dataset:
+    """A dataset parsed into memory (CoNLL, SQuAD JSON) written to the store under its fingerprint (datasets' hash of
+    its content) and memory-mapped back: datasets then keeps its maps (tokenization) on disk beside it, and the next
+    run on the same data reuses them instead of tokenizing again."""
+    if ds.cache_files:
+        return ds
+    if ds._indices is not None:
+        ds = ds.flatten_indices()
+    return stored("data", key_of("data", ds._fingerprint), ds.features, lambda: [ds.data.table])
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: Any, keep: tuple[str, ...] = ()) -> datasets.Dataset:

@@ -19,6 +19,14 @@ class _Entry:
     future: asyncio.Future = field(repr=False)
 
 
+class ItemsError(Exception):
+    """`submit`'s items from `start` on failed with `error` (in a pass of their own)."""
+
+    def __init__(self, start: int, error: BaseException) -> None:
+        super().__init__(f"items {start}..: {error}")
+        self.start, self.error = start, error
+
+
 class Batcher:
     """`await submit(items, key)` -> one answer per item. `predict(items, key)` runs on a single worker thread (also
     used by `call`), so the model and the task's state are never used by two passes at once."""
@@ -33,17 +41,24 @@ class Batcher:
         self.largest = 0
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn` on the model's thread (checking inputs with the task, which keeps per-call state)."""
+        """Run `fn` on the model's thread (the only one that touches the model and the task's per-call state)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def submit(self, items: list[Any], key: Hashable = None) -> list[Any]:
-        """Answers for `items` (split into passes of at most max_batch_size), in order."""
+        """Answers for `items` (split into passes of at most max_batch_size), in order; an ItemsError where a part
+        failed on its own (its `start`: where that part begins in `items`)."""
         loop = asyncio.get_running_loop()
-        entries = [_Entry(items[i:i + self.max_batch_size], key, loop.create_future())
-                   for i in range(0, len(items), self.max_batch_size)]
+        starts = range(0, len(items), self.max_batch_size)
+        entries = [_Entry(items[i:i + self.max_batch_size], key, loop.create_future()) for i in starts]
         for entry in entries:
             self.queue.put_nowait(entry)
-        return [answer for entry in entries for answer in await entry.future]
+        answers = []
+        for start, entry in zip(starts, entries):
+            try:
+                answers += await entry.future
+            except Exception as err:  # noqa: BLE001 - said with where it happened
+                raise ItemsError(start, err) from err
+        return answers
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())

@@ -58,7 +58,7 @@ def create_app(folder: str | Path, limits: Limits | None = None, *, device: str 
 
     from lmtune.errors import DataError
     from lmtune.predict import Predictor
-    from lmtune.serving.batching import Batcher
+    from lmtune.serving.batching import Batcher, ItemsError
 
     limits = limits or Limits()
     predictor = Predictor(folder, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
@@ -98,14 +98,16 @@ def create_app(folder: str | Path, limits: Limits | None = None, *, device: str 
         problem = _request_problem(body, items, limits, task, cap)
         if problem is not None:
             return problem
-        try:  # checked by the task on the model's thread (it keeps per-call state), before joining a batch
-            await batcher.call(task.from_texts, list(items))
-        except DataError as err:
-            index = err.row - 1 if err.row else None
+        key = body.max_new_tokens if task.generates else None
+        try:  # the task checks the inputs in the pass: a bad one fails the pass, then each request goes alone
+            return {"predictions": await batcher.submit(list(items), key)}
+        except ItemsError as failed:
+            err = failed.error
+            if not isinstance(err, DataError):
+                raise err from None
+            index = failed.start + err.row - 1 if err.row else None
             where = f"inputs[{index}]" if index is not None else "inputs"
             return _error(422, f"{where}{f'.{err.field}' if err.field else ''}: {err.message}", index=index)
-        key = body.max_new_tokens if task.generates else None
-        return {"predictions": await batcher.submit(list(items), key)}
 
     return app
 
