@@ -19,7 +19,8 @@ from lmtune.errors import ConfigError
 
 def _named(tiny_config: dict, tmp_path: Path) -> dict:
     ood = write_csv(tmp_path / "ood.csv", make_sentiment_rows(20, seed=9))
-    tiny_config["data"]["test"] = {"indomain": tiny_config["data"]["test"], "ood": str(ood)}
+    # not in alphabetical order: a config copied with sorted keys would make the wrong set the headline
+    tiny_config["data"]["test"] = {"indomain": tiny_config["data"]["test"], "imdb": str(ood)}
     tiny_config["train"]["epochs"] = 1
     return tiny_config
 
@@ -27,38 +28,38 @@ def _named(tiny_config: dict, tmp_path: Path) -> dict:
 def test_each_named_test_set_is_evaluated_and_reported(tiny_config: dict, tmp_path: Path) -> None:
     cfg = _named(tiny_config, tmp_path)
     config = tmp_path / "named.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     result = CliRunner().invoke(app, ["train", str(config)])
     assert result.exit_code == 0, result.output
     run = Path(cfg["output"]["dir"]) / "tiny"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["data"]["rows"]["test"] == 32 and metrics["data"]["rows"]["test:ood"] == 20
-    assert metrics["data"]["test_sets"] == {"test": "indomain", "test:ood": "ood"}
-    assert set(metrics["test"]) >= {"accuracy", "macro_f1"} and set(metrics["test:ood"]) >= {"accuracy", "macro_f1"}
+    assert metrics["data"]["rows"]["test"] == 32 and metrics["data"]["rows"]["test:imdb"] == 20
+    assert metrics["data"]["test_sets"] == {"test": "indomain", "test:imdb": "imdb"}
+    assert set(metrics["test"]) >= {"accuracy", "macro_f1"} and set(metrics["test:imdb"]) >= {"accuracy", "macro_f1"}
     # the second set scored alone by `lmtune eval` gives the same numbers
-    alone = lmtune.evaluate(run, cfg["data"]["test"]["ood"])
-    assert alone["accuracy"] == metrics["test:ood"]["accuracy"]
-    assert "test:ood (20 rows)" in " ".join(result.output.split())
-    assert (run / "plots" / "confusion_test-ood.png").is_file() and (run / "plots" / "confusion_test.png").is_file()
-    assert "test:ood" in (run / "report.html").read_text()
+    alone = lmtune.evaluate(run, cfg["data"]["test"]["imdb"])
+    assert alone["accuracy"] == metrics["test:imdb"]["accuracy"]
+    assert "test:imdb (20 rows)" in " ".join(result.output.split())
+    assert (run / "plots" / "confusion_test-imdb.png").is_file() and (run / "plots" / "confusion_test.png").is_file()
+    assert "test:imdb" in (run / "report.html").read_text()
     card = (run / "model" / "README.md").read_text()
-    assert "| test:ood | accuracy |" in card and "ood.csv" in card
+    assert "| test:imdb | accuracy |" in card and "ood.csv" in card
 
 
 def test_compare_and_seeds_carry_the_other_test_sets(tiny_config: dict, tmp_path: Path) -> None:
     cfg = _named(tiny_config, tmp_path)
     config = tmp_path / "named.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = tmp_path / "cmp"
     result = CliRunner().invoke(app, ["compare", str(config), "--methods", "head,full", "-o", str(out)])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    assert all(r["test:ood accuracy mean"] for r in rows), rows
-    assert "| test:ood accuracy |" in (out / "compare.md").read_text()
+    assert all(r["test:imdb accuracy mean"] for r in rows), rows
+    assert "| test:imdb accuracy |" in (out / "compare.md").read_text()
     result = lmtune.train(cfg | {"train": {**cfg["train"], "seeds": [1, 2]},
                                  "output": {**cfg["output"], "name": "seeded"}})
-    assert set(result.metrics["test:ood"]) >= {"accuracy"} and result.metrics["test:ood"]["accuracy"]["n"] == 2
-    assert "| test:ood | accuracy |" in (result.run_dir / "seeds.md").read_text()
+    assert set(result.metrics["test:imdb"]) >= {"accuracy"} and result.metrics["test:imdb"]["accuracy"]["n"] == 2
+    assert "| test:imdb | accuracy |" in (result.run_dir / "seeds.md").read_text()
 
 
 def test_test_set_names_are_checked(tiny_config: dict) -> None:

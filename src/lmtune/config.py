@@ -385,7 +385,7 @@ def load_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list
         if alias_growth_exceeds(source):
             parts = "its repeated parts (YAML aliases, shared objects)"
             raise ConfigError(f"the config: {_alias_growth_problem(parts)}")
-        raw = yaml.safe_load(yaml.safe_dump(source))  # deep copy; callers keep their dict
+        raw = yaml.safe_load(yaml.safe_dump(source, sort_keys=False))  # deep copy, in order; callers keep their dict
     else:
         path = Path(source)
         if not path.is_file():

@@ -239,7 +239,7 @@ def write_outputs(study: Any, raw: dict, overrides: list[str], spec: SearchConfi
     write_tables(rows, list(spec.space), folder, metric)
     if best is not None:
         params = {key: best[key] for key in spec.space if key in best}
-        tuned = override(yaml.safe_load(yaml.safe_dump(raw)), overrides + _assignments(params))
+        tuned = override(yaml.safe_load(yaml.safe_dump(raw, sort_keys=False)), overrides + _assignments(params))
         if name := (tuned.get("output") or {}).get("name"):  # that name is the search's folder: the run needs its own
             tuned["output"]["name"] = f"{name}-best"
         header = (f"# best of {len(rows)} trials of {config.name} (trial {best['number']}: validation {metric} "
