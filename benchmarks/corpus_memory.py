@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--validation-docs", type=int, default=1000, help="documents split off to validate on")
     parser.add_argument("--work", default="/tmp/lmtune-corpus")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -121,7 +122,7 @@ def main() -> None:
         made = time.perf_counter() - made
         env = {**os.environ, "LMTUNE_CACHE": str(folder / "cache"), "HF_DATASETS_CACHE": str(folder / "hf")}
         config = {"model": {"name": args.model, "max_length": args.max_length},
-                  "data": {"train": str(corpus), "validation_size": 1000, "test_size": 0},
+                  "data": {"train": str(corpus), "validation_size": args.validation_docs, "test_size": 0},
                   "task": {"name": "causal_lm"}, "method": {"name": "full"},
                   "train": {"batch_size": args.batch_size, "max_steps": args.steps, "checkpoint": False},
                   "eval": {"test": False}, "output": {"dir": str(folder / "runs"), "name": "run"}}
