@@ -64,8 +64,18 @@ def rss_anon_kb(pid: int) -> int:
     return 0
 
 
-def run_and_watch(command: list[str], env: dict[str, str], log: Path) -> tuple[int, int, float, int]:
-    """(peak RssAnon of the tree in KB, of the main process, wall seconds, exit code)."""
+def phase_at(seconds: float, phases: dict[str, float]) -> str | None:
+    """The phase of lmtune's phase_seconds (consecutive laps from the process's start) that `seconds` falls in."""
+    end = 0.0
+    for name, length in phases.items():
+        end += length
+        if name != "total" and seconds <= end:
+            return name
+    return None
+
+
+def run_and_watch(command: list[str], env: dict[str, str], log: Path) -> tuple[int, int, float, int, float]:
+    """(peak RssAnon of the tree in KB, of the main process, wall seconds, exit code, seconds to the peak)."""
     import psutil
 
     started = time.perf_counter()
@@ -73,6 +83,7 @@ def run_and_watch(command: list[str], env: dict[str, str], log: Path) -> tuple[i
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         main = psutil.Process(proc.pid)
         peak_tree = peak_main = 0
+        peak_at = 0.0
         while proc.poll() is None:
             try:
                 pids = [proc.pid] + [c.pid for c in main.children(recursive=True)]
@@ -80,9 +91,11 @@ def run_and_watch(command: list[str], env: dict[str, str], log: Path) -> tuple[i
                 pids = [proc.pid]
             own = rss_anon_kb(proc.pid)
             peak_main = max(peak_main, own)
-            peak_tree = max(peak_tree, own + sum(rss_anon_kb(p) for p in pids[1:]))
+            tree = own + sum(rss_anon_kb(p) for p in pids[1:])
+            if tree > peak_tree:
+                peak_tree, peak_at = tree, time.perf_counter() - started
             time.sleep(0.1)
-    return peak_tree, peak_main, time.perf_counter() - started, proc.returncode
+    return peak_tree, peak_main, time.perf_counter() - started, proc.returncode, peak_at
 
 
 def stored_tokens(cache: Path) -> int:
@@ -128,13 +141,14 @@ def main() -> None:
                   "eval": {"test": False}, "output": {"dir": str(folder / "runs"), "name": "run"}}
         (folder / "run.json").write_text(json.dumps(config))  # YAML reads JSON
         command = [sys.executable, "-m", "lmtune.cli", "train", str(folder / "run.json")]
-        peak_tree, peak_main, wall, code = run_and_watch(command, env, folder / "train.log")
+        peak_tree, peak_main, wall, code, peak_at = run_and_watch(command, env, folder / "train.log")
         metrics = json.loads((folder / "runs" / "run" / "metrics.json").read_text()) if code == 0 else {}
         phases = metrics.get("phase_seconds", {})
         tokens = stored_tokens(folder / "cache") if code == 0 else 0
         seconds = phases.get("tokenization") or float("nan")
         row = {"size_gb": round(written / 1e9, 3), "exit": code, "peak_rss_anon_tree_mb": round(peak_tree / 1024),
-               "peak_rss_anon_main_mb": round(peak_main / 1024), "tokens": tokens,
+               "peak_rss_anon_main_mb": round(peak_main / 1024), "peak_in_phase": phase_at(peak_at, phases),
+               "tokens": tokens,
                "tokenization_s": seconds, "tokens_per_s": round(tokens / seconds) if tokens else None,
                "data_read_s": phases.get("data read and checks"), "wall_s": round(wall, 1),
                "corpus_written_s": round(made, 1), "cpus": os.cpu_count()}
