@@ -130,6 +130,9 @@ def quantize_problem(cfg: RunConfig) -> str | None:
     if not torch.cuda.is_available():
         return (f"method.quantize={cfg.method.quantize} (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit layers run "
                 "only there; on this machine train plain LoRA (drop method.quantize)")
+    if not torch.cuda.is_bf16_supported():
+        return (f"method.quantize={cfg.method.quantize} computes in bf16, which this GPU does not support (Ampere or "
+                "newer does); train plain LoRA here (drop method.quantize)")
     if importlib.util.find_spec("bitsandbytes") is None:
         return f"method.quantize={cfg.method.quantize} needs the bitsandbytes package: pip install bitsandbytes"
     return None

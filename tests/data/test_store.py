@@ -40,7 +40,7 @@ def test_packing_from_the_store_equals_packing_in_memory(processes: int, tiny_de
                                                          cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "DOCS_PER_PROCESS", 20 if processes == 2 else 10**9)
     monkeypatch.setattr(store, "BATCH", 7)  # several written batches, rows crossing their edges
-    monkeypatch.setattr("os.cpu_count", lambda: processes)
+    monkeypatch.setattr(store, "cpus", lambda: processes)
     tok = tokenizer_of(tiny_decoder_dir)
     docs = read_documents(str(corpus(tmp_path / "c.txt")))
     assert docs.cache_files and len(docs) == 59  # memory-mapped from the store, the blank line dropped
@@ -77,6 +77,22 @@ def test_the_store_is_reused_on_a_second_read_not_rebuilt(tiny_decoder_dir: Path
     assert second["input_ids"][:] == first["input_ids"][:]
     (tmp_path / "c.txt").write_text("a changed corpus\n", encoding="utf-8")  # a changed file is read afresh
     assert read_documents(path)["text"][:] == ["a changed corpus"]
+
+
+def test_a_rewrite_of_the_same_size_and_time_is_read_afresh_and_a_damaged_file_rebuilt(tmp_path: Path,
+                                                                                     cache: Path) -> None:
+    import os
+
+    path = tmp_path / "c.txt"
+    path.write_text("alpha beta\ngamma\n", encoding="utf-8")
+    assert read_documents(str(path))["text"][:] == ["alpha beta", "gamma"]
+    stat = path.stat()
+    path.write_text("ALPHA BETA\nGAMMA\n", encoding="utf-8")  # same size; the time set back as cp -p would
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert read_documents(str(path))["text"][:] == ["ALPHA BETA", "GAMMA"]
+    for stored in cache.glob("text-*.arrow"):
+        stored.write_bytes(b"")  # cut short, as a crash before the disk had it would leave it
+    assert read_documents(str(path))["text"][:] == ["ALPHA BETA", "GAMMA"]
 
 
 def test_a_causal_lm_run_resumed_mid_epoch_continues_at_the_same_rows(tiny_decoder_dir: Path, tmp_path: Path,

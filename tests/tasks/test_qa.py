@@ -282,10 +282,21 @@ def test_stride_that_leaves_no_room_is_refused(tokenizer) -> None:
         encode(make_task(doc_stride=30, max_question_length=8), tokenizer, [long_example(60, at=45)])
 
 
-def test_long_questions_are_cut(tokenizer, caplog) -> None:
+def test_long_questions_are_cut_and_said_so_also_when_the_windows_come_from_the_cache(
+        tokenizer, caplog, tmp_path, monkeypatch) -> None:
+    from lmtune.data import store
+
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path))
     example = {**long_example(20, 5), "question": " ".join(["what"] * 40)}
     features = encode(make_task(doc_stride=4, max_question_length=6), tokenizer, [example])
-    assert "7" in window_answers(features) and "cut" in caplog.text
+    assert "7" in window_answers(features) and "1 question(s) longer than" in caplog.text
+    import datasets
+
+    on_disk = store.on_disk(datasets.Dataset.from_list([example] * 2))  # as a SQuAD file is read: maps are cached
+    for _ in range(2):  # the second encode reads the windows from datasets' cache
+        caplog.clear()
+        make_task(doc_stride=4, max_question_length=6).encode(on_disk, tokenizer, 32)
+        assert "2 question(s) longer than task.max_question_length=6 tokens were cut" in caplog.text
 
 
 def test_predict_inputs_are_checked() -> None:

@@ -5,6 +5,7 @@ documents at a time, so a corpus larger than memory trains in memory that does n
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -43,18 +44,25 @@ def stored(name: str, key: str, features: datasets.Features, batches: Callable[[
     from datasets.table import MemoryMappedTable
 
     target = store_dir() / f"{name}-{key}.arrow"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    if target.is_file():
         try:
-            writer = ArrowWriter(features=features, path=str(tmp))
-            for batch in batches():
-                writer.write_table(batch) if isinstance(batch, pa.Table) else writer.write_batch(batch)
-            writer.finalize()
-            writer.close()
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+            return datasets.Dataset(MemoryMappedTable.from_file(str(target)), fingerprint=key)
+        except (OSError, pa.ArrowException) as err:  # cut short (a crash before the disk had it): made again
+            logging.getLogger("lmtune").warning("%s is damaged (%s): writing it again", target, err)
+            target.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        writer = ArrowWriter(features=features, path=str(tmp))
+        for batch in batches():
+            writer.write_table(batch) if isinstance(batch, pa.Table) else writer.write_batch(batch)
+        writer.finalize()
+        writer.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it takes the name a later run trusts
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return datasets.Dataset(MemoryMappedTable.from_file(str(target)), fingerprint=key)
 
 
@@ -87,12 +95,20 @@ def tokenize(ds: datasets.Dataset, tokenizer: Any, keep: tuple[str, ...] = ()) -
         return ds.map(encode, batched=True, batch_size=BATCH, remove_columns=drop, features=features,
                       keep_in_memory=True)
     key = tokenized(ds, tokenizer, "documents", keep, VERSION)
-    processes = max(1, min(os.cpu_count() or 1, len(ds) // DOCS_PER_PROCESS))
+    processes = max(1, min(cpus(), len(ds) // DOCS_PER_PROCESS))
     store_dir().mkdir(parents=True, exist_ok=True)
     return ds.map(encode, batched=True, batch_size=BATCH, remove_columns=drop, features=features,
                   num_proc=processes if processes > 1 else None, new_fingerprint=key,
                   cache_file_name=str(store_dir() / f"tokens-{key}.arrow"), load_from_cache_file=True,
                   desc="tokenizing")
+
+
+def cpus() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def lengths(tokens: datasets.Dataset) -> np.ndarray:

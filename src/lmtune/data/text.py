@@ -56,7 +56,8 @@ def _stored_text(file: Path, shown: str, documents: str) -> datasets.Dataset:
     if not file.is_file():
         raise DataError(shown, "file not found" if not file.exists() else "is a directory, expected a text file")
     stat = file.stat()
-    key = store.key_of("text", file.resolve(), stat.st_size, stat.st_mtime_ns, documents)
+    # ctime moves on any change to the file, also one that keeps its size and sets its mtime back (cp -p, rsync -t)
+    key = store.key_of("text", file.resolve(), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, documents)
     return store.stored("text", key, TEXT_FEATURES, lambda: _text_batches(file, shown, documents))
 
 

@@ -110,7 +110,7 @@ class Lora(Method):
         """Wrap the model with peft adapters (the returned model replaces the original)."""
         import peft
 
-        if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms and head in fp32, inputs that carry gradients
+        if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: the unquantised norms and head in fp32
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return peft.get_peft_model(model, peft_config(model, info, options))
 

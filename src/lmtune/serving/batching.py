@@ -53,11 +53,16 @@ class Batcher:
         for entry in entries:
             self.queue.put_nowait(entry)
         answers = []
-        for start, entry in zip(starts, entries):
-            try:
-                answers += await entry.future
-            except Exception as err:  # noqa: BLE001 - said with where it happened
-                raise ItemsError(start, err) from err
+        try:
+            for start, entry in zip(starts, entries):
+                try:
+                    answers += await entry.future
+                except Exception as err:  # noqa: BLE001 - said with where it happened
+                    raise ItemsError(start, err) from err
+        finally:  # a failed part (or a caller gone) leaves the request's other parts unrun
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.cancel()
         return answers
 
     def start(self) -> None:
@@ -77,6 +82,9 @@ class Batcher:
         held: _Entry | None = None  # taken from the queue but not fitting the last pass: first in the next
         while True:
             first = held or await self.queue.get()
+            if first.future.done():  # cancelled: its request has already been answered
+                held = None
+                continue
             held, group, size = None, [first], len(first.items)
             deadline = loop.time() + self.max_wait
             while size < self.max_batch_size:
@@ -85,15 +93,21 @@ class Batcher:
                         await asyncio.wait_for(self.queue.get(), deadline - loop.time())
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
+                if entry.future.done():
+                    continue
                 if entry.key != first.key or size + len(entry.items) > self.max_batch_size:
                     held = entry
                     break
                 group.append(entry)
                 size += len(entry.items)
             await self._answer(group)
+            await asyncio.sleep(0)  # the answered requests run first: one that failed cancels its other parts
 
     async def _answer(self, group: list[_Entry]) -> None:
         """One pass for the group; if it fails, each request alone, so one bad request fails only itself."""
+        group = [entry for entry in group if not entry.future.done()]  # (parts of requests answered meanwhile)
+        if not group:
+            return
         items = [item for entry in group for item in entry.items]
         self.batches += 1
         self.largest = max(self.largest, len(items))

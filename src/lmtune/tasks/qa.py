@@ -164,33 +164,32 @@ class QuestionAnswering(Task):
         if problem:
             raise ConfigError(problem)
         labelled = "answer_texts" in ds.column_names
-        cut = [0]
-        features = ds.map(lambda batch, idx: self._windows(batch, idx, tokenizer, max_length, cut), batched=True,
+        features = ds.map(lambda batch, idx: self._windows(batch, idx, tokenizer, max_length), batched=True,
                           with_indices=True, remove_columns=ds.column_names,
                           new_fingerprint=tokenized(ds, tokenizer, max_length, self.options))
-        if cut[0]:
-            log.warning("%d question(s) longer than task.max_question_length=%d tokens were cut", cut[0],
+        questions = tokenizer([q.lstrip() for q in ds["question"][:]], add_special_tokens=False, return_length=True)
+        if cut := sum(n > opts.max_question_length for n in questions["length"]):  # not in the map: it may be cached
+            log.warning("%d question(s) longer than task.max_question_length=%d tokens were cut", cut,
                         opts.max_question_length)
         if not labelled:
             self._encoded = features
         return features
 
-    def _cap_questions(self, questions: list[str], tokenizer: Any, cut: list[int]) -> list[str]:
+    def _cap_questions(self, questions: list[str], tokenizer: Any) -> list[str]:
         limit = self.options.max_question_length
         enc = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
         capped = []
         for question, offsets in zip(questions, enc["offset_mapping"]):
             if len(offsets) > limit:
                 question = question[:offsets[limit - 1][1]]
-                cut[0] += 1
             capped.append(question)
         return capped
 
-    def _windows(self, batch: dict, indices: list[int], tokenizer: Any, max_length: int, cut: list[int]) -> dict:
+    def _windows(self, batch: dict, indices: list[int], tokenizer: Any, max_length: int) -> dict:
         # Tokenizers that pad on the left (XLNet-style) take the context first, so it is always the
         # context that gets truncated, as in Hugging Face's run_qa example.
         context_first = tokenizer.padding_side == "left"
-        questions = self._cap_questions([q.lstrip() for q in batch["question"]], tokenizer, cut)
+        questions = self._cap_questions([q.lstrip() for q in batch["question"]], tokenizer)
         pair = (batch["context"], questions) if context_first else (questions, batch["context"])
         enc = tokenizer(*pair, truncation="only_first" if context_first else "only_second", max_length=max_length,
                         stride=self.options.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
