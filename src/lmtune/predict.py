@@ -68,7 +68,7 @@ class Predictor:
                 model, _ = models.load_model(task.auto_class, model_cfg)
             task.shape_model(model, weights=folder)
         accelerator = make_accelerator(cfg.train.precision, device)
-        model.to(accelerator.device)
+        model.to(accelerator.device).eval()  # (the head shape_model adds is made in training mode)
         self.session = Session(cfg, task, models.load_tokenizer(model_cfg, folder), model, accelerator)
 
     def _load_onnx(self, trust_remote_code: bool) -> None:

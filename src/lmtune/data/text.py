@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import gzip
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import datasets
 

@@ -11,7 +11,7 @@ import torch
 
 from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
                          pad_inputs, read_table, require_columns, resolve_path)
-from lmtune.data.fingerprint import tokenized
+from lmtune.data.fingerprint import in_memory, mapped, tokenized
 from lmtune.evaluation.calibration import best_thresholds, calibration, softmax
 from lmtune.data.labels import label_map_problem, label_renames, label_values, sort_labels
 from lmtune.registry import register_task
@@ -182,8 +182,6 @@ class Classification(PooledTask, Task):
 
     def from_texts(self, records: list[Any]) -> Any:
         """Inputs for prediction: strings, or dicts with `text` (and `text_pair`)."""
-        import datasets
-
         rows = [r if isinstance(r, dict) else {"text": r} for r in records]
         for i, row in enumerate(rows, 1):
             if not isinstance(row.get("text"), str) or not row["text"].strip():
@@ -195,7 +193,7 @@ class Classification(PooledTask, Task):
                     raise DataError("input", "no `text_pair` (this model classifies text pairs: give each input "
                                     "`text` and `text_pair`)", row=i, field="text_pair")
             columns["text_pair"] = [self._clean(r["text_pair"]) for r in rows]
-        return datasets.Dataset.from_dict(columns)
+        return in_memory(columns)
 
     # ---- model -----------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -231,8 +229,7 @@ class Classification(PooledTask, Task):
                     enc["labels"] = [index[v[0]] for v in batch["labels"]]
             return enc
 
-        return ds.map(tokenize, batched=True, remove_columns=ds.column_names,
-                      new_fingerprint=tokenized(ds, tokenizer, max_length, self.labels, self.options))
+        return mapped(ds, tokenize, tokenized(ds, tokenizer, max_length, self.labels, self.options))
 
     def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
         multi = self.options.multi_label

@@ -14,7 +14,7 @@ from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, n
 from lmtune.data.conll import NerReadOptions, read_ner, tag_types
 from lmtune.registry import register_task
 from lmtune.evaluation.entities import entity_scores
-from lmtune.data.fingerprint import tokenized
+from lmtune.data.fingerprint import in_memory, mapped, tokenized
 from lmtune.tasks.base import MISTAKES, Task
 from lmtune.tasks.ner_words import (_TAG_NAME, align_labels, owned_ranges, spells_leading_spaces, split_long,
                                     split_words, tag_names)
@@ -170,7 +170,7 @@ class Ner(Task):
 
         inputs = [_predict_input(record, i) for i, record in enumerate(records, 1)]
         strings = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string"))})  # typed even when empty
-        ds = datasets.Dataset.from_dict({"tokens": [x["tokens"] for x in inputs]}, features=strings)
+        ds = in_memory({"tokens": [x["tokens"] for x in inputs]}, features=strings)
         self._predict = (ds, inputs)
         return ds
 
@@ -240,8 +240,8 @@ class Ner(Task):
                         out.setdefault(key, []).append(value)
             return out
 
-        features = ds.map(tokenize, batched=True, with_indices=True, remove_columns=ds.column_names,
-                          new_fingerprint=tokenized(ds, tokenizer, max_length, self.labels, self.options))
+        features = mapped(ds, tokenize, tokenized(ds, tokenizer, max_length, self.labels, self.options),
+                          with_indices=True)
         if len(features) > len(ds):
             long = int((np.bincount(features["sentence"][:]) > 1).sum())
             log.info("%d sentences are longer than %d sub-tokens: cut into overlapping windows (%d rows for %d "

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from lmtune.errors import ConfigError
 from lmtune.data import DataError, carve_splits, count_overlap, listed_groups, pad_inputs
 from lmtune.data.squad import COLUMNS, read_squad
-from lmtune.data.fingerprint import tokenized
+from lmtune.data.fingerprint import in_memory, mapped, tokenized
 from lmtune.evaluation.squad import best_no_answer_threshold, excerpt, score, squad_metrics
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
@@ -116,8 +116,6 @@ class QuestionAnswering(Task):
 
     def from_texts(self, records: list[Any]) -> Any:
         """Inputs for prediction: dicts with `question` and `context`, or (question, context) pairs."""
-        import datasets
-
         questions, contexts = [], []
         for i, record in enumerate(records, 1):
             if isinstance(record, dict):
@@ -131,8 +129,8 @@ class QuestionAnswering(Task):
                     raise DataError("input", f"empty or missing {field}", row=i, field=field)
             questions.append(pair[0])
             contexts.append(pair[1])
-        return datasets.Dataset.from_dict({"id": [str(i) for i in range(1, len(records) + 1)],
-                                           "question": questions, "context": contexts})
+        return in_memory({"id": [str(i) for i in range(1, len(records) + 1)], "question": questions,
+                          "context": contexts})
 
     # ---- model -----------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -164,9 +162,8 @@ class QuestionAnswering(Task):
         if problem:
             raise ConfigError(problem)
         labelled = "answer_texts" in ds.column_names
-        features = ds.map(lambda batch, idx: self._windows(batch, idx, tokenizer, max_length), batched=True,
-                          with_indices=True, remove_columns=ds.column_names,
-                          new_fingerprint=tokenized(ds, tokenizer, max_length, self.options))
+        features = mapped(ds, lambda batch, idx: self._windows(batch, idx, tokenizer, max_length),
+                          tokenized(ds, tokenizer, max_length, self.options), with_indices=True)
         questions = tokenizer([q.lstrip() for q in ds["question"][:]], add_special_tokens=False, return_length=True)
         if cut := sum(n > opts.max_question_length for n in questions["length"]):  # not in the map: it may be cached
             log.warning("%d question(s) longer than task.max_question_length=%d tokens were cut", cut,

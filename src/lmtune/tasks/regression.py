@@ -12,7 +12,7 @@ import torch
 
 from lmtune.data import DataError, apply_row_checks, carve_splits, count_overlap, pad_inputs, read_table, \
     require_columns, resolve_path
-from lmtune.data.fingerprint import tokenized
+from lmtune.data.fingerprint import in_memory, mapped, tokenized
 from lmtune.evaluation.correlation import pearson, spearman
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
@@ -117,8 +117,6 @@ class Regression(PooledTask, Task):
 
     def from_texts(self, records: list[Any]) -> Any:
         """Inputs for prediction: strings, or dicts with `text` (and `text_pair`)."""
-        import datasets
-
         rows = [r if isinstance(r, dict) else {"text": r} for r in records]
         fields = ["text"] + (["text_pair"] if self.data.text_pair_column else [])
         for i, row in enumerate(rows, 1):
@@ -127,7 +125,7 @@ class Regression(PooledTask, Task):
                     raise DataError("input", f"no `{field}`" + (" (this model scores text pairs: give each input "
                                                                 "`text` and `text_pair`)" if field == "text_pair"
                                                                 else ""), row=i, field=field)
-        return datasets.Dataset.from_dict({f: [r[f].strip() for r in rows] for f in fields})
+        return in_memory({f: [r[f].strip() for r in rows] for f in fields})
 
     # ---- model -----------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -164,9 +162,8 @@ class Regression(PooledTask, Task):
                 enc["labels"] = ((np.asarray(batch["targets"], dtype=np.float64) - mean) / std).tolist()
             return enc
 
-        return ds.map(tokenize, batched=True, remove_columns=ds.column_names,
-                      new_fingerprint=tokenized(ds, tokenizer, max_length, self.labels, np.asarray(mean).tolist(),
-                                                np.asarray(std).tolist()))
+        return mapped(ds, tokenize, tokenized(ds, tokenizer, max_length, self.labels, np.asarray(mean).tolist(),
+                                              np.asarray(std).tolist()))
 
     def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
         single = len(self.labels) == 1

@@ -30,7 +30,7 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
     if cache is not None:  # a stage with a frozen, cached trunk is evaluating: serve this set from memory too
         ensure_cached(cache, model, dataset, collate, batch_size, accelerator, width=width)
     was_training = model.training
-    model.eval()
+    model.eval()  # always: a module added after loading (lmtune's head) can be training inside an eval-mode model
     results = []
     bar = _terminal_bar(sum(map(len, batches)), "evaluating", accelerator)
     try:  # a consumer that stops early or fails still gets the model back as it was
@@ -46,7 +46,8 @@ def iterate_outputs(model: Any, dataset: Any, collate: Callable, batch_size: int
                 else:
                     results.append((indices, {k: v.float().cpu() for k, v in out.items()}, batch))
     finally:
-        model.train(was_training)
+        if was_training:  # (a second walk over every module only where there is something to restore)
+            model.train()
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -64,7 +65,7 @@ def ensure_cached(cache: Any, model: Any, dataset: Any, collate: Callable, batch
     batches = eval_batches(lengths, batch_size, width=width)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
     was_training = model.training
-    model.eval()
+    model.eval()  # always: a module added after loading (lmtune's head) can be training inside an eval-mode model
     bar = _terminal_bar(len(dataset), "caching features", accelerator)
 
     def counted() -> Iterator[tuple[list[int], dict]]:
