@@ -234,7 +234,9 @@ def test_replay_smaller_than_its_share_is_reused_to_meet_the_ratio() -> None:
     from lmtune.tasks.lm_common import choose_replay
 
     sizes = [10, 10, 10]  # 30 tokens; a ratio of 0.5 over 90 task tokens wants 90
-    chosen = choose_replay(90, sizes, 0.5, seed=0)
+    chosen = choose_replay(90, sizes, 0.5, seed=0).tolist()
     assert len(chosen) == 9 and all(chosen.count(i) == 3 for i in range(3))  # each pass takes every document once
-    assert sorted(choose_replay(30, sizes, 0.5, seed=0)) == [0, 1, 2]  # wants 30: one pass, no document twice
-    assert choose_replay(30, [], 0.5, seed=0) == []
+    assert sorted(choose_replay(30, sizes, 0.5, seed=0).tolist()) == [0, 1, 2]  # wants 30: one pass, no doc twice
+    assert sorted(choose_replay(25, sizes, 0.5, seed=0).tolist()) == [0, 1, 2]  # 25 wanted: the third one crosses it
+    assert len(choose_replay(20, sizes, 0.5, seed=0)) == 2
+    assert len(choose_replay(30, [], 0.5, seed=0)) == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
@@ -76,7 +75,7 @@ class CausalLM(lm_common.DecoderTask):
         if "replay" not in ds.column_names:
             return store.packed(store.tokenize(ds, tokenizer), max_length)
         tokens = store.tokenize(ds, tokenizer, keep=("replay",))
-        flags = np.asarray(tokens["replay"][:], dtype=bool)
+        flags = tokens.data.column("replay").to_numpy(zero_copy_only=False).astype(bool)
         sizes = store.lengths(tokens)
         task, replay = np.flatnonzero(~flags), np.flatnonzero(flags)
         task_tokens = int(sizes[task].sum())
@@ -86,9 +85,9 @@ class CausalLM(lm_common.DecoderTask):
                                         "share": round(replay_tokens / max(1, replay_tokens + task_tokens), 4)}
         log.info("data.replay: %d general-text documents (%d tokens, %.1f%% of training tokens) mixed in",
                  len(chosen), replay_tokens, 100 * self.encode_report["replay"]["share"])
-        order = [*task.tolist(), *chosen.tolist()]
-        random.Random(self.seed).shuffle(order)  # replay spread through the rows, not all at the end
-        return store.packed(tokens, max_length, np.asarray(order, dtype=np.int64))
+        # replay spread through the rows, not all at the end (arrays: a corpus of millions of documents)
+        order = np.random.default_rng(self.seed).permutation(np.concatenate([task, chosen]))
+        return store.packed(tokens, max_length, order)
 
     def collate(self, tokenizer: Any, pad_to_multiple_of: int, max_width: int | None = None) -> Any:
         return lm_common.collate_rows(tokenizer, pad_to_multiple_of, max_width)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import random
 import re
 import string
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -152,31 +152,30 @@ def read_splits(read: Callable[[str, list[str]], Any], cfg: Any, seed: int) -> t
     return splits, train, skipped
 
 
-def choose_replay(task_tokens: int, sizes: Any, ratio: float, seed: int) -> list[int]:
+def choose_replay(task_tokens: int, sizes: Any, ratio: float, seed: int) -> np.ndarray:
     """Indices of replay documents (of the given token counts), in seeded random order, until they hold `ratio` of
-    all training tokens.
+    all training tokens; numpy throughout, so a corpus of millions of documents costs arrays, not Python objects.
 
     A replay file smaller than that share is gone through again (a fresh order each pass), as a second
     epoch over it would be; the number of passes is logged."""
-    sizes = [int(n) for n in sizes]
+    sizes = np.fromiter(sizes, dtype=np.int64) if not hasattr(sizes, "__len__") else np.asarray(sizes, np.int64)
     wanted = ratio / (1 - ratio) * task_tokens
-    if not any(sizes):
-        return []
-    rng = random.Random(seed)
+    if not sizes.any():
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
     chosen, total, passes = [], 0, 0
     while total < wanted:
-        order = list(range(len(sizes)))
-        rng.shuffle(order)
+        order = rng.permutation(len(sizes))
         passes += 1
-        for i in order:
-            if total >= wanted:
-                break
-            chosen.append(i)
-            total += sizes[i]
+        reached = np.cumsum(sizes[order])
+        take = min(int(np.searchsorted(reached, wanted - total, side="left")) + 1, len(order))  # until >= wanted
+        chosen.append(order[:take])
+        total += int(reached[take - 1])
     if passes > 1:
         log.warning("data.replay: its file holds %d tokens, fewer than the %d a ratio of %.2f asks for; "
-                    "its documents are used %.1f times over", sum(sizes), int(wanted), ratio, total / sum(sizes))
-    return chosen
+                    "its documents are used %.1f times over", int(sizes.sum()), int(wanted), ratio,
+                    total / int(sizes.sum()))
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def collate_rows(tokenizer: Any, pad_to_multiple_of: int,
