@@ -108,3 +108,25 @@ def test_chart_has_a_memory_panel_only_where_memory_was_measured(tmp_path) -> No
     with_memory = plot_comparison(rows, tmp_path / "gpu.png", "accuracy")
     cpu = plot_comparison([{**r, "peak_memory_mb": None} for r in rows], tmp_path / "cpu.png", "accuracy")
     assert width(with_memory) - width(cpu) >= 3 * 120  # one more panel of 3.2 inches at 120 dpi
+
+
+def test_a_dotted_key_sets_a_config_value_for_that_methods_runs(tiny_config, tmp_path) -> None:
+    """Mitigations that are not methods (replay, label smoothing, L2-SP's data) sit in the same table."""
+    from lmtune.studies.compare import parse_methods
+
+    tiny_config["train"]["epochs"] = 1
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    out = tmp_path / "cmp"
+    spec = "full,full(train.label_smoothing=0.2 head_lr=1e-2)"
+    assert parse_methods(spec)[1] == ("full", {"train.label_smoothing": 0.2, "head_lr": 1e-2})
+    result = CliRunner().invoke(app, ["compare", str(config), "--methods", spec, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    runs = {r["method"]: r["run"] for r in json.loads((out / "runs.json").read_text())}
+    plain = yaml.safe_load((Path(runs["full"]) / "config.yaml").read_text())
+    smoothed = yaml.safe_load((Path(runs["full(train.label_smoothing=0.2 head_lr=0.01)"]) / "config.yaml").read_text())
+    assert plain["train"]["label_smoothing"] == 0.0 and smoothed["train"]["label_smoothing"] == 0.2
+    assert smoothed["method"]["head_lr"] == 1e-2 and "train.label_smoothing" not in smoothed["method"]
+    bad = CliRunner().invoke(app, ["compare", str(config), "--methods", "full(train.label_smothing=0.2)",
+                                   "-o", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "label_smothing" in bad.output

@@ -199,7 +199,8 @@ def compare(config: Path = typer.Argument(..., help="Run config (YAML)."),
             overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides for every run."),
             methods: str = typer.Option("head,lp_ft,full,lora,bitfit", "--methods", "-m",
                                         help="Comma-separated method names, each optionally with options: "
-                                        "'full,lora(lr=5e-4 r=16),bitfit(lr=1e-3)'."),
+                                        "'full,lora(lr=5e-4 r=16),bitfit(lr=1e-3)'; a dotted key sets a config "
+                                        "value for that method's runs: 'full(data.replay.ratio=0.2)'."),
             seeds: str = typer.Option("", "--seeds", help="Comma-separated seeds, or a count (e.g. 3); "
                                       "default: the config's seed."),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for runs and tables.")) -> None:

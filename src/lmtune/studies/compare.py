@@ -21,7 +21,8 @@ log = logging.getLogger("lmtune")
 
 def parse_methods(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """"full,lora(lr=5e-4 r=16),bitfit" -> [("full", {}), ("lora", {"lr": 5e-4, "r": 16}), ("bitfit", {})]; options
-    in brackets are separated by spaces or commas. Anything else is refused, naming the part that does not read."""
+    in brackets are separated by spaces or commas; a dotted key (`data.replay.ratio=0.2`) is a config value for that
+    method's runs. Anything else is refused, naming the part that does not read."""
     import re
 
     from lmtune.config_read import parse_value
@@ -54,6 +55,21 @@ def _label(name: str, options: dict[str, Any]) -> str:
 def _method_section(base: dict[str, Any], name: str, options: dict[str, Any]) -> dict[str, Any]:
     # The config's own method options apply only to that method; any other method runs on its defaults.
     return {**(base if base.get("name") == name else {"name": name}), **options}
+
+
+def _with_settings(raw: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """A dotted key among a method's options sets that config value for the method's runs (e.g.
+    `full(data.replay.path=general.txt)`: replay beside the methods, in one table); the rest are method options."""
+    for key, value in options.items():
+        if "." in key:
+            *path, last = key.split(".")
+            node = raw
+            for part in path:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[last] = value
+    return {key: value for key, value in options.items() if "." not in key}
 
 
 # metrics.json's forgetting figures shown as compare columns
@@ -94,7 +110,7 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
     for method, options in methods:  # every run's config checked before the first one trains
         for seed in seeds:
             raw = apply(base.model_dump(mode="json"), shared)
-            raw["method"] = _method_section(raw["method"], method, options)
+            raw["method"] = _method_section(raw["method"], method, _with_settings(raw, options))
             raw["train"].update(seed=seed, seeds=None)  # each run one seed: the table spreads them
             run_name = f"{method}-{len(plan)}-seed{seed}" if options else f"{method}-seed{seed}"
             raw["output"].update(dir=str(folder), name=run_name, overwrite=True)
