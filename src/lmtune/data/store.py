@@ -77,30 +77,40 @@ def on_disk(ds: datasets.Dataset) -> datasets.Dataset:
     return stored("data", key_of("data", ds._fingerprint), ds.features, lambda: [ds.data.table])
 
 
+def eos_id(tokenizer: Any) -> int:
+    """The token that ends each document, so the model learns where documents end (and packing separates them)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; documents cannot be separated when packed")
+    return tokenizer.eos_token_id
+
+
+def tokenize_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each document followed by EOS."""
+    eos = eos_id(tokenizer)
+    return [[*t, eos] for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def tokenize(ds: datasets.Dataset, tokenizer: Any, keep: tuple[str, ...] = ()) -> datasets.Dataset:
     """`ds`'s `text` column as token ids, each document followed by EOS (so the model learns where documents end),
     plus the columns in `keep`. Data read from files (on disk, named by content) is tokenized once into the store,
     by several processes when it is large; data held in memory only is tokenized in memory."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token; documents cannot be separated when packed")
+    eos_id(tokenizer)  # refused before any work, also for no documents
     features = datasets.Features({**TOKENS, **{name: ds.features[name] for name in keep}})
 
     def encode(batch: dict) -> dict:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [[*t, eos] for t in ids], **{name: batch[name] for name in keep}}
+        return {"input_ids": tokenize_documents(batch["text"], tokenizer), **{name: batch[name] for name in keep}}
 
     drop = [c for c in ds.column_names if c not in keep]
     if not ds.cache_files:
-        return ds.map(encode, batched=True, batch_size=BATCH, remove_columns=drop, features=features,
-                      keep_in_memory=True)
-    key = tokenized(ds, tokenizer, "documents", keep, VERSION)
-    processes = max(1, min(cpus(), len(ds) // DOCS_PER_PROCESS))
-    store_dir().mkdir(parents=True, exist_ok=True)
-    return ds.map(encode, batched=True, batch_size=BATCH, remove_columns=drop, features=features,
-                  num_proc=processes if processes > 1 else None, new_fingerprint=key,
-                  cache_file_name=str(store_dir() / f"tokens-{key}.arrow"), load_from_cache_file=True,
-                  desc="tokenizing")
+        where: dict[str, Any] = {"keep_in_memory": True}
+    else:
+        key = tokenized(ds, tokenizer, "documents", keep, VERSION)
+        processes = max(1, min(cpus(), len(ds) // DOCS_PER_PROCESS))
+        store_dir().mkdir(parents=True, exist_ok=True)
+        where = {"num_proc": processes if processes > 1 else None, "new_fingerprint": key,
+                 "cache_file_name": str(store_dir() / f"tokens-{key}.arrow"), "load_from_cache_file": True,
+                 "desc": "tokenizing"}
+    return ds.map(encode, batched=True, batch_size=BATCH, remove_columns=drop, features=features, **where)
 
 
 def cpus() -> int:

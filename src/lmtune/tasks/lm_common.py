@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lmtune.data.padding import batch_width
+from lmtune.data.store import tokenize_documents
 from lmtune.data.text import pack
 from lmtune.tasks.base import Task
 
@@ -108,15 +109,6 @@ def pad_id(tokenizer: Any) -> int:
         if value is not None:
             return value
     return 0
-
-
-def tokenize_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
-    """Token ids of each document followed by EOS, so the model learns where documents end."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token; documents cannot be separated when packed")
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [list(t) + [eos] for t in ids]
 
 
 def encode_documents(texts: list[str], tokenizer: Any, max_length: int) -> Any:
