@@ -21,6 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--validation-docs", type=int, default=1000, help="documents split off to validate on")
-    parser.add_argument("--work", default="/tmp/lmtune-corpus")
+    parser.add_argument("--work", default="/tmp/lmtune-corpus", help="a fresh folder per size is made (and removed) in it")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -126,9 +127,7 @@ def main() -> None:
     lines = source_lines(args.sources)
     results = []
     for size in [float(s) for s in args.sizes.split(",")]:
-        folder = work / f"{size:g}GB"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
+        folder = Path(tempfile.mkdtemp(prefix=f"{size:g}GB-", dir=work))  # its own: nothing there is deleted
         corpus = folder / "corpus.txt"
         made = time.perf_counter()
         written = write_corpus(corpus, list(lines), int(size * 1e9), seed=0)
