@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from side_by_side import describe, device, run, time_split  # benchmarks/ is on the path: scripts run from there
+from side_by_side import describe, describe_runs, device, lmtune_runs, run, time_split  # benchmarks/ is on the path: scripts run from there
 
 
 def main() -> None:
@@ -27,7 +27,10 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="local model folder (e.g. an fp16 copy of all-MiniLM-L6-v2)")
     parser.add_argument("--data-dir", required=True, help="folder with eng.train, eng.testa, eng.testb")
     parser.add_argument("--max-steps", type=int, default=None, help="smoke tests only")
-    parser.add_argument("--max-train-samples", type=int, default=None, help="smoke tests only")
+    parser.add_argument("--max-train-samples", type=int, default=None,
+                        help="a subset of the training sentences (both systems; also for smoke tests)")
+    parser.add_argument("--lmtune-runs", type=int, default=1,
+                        help="run lmtune this many times (the second one reuses the first's tokenization cache)")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="smoke tests only")
     parser.add_argument("--seed", type=int, default=42, help="train.seed of lmtune and --seed of the Trainer script")
     parser.add_argument("--work-dir", default="runs/ner-compare", help="run directory and Trainer outputs")
@@ -48,14 +51,15 @@ def main() -> None:
             overrides.append(f"{lmtune_key}={getattr(args, key)}")
             baseline += [flag, str(getattr(args, key))]
 
-    lmtune_wall = run([sys.executable, "-m", "lmtune.cli", "train", "examples/conll2003.yaml", *overrides])
+    lmtune_wall, runs = lmtune_runs([sys.executable, "-m", "lmtune.cli", "train", "examples/conll2003.yaml", *overrides],
+                                    args.lmtune_runs, work / "lmtune" / "metrics.json")
     trainer_wall = run([sys.executable, "benchmarks/ner_trainer_baseline.py", *baseline])
     ours = json.loads((work / "lmtune" / "metrics.json").read_text())
     theirs = json.loads((work / "trainer.json").read_text())
     rows = {
         "lmtune": {"test_f1": ours["test"]["f1"], "test_precision": ours["test"]["precision"],
                    "test_recall": ours["test"]["recall"], "validation_f1": ours["validation"]["f1"],
-                   "train_seconds": ours["train_seconds"], "wall_seconds": lmtune_wall, "steps": ours["steps"],
+                   "train_seconds": ours["train_seconds"], "wall_seconds": lmtune_wall, "runs": runs, "steps": ours["steps"],
                    "best_step": ours["selection"]["best_step"], "test_words_scored": ours["test"]["words"],
                    "time_split": time_split(ours)},
         "hf_trainer": {"test_f1": theirs["test"]["f1"], "test_precision": theirs["test"]["precision"],
@@ -72,6 +76,7 @@ def main() -> None:
         print(f"| {name} | {r['test_f1']:.4f} | {r['test_precision']:.4f} | {r['test_recall']:.4f} | "
               f"{r['validation_f1']:.4f} | {r['train_seconds']:.1f} | {r['wall_seconds']:.1f} | {r['steps']} |")
     print("\n" + describe(rows["lmtune"]["time_split"]))
+    print(describe_runs(runs, trainer_wall))
     print(f"F1 difference (lmtune - trainer): {result['f1_difference']:+.4f}; "
           f"train time ratio (lmtune / trainer): {result['train_time_ratio']:.3f}")
     print(json.dumps(result))

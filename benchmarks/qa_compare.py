@@ -24,13 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from side_by_side import describe, time_split  # noqa: E402 - benchmarks/ is on the path: scripts run from there
+from side_by_side import describe, describe_runs, non_training, time_split  # noqa: E402 - benchmarks/ is on the path
 
 
 def run_lmtune(config: str, overrides: list[str], out: Path) -> None:
     """In a child process: train with lmtune and write what the comparison needs."""
     import logging
 
+    from lmtune import timing
+
+    timing.process_started = timing.process_start_time()  # this child's imports count in its phase_seconds
     import lmtune
 
     logging.basicConfig(level=logging.WARNING)
@@ -44,6 +47,7 @@ def run_lmtune(config: str, overrides: list[str], out: Path) -> None:
                "best_step": m["selection"]["best_step"], "train_seconds": m["train_seconds"],
                "time_split": time_split(m),
                "train_tokens_per_second": m["train_tokens_per_second"], "groups": m["data"].get("groups"),
+               "phase_seconds": m.get("phase_seconds", {}), "non_training_seconds": non_training(m.get("phase_seconds", {})),
                "run_dir": str(result.run_dir)}
     out.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
@@ -63,6 +67,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/qa_compare", help="folder for run directories and results")
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     parser.add_argument("--set", nargs="*", default=[], help="extra lmtune overrides (section.key=value)")
+    parser.add_argument("--lmtune-runs", type=int, default=1,
+                        help="run lmtune this many times per seed (the second one reuses the first's tokenization cache)")
     parser.add_argument("--lmtune-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
@@ -87,10 +93,14 @@ def compare(args: argparse.Namespace, seed: int, work: Path) -> dict:
     extra = [f"train.seed={seed}", *args.set]
     cfg = load_config(ROOT / args.config, [f"model.name={args.model}", f"data.train={args.data}", *extra])
     lmtune_json = work / "lmtune.json"
-    lmtune_wall = timed([sys.executable, __file__, "--model", args.model, "--data", args.data, "--config",
-                         args.config, "--work", str(work), "--lmtune-child", str(lmtune_json), "--set", *extra])
-    ours = json.loads(lmtune_json.read_text(encoding="utf-8"))
-    ours["wall_seconds"] = lmtune_wall
+    runs = []
+    for _ in range(max(1, args.lmtune_runs)):
+        lmtune_wall = timed([sys.executable, __file__, "--model", args.model, "--data", args.data, "--config",
+                             args.config, "--work", str(work), "--lmtune-child", str(lmtune_json), "--set", *extra])
+        ours = json.loads(lmtune_json.read_text(encoding="utf-8"))
+        runs.append({"wall_seconds": lmtune_wall, "non_training_seconds": ours["non_training_seconds"],
+                     "phase_seconds": ours["phase_seconds"]})
+    ours["wall_seconds"], ours["runs"] = lmtune_wall, runs
     # The baseline trains and tests on the very articles lmtune did (its validation articles stay unused).
     split = work / "split.json"
     split.write_text(json.dumps({"train": ours["groups"]["train"], "test": ours["groups"]["test"]}), encoding="utf-8")
@@ -146,6 +156,7 @@ def print_table(results: list[dict]) -> None:
           "evaluation or saving during training.")
     for r in results:
         print(f"seed {r['seed']}: {describe(r['lmtune']['time_split'])}")
+        print(describe_runs(r["lmtune"]["runs"], r["hf_trainer"]["wall_seconds_with_start"]))
 
 
 if __name__ == "__main__":

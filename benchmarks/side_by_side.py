@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -19,6 +20,33 @@ def run(command: list[str]) -> float:
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, env=env)
     return round(time.perf_counter() - started, 1)
+
+
+def lmtune_runs(command: list[str], runs: int, metrics: Path) -> tuple[float, list[dict]]:
+    """Run lmtune's `command` `runs` times one after the other (the first on whatever tokenization cache the caller
+    left: a fresh LMTUNE_CACHE / HF_DATASETS_CACHE makes it a first run; the next ones reuse it): the last run's wall
+    seconds, and per run its wall seconds, phase seconds (metrics.json) and non-training seconds."""
+    done = []
+    for _ in range(max(1, runs)):
+        wall = run(command)
+        phases = json.loads(metrics.read_text(encoding="utf-8")).get("phase_seconds", {})
+        done.append({"wall_seconds": wall, "non_training_seconds": non_training(phases), "phase_seconds": phases})
+    return done[-1]["wall_seconds"], done
+
+
+def non_training(phases: dict[str, float]) -> float | None:
+    """What a run spent outside its training steps, its evaluations and its final evaluation (issue 28's measure):
+    start-up, config, reading and tokenizing, model load, checkpoints, saving, plots and reports."""
+    if "total" not in phases:
+        return None
+    busy = sum(phases.get(k, 0.0) for k in ("training", "evaluation", "final evaluation"))
+    return round(phases["total"] - busy, 2)
+
+
+def describe_runs(runs: list[dict], baseline_wall: float) -> str:
+    """One line per lmtune run: wall, non-training seconds and the whole-process ratio against the baseline."""
+    return "\n".join(f"lmtune run {i}: whole {r['wall_seconds']:.1f} s, non-training {r['non_training_seconds']} s, "
+                     f"whole-process ratio {baseline_wall / r['wall_seconds']:.2f}x" for i, r in enumerate(runs, 1))
 
 
 def time_split(metrics: dict) -> dict[str, float]:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from side_by_side import describe, device, run, time_split  # benchmarks/ is on the path: scripts run from there
+from side_by_side import describe, describe_runs, device, lmtune_runs, run, time_split  # benchmarks/ is on the path: scripts run from there
 
 
 def main() -> None:
@@ -31,6 +31,10 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak for MFU (H100 SXM: 989)")
     parser.add_argument("--max-steps", type=int, default=None, help="smoke tests only")
+    parser.add_argument("--max-train-samples", type=int, default=None,
+                        help="a seeded subset of the training rows (each system draws its own subset of this size)")
+    parser.add_argument("--lmtune-runs", type=int, default=1,
+                        help="run lmtune this many times (the second one reuses the first's tokenization cache)")
     parser.add_argument("--set", nargs="*", default=[], help="extra lmtune overrides (e.g. train.compile=true)")
     parser.add_argument("--work-dir", default="runs/sst2-compare")
     parser.add_argument("--out", default=None)
@@ -38,22 +42,25 @@ def main() -> None:
     model, data, work = str(Path(args.model).resolve()), Path(args.data_dir).resolve(), Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     overrides = [f"model.name={model}", f"data.train={data / 'train.tsv.gz'}", f"data.test={data / 'dev.tsv'}",
-                 "data.max_train_samples=null", "data.validation_size=0", "train.lr=2e-5", "method.head_lr=null",
+                 f"data.max_train_samples={args.max_train_samples or 'null'}", "data.validation_size=0", "train.lr=2e-5", "method.head_lr=null",
                  "train.warmup_ratio=0", "train.weight_decay=0", f"train.epochs={args.epochs}", "train.batch_size=32",
                  f"model.max_length={args.max_length}",
                  "train.seed=42", f"output.dir={work}", "output.name=lmtune", "output.overwrite=true", *args.set]
     baseline = ["--model", model, "--data-dir", str(data), "--seed", "42", "--max-length", str(args.max_length),
                 "--epochs", str(args.epochs)]
+    if args.max_train_samples:
+        baseline += ["--max-train-samples", str(args.max_train_samples)]
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
         baseline += ["--max-steps", str(args.max_steps)]
 
     rows = {}
-    wall = run([sys.executable, "-m", "lmtune.cli", "train", "examples/sst2.yaml", *overrides])
+    wall, runs = lmtune_runs([sys.executable, "-m", "lmtune.cli", "train", "examples/sst2.yaml", *overrides],
+                             args.lmtune_runs, work / "lmtune" / "metrics.json")
     ours = json.loads((work / "lmtune" / "metrics.json").read_text())
     rows["lmtune"] = {"accuracy": ours["test"]["accuracy"], "train_seconds": ours["train_seconds"],
                       "real_tokens_per_second": ours["train_tokens_per_second"], "steps": ours["steps"],
-                      "wall_seconds": wall, "time_split": time_split(ours),
+                      "wall_seconds": wall, "runs": runs, "time_split": time_split(ours),
                       "peak_memory_mb": max((s.get("peak_memory_mb") or 0 for s in ours["stages"].values()),
                                             default=None) or None}
     variants = [("hf_trainer", [])] + ([("hf_trainer_dynamic", ["--dynamic-padding"])] if args.dynamic_padding else [])
@@ -79,6 +86,7 @@ def main() -> None:
         print(f"| {name} | {r['accuracy']:.4f} | {r['train_seconds']:.1f} | {r['real_tokens_per_second']:.0f} | "
               f"{r['mfu']:.1%} | {r['peak_memory_mb'] or 0:.0f} | {r['steps']} | {r['wall_seconds']:.1f} |")
     print("\n" + describe(rows["lmtune"]["time_split"]))
+    print(describe_runs(runs, rows["hf_trainer"]["wall_seconds"]))
     print("lmtune's speed-up in train time: " + ", ".join(f"{v}x vs {k}" for k, v in result["speed_up"].items()))
     print(json.dumps(result))
     if args.out:
