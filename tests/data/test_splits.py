@@ -7,6 +7,7 @@ import datasets
 import pytest
 
 from lmtune.data import count_overlap, group_values, split_off, split_off_groups, stratified_subset
+from lmtune.data.splits import shuffle_split
 
 
 def _table(counts: dict[str, int]) -> datasets.Dataset:
@@ -29,6 +30,40 @@ def test_stratified_split_keeps_proportions():
         rows_rest, rows_split = rest["_row"][:], split["_row"][:]
         assert sorted(rows_rest + rows_split) == list(range(1, 101))
         assert rows_split == sorted(rows_split)  # original order kept
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_shuffle_split_picks_the_rows_sklearn_picks(stratified):
+    """The numpy split is scikit-learn's train_test_split draw for draw (so splits did not change when the import
+    went), over class counts with ties in their remainders, tiny classes, fractions and counts."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    cases = 0
+    for trial in range(60):
+        rng = np.random.default_rng(trial)
+        k = int(rng.integers(2, 7))
+        counts = rng.integers(2, 40, size=k) if trial % 3 else np.full(k, int(rng.integers(2, 12)))  # ties
+        codes = np.repeat(np.arange(k), counts)
+        rng.shuffle(codes)
+        n = len(codes)
+        n_split = int(rng.integers(k, n - k + 1))
+        seed = int(rng.integers(0, 2**31 - 1))
+        ours = shuffle_split(n, n_split, seed, codes if stratified else None)
+        theirs = train_test_split(np.arange(n), test_size=n_split, random_state=seed,
+                                  stratify=codes if stratified else None)
+        assert [a.tolist() for a in ours] == [b.tolist() for b in theirs], (trial, counts, n_split, seed)
+        cases += 1
+    assert cases == 60
+
+
+def test_shuffle_split_refuses_what_it_cannot_stratify():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="only 1 row"):
+        shuffle_split(5, 2, 0, np.array([0, 0, 1, 1, 2]))
+    with pytest.raises(ValueError, match="cannot hold all 3 classes"):
+        shuffle_split(9, 2, 0, np.array([0, 0, 0, 1, 1, 1, 2, 2, 2]))
 
 
 def test_split_is_deterministic_per_seed():

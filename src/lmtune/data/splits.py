@@ -82,25 +82,67 @@ def split_off(
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split ``ds`` into ``(rest, split)``; ``size`` is a fraction in (0, 1) or a row count.
 
-    Stratified by ``stratify_by`` (sklearn ``train_test_split``) when that column holds scalars and
-    every class has at least 2 rows; otherwise a plain seeded random split, with a warning saying why.
-    Both parts keep the original row order. The same seed gives the same split.
+    Stratified by ``stratify_by`` when that column holds scalars and every class has at least 2 rows; otherwise a
+    plain seeded random split, with a warning saying why. Both parts keep the original row order. The same seed
+    gives the same split: the very rows scikit-learn's ``train_test_split`` picks (see ``shuffle_split``).
     """
-    from sklearn.model_selection import train_test_split
-
     n = len(ds)
     n_split = _split_count(size, n)
-    indices = np.arange(n)
     codes = _stratify_codes(ds, stratify_by, min_per_class=2) if stratify_by else None
     rest_idx = split_idx = None
     if codes is not None:
         try:
-            rest_idx, split_idx = train_test_split(indices, test_size=n_split, random_state=seed, stratify=codes)
+            rest_idx, split_idx = shuffle_split(n, n_split, seed, np.asarray(codes))
         except ValueError as e:  # e.g. fewer split rows than classes
             logger.warning("cannot stratify by %r (%s); splitting at random instead", stratify_by, e)
     if split_idx is None:
-        rest_idx, split_idx = train_test_split(indices, test_size=n_split, random_state=seed)
+        rest_idx, split_idx = shuffle_split(n, n_split, seed)
     return ds.select(np.sort(rest_idx)), ds.select(np.sort(split_idx))
+
+
+def shuffle_split(n: int, n_split: int, seed: int, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(rest, split)`` of ``n`` rows, ``n_split`` of them split off at random, in proportion to the class
+    ``codes`` where given: scikit-learn's ``train_test_split(range(n), test_size=n_split, random_state=seed,
+    stratify=codes)`` (its ShuffleSplit / StratifiedShuffleSplit, the same draws from the same RandomState) in numpy
+    alone, so a run does not import scikit-learn (a second of start-up) for one split. Both parts unordered."""
+    rng = np.random.RandomState(seed)
+    n_rest = n - n_split
+    if codes is None:
+        order = rng.permutation(n)
+        return order[n_split:], order[:n_split]
+    classes, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    if counts.min() < 2:
+        raise ValueError(f"classes {classes[counts < 2].tolist()} have only 1 row")
+    if min(n_rest, n_split) < len(classes):
+        raise ValueError(f"{min(n_rest, n_split)} rows on one side cannot hold all {len(classes)} classes")
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rest_counts = _approximate_mode(counts, n_rest, rng)
+    split_counts = _approximate_mode(counts - rest_counts, n_split, rng)
+    rest: list[int] = []
+    split: list[int] = []
+    for i, rows in enumerate(members):
+        shuffled = rows.take(rng.permutation(counts[i]), mode="clip")
+        rest.extend(shuffled[:rest_counts[i]])
+        split.extend(shuffled[rest_counts[i]:rest_counts[i] + split_counts[i]])
+    return rng.permutation(rest), rng.permutation(split)
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of ``draws`` rows to take from each class: the proportional share rounded down, then one more for
+    the largest remainders, ties broken at random (scikit-learn's ``_approximate_mode``, draw for draw)."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            now = min(len(tied), need)
+            floored[rng.choice(tied, size=now, replace=False)] += 1
+            need -= now
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def _split_count(size: float | int, n: int, unit: str = "row") -> int:

@@ -13,6 +13,7 @@ from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overla
                          pad_inputs, read_table, require_columns, resolve_path)
 from lmtune.data.fingerprint import in_memory, mapped, tokenized
 from lmtune.evaluation.calibration import best_thresholds, calibration, softmax
+from lmtune.evaluation.scores import confusion, label_counts, macro_f1, micro_f1, prf
 from lmtune.data.labels import label_map_problem, label_renames, label_values, sort_labels
 from lmtune.registry import register_task
 from lmtune.tasks.base import MISTAKES, Task
@@ -319,37 +320,32 @@ class Classification(PooledTask, Task):
                  ) -> tuple[dict[str, float], dict[str, Any]]:
         """Scalar metrics (logged at every evaluation) and details (per-class table, confusion matrix; with
         `examples`, the most confident wrong predictions)."""
-        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
         logits, loss = self._collect(outputs, len(features))
         gold = np.asarray(features["labels"][:])
         probs = 1 / (1 + np.exp(-logits)) if self.options.multi_label else softmax(logits)
         calibrated, reliability = calibration(probs, gold, self.options.multi_label)
+        k = len(self.labels)
         if self.options.multi_label:
             pred = (probs >= self.cut).astype(int)
             gold = gold.astype(int)
-            seen = np.flatnonzero(gold.any(0) | pred.any(0))  # labels in neither count in no average (as below)
-            scalars = {"micro_f1": f1_score(gold, pred, average="micro", zero_division=0),
-                       "macro_f1": f1_score(gold, pred, average="macro", labels=seen, zero_division=0)
-                       if len(seen) else 0.0,
-                       "subset_accuracy": accuracy_score(gold, pred)}
+            scalars = {"micro_f1": micro_f1(gold, pred, k), "macro_f1": macro_f1(gold, pred, k),
+                       "subset_accuracy": float((gold == pred).all(1).mean())}
             details: dict[str, Any] = {}
         else:
             pred = logits.argmax(-1)
             # Macro-F1 over the classes in gold or predictions (sklearn's default, as the HF scripts report it): a
             # class absent from both is not a 0 in the mean.
-            scalars = {"accuracy": accuracy_score(gold, pred),
-                       "macro_f1": f1_score(gold, pred, average="macro", zero_division=0)}
-            details = {"confusion_matrix": confusion_matrix(gold, pred, labels=range(len(self.labels))).tolist()}
+            scalars = {"accuracy": float((gold == pred).mean()), "macro_f1": macro_f1(gold, pred, k)}
+            details = {"confusion_matrix": confusion(gold, pred, k).tolist()}
             if self.majority is not None:  # what always answering the most frequent training label scores
                 constant = np.full_like(gold, self.labels.index(self.majority))
                 details["majority_baseline"] = {
-                    "label": self.majority, "accuracy": float(accuracy_score(gold, constant)),
-                    "macro_f1": float(f1_score(gold, constant, average="macro", zero_division=0))}
-        p, r, f, s = precision_recall_fscore_support(gold, pred, labels=None if self.options.multi_label
-                                                     else range(len(self.labels)), zero_division=0)
+                    "label": self.majority, "accuracy": float((gold == constant).mean()),
+                    "macro_f1": macro_f1(gold, constant, k)}
+        tp, predicted, support = label_counts(gold, pred, k)
+        p, r, f = prf(tp, predicted, support)
         details["per_class"] = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                                       "support": int(s[i])} for i, name in enumerate(self.labels)}
+                                       "support": int(support[i])} for i, name in enumerate(self.labels)}
         details["labels"] = self.labels
         scalars.update(calibrated)
         details["reliability"] = reliability

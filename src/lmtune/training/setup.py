@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import get_scheduler
 
 from lmtune.training import averaging, feature_cache, guard
 from lmtune.training.batching import steps_per_epoch
@@ -60,9 +60,23 @@ def stage_length(stage: Any, cfg: TrainConfig, n_rows: int, world_size: int) -> 
     return total, math.ceil(total / per_epoch)
 
 
-def schedule(adamw: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    return get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, adamw,
-                         num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+def schedule(adamw: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """train.schedule's learning-rate factor per step after a linear warmup of train.warmup_ratio of the steps:
+    transformers' linear, cosine and constant_with_warmup schedules, written here because importing theirs pulls in
+    `transformers.trainer_utils` and with it peft (a third of a second of every run's start-up)."""
+    return torch.optim.lr_scheduler.LambdaLR(adamw, functools.partial(
+        lr_factor, kind=cfg.schedule, warmup=int(cfg.warmup_ratio * total_steps), total=total_steps))
+
+
+def lr_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    progress = float(step - warmup) / float(max(1, total - warmup))  # cosine: half a wave down to 0
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
 
 def average(params: list[torch.Tensor], cfg: TrainConfig, accelerator: Any) -> averaging.WeightAverage | None:
