@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import lmtune
@@ -96,3 +97,44 @@ def test_what_onnx_cannot_export_is_refused_clearly(runs, tiny_decoder_dir: Path
     with pytest.raises(ValueError, match="classification, NER and QA encoders"):
         export(decoder, format="onnx")
     assert not (decoder.parent / "lm-onnx").exists()
+
+
+@pytest.mark.parametrize("trans_b, weight_is_input", [(1, False), (0, False), (1, True)])
+def test_gemm_is_rewritten_as_matmul_with_the_same_outputs(trans_b: int, weight_is_input: bool, tmp_path: Path) -> None:
+    """How some torch versions export a Linear (Gemm, weight transposed) becomes MatMul + Add computing the same,
+    and the rewritten graph quantizes (older onnxruntime quantizers failed on the Gemm form)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lmtune.serving.onnx import gemm_as_matmul
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 8) if trans_b else (8, 3)).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])]
+    weights = [numpy_helper.from_array(bias, "bias")]
+    if weight_is_input:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape)))
+    else:
+        weights.append(numpy_helper.from_array(w, "w"))
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "bias"], ["y"], transB=trans_b)], "linear", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(5, 8)).astype(np.float32)
+    feed = {"x": x, **({"w": w} if weight_is_input else {})}
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+    before = run(model)
+    gemm_as_matmul(model.graph)
+    onnx.checker.check_model(model)
+    assert "Gemm" not in {n.op_type for n in model.graph.node} and "MatMul" in {n.op_type for n in model.graph.node}
+    np.testing.assert_allclose(run(model), before, atol=1e-5)
+    np.testing.assert_allclose(before, x @ (w.T if trans_b else w) + bias, atol=1e-5)
+    if not weight_is_input:
+        onnx.save(model, str(tmp_path / "m.onnx"))
+        quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+        assert "MatMulInteger" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
