@@ -71,6 +71,8 @@ def main() -> None:
                         help="run lmtune this many times per seed (the second one reuses the first's tokenization cache)")
     parser.add_argument("--lmtune-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # The children run in the checkout's root: paths given relative to where this was started are made absolute.
+    args.model, args.data, args.work = (str(Path(p).resolve()) for p in (args.model, args.data, args.work))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.lmtune_child:
