@@ -64,6 +64,12 @@ class _Traced(torch.nn.Module):
         return tuple(out[name] for name in self.outputs)
 
 
+# ONNX 23 has an Attention operator the exporter writes for scaled-dot-product attention, and onnxruntime runs it as one
+# kernel: on the GPU machine's 16 cores, minilm-l6 at batch 1 in 2.2 ms against 4.6 ms with opset 18's matrix products
+# and softmax (PyTorch: 6.0 ms), at batch 32 585 against 296 rows/s (PyTorch: 551).
+OPSET = 23
+
+
 def export_onnx(model: Any, tokenizer: Any, task_name: str, folder: Path) -> list[str]:
     """Write `folder`/model.onnx for a (merged) HF encoder: batch and sequence dynamic; returns its input names."""
     import warnings
@@ -78,7 +84,7 @@ def export_onnx(model: Any, tokenizer: Any, task_name: str, folder: Path) -> lis
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(_Traced(model, OUTPUTS[task_name]), tuple(example[n] for n in inputs),
-                          str(folder / MODEL_FILE), dynamo=True, input_names=inputs,
+                          str(folder / MODEL_FILE), dynamo=True, opset_version=OPSET, input_names=inputs,
                           output_names=OUTPUTS[task_name], dynamic_shapes={n: {0: batch, 1: seq} for n in inputs},
                           verbose=False, external_data=False)
     return inputs
@@ -98,7 +104,10 @@ def quantize_int8(folder: Path) -> None:
     del graph.graph.value_info[:]  # the quantizer infers the intermediate shapes anew
     onnx.save(graph, str(prepared))
     # Per output channel: on SST-2 with minilm-l6, -0.23 dev accuracy points against -1.49 per tensor (as fast).
-    quantize_dynamic(str(prepared), str(folder / "model.int8.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    # Matrix products only: the quantizer takes ONNX's Attention operator for onnxruntime's own and writes an invalid
+    # QAttention node for it.
+    quantize_dynamic(str(prepared), str(folder / "model.int8.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"])
     prepared.unlink()
     (folder / "model.int8.onnx").replace(folder / MODEL_FILE)
 
