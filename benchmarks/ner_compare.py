@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True, help="folder with eng.train, eng.testa, eng.testb")
     parser.add_argument("--max-steps", type=int, default=None, help="smoke tests only")
     parser.add_argument("--max-train-samples", type=int, default=None,
-                        help="a subset of the training sentences (both systems; also for smoke tests)")
+                        help="a subset of this many training sentences (lmtune: a seeded random subset; the "
+                             "Trainer script: the first ones; also for smoke tests)")
     parser.add_argument("--lmtune-runs", type=int, default=1,
                         help="run lmtune this many times (the second one reuses the first's tokenization cache)")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="smoke tests only")

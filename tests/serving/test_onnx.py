@@ -138,3 +138,34 @@ def test_gemm_is_rewritten_as_matmul_with_the_same_outputs(trans_b: int, weight_
         onnx.save(model, str(tmp_path / "m.onnx"))
         quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
         assert "MatMulInteger" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+
+
+def test_gemm_rewrite_shares_one_copy_and_takes_no_name_in_use() -> None:
+    """Two Gemms sharing a transposed weight get one copy; names already in the graph (`w_transposed`, `y_matmul`)
+    are not reused, so the rewritten graph stays valid and computes the same."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lmtune.serving.onnx import gemm_as_matmul
+
+    rng = np.random.default_rng(1)
+    w, other = rng.normal(size=(4, 4)).astype(np.float32), rng.normal(size=(4,)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1),
+             helper.make_node("Gemm", ["y", "w", "c"], ["z"], transB=1),
+             helper.make_node("Add", ["z", "w_transposed"], ["sum"]),
+             helper.make_node("Identity", ["sum"], ["y_matmul"])]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y_matmul", TensorProto.FLOAT, ["batch", 4])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(other, "w_transposed"),
+                               numpy_helper.from_array(other * 2, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    before = run(model)
+    gemm_as_matmul(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    names = [t.name for t in model.graph.initializer]
+    assert len(names) == len(set(names)) == 4  # w, w_transposed (the old one), c, and one transposed copy
+    np.testing.assert_allclose(run(model), before, atol=1e-5)
+    np.testing.assert_allclose(before, (x @ w.T) @ w.T + other * 2 + other, atol=1e-5)

@@ -114,7 +114,7 @@ def shuffle_split(n: int, n_split: int, seed: int, codes: np.ndarray | None = No
     if counts.min() < 2:
         raise ValueError(f"classes {classes[counts < 2].tolist()} have only 1 row")
     if min(n_rest, n_split) < len(classes):
-        raise ValueError(f"{min(n_rest, n_split)} rows on one side cannot hold all {len(classes)} classes")
+        raise ValueError(f"{min(n_rest, n_split)} row(s) on one side cannot hold all {len(classes)} classes")
     members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
     rest_counts = _approximate_mode(counts, n_rest, rng)
     split_counts = _approximate_mode(counts - rest_counts, n_split, rng)

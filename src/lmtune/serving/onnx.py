@@ -113,12 +113,23 @@ def quantize_int8(folder: Path) -> None:
 
 
 def gemm_as_matmul(graph: Any) -> None:
-    """Plain Gemm nodes (how some torch versions export nn.Linear) as MatMul + Add, a transposed weight as a
+    """Plain Gemm nodes (how some torch versions export nn.Linear) as MatMul + Add, a transposed weight as one
     transposed copy under a new name: older onnxruntime quantizers transpose such weights in place and then fail on
     the shapes recorded for the old ones ("Inferred shape and existing shape differ")."""
     from onnx import helper, numpy_helper
 
     weights = {t.name: t for t in graph.initializer}
+    taken = set(weights) | {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+
+    def fresh(name: str) -> str:
+        new, i = name, 0
+        while new in taken:
+            i += 1
+            new = f"{name}_{i}"
+        taken.add(new)
+        return new
+
+    transposed: dict[str, str] = {}  # a weight's transposed copy, made once however many Gemms share it
     nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -128,15 +139,18 @@ def gemm_as_matmul(graph: Any) -> None:
             continue
         a, b, out = node.input[0], node.input[1], node.output[0]
         if attrs.get("transB", 0):
-            if b in weights:
-                graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weights[b]).T.copy(),
-                                                                 f"{b}_transposed"))
-            else:
-                nodes.append(helper.make_node("Transpose", [b], [f"{b}_transposed"]))
-            b = f"{b}_transposed"
+            if b not in transposed:
+                transposed[b] = fresh(f"{b}_transposed")
+                if b in weights:
+                    graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weights[b]).T.copy(),
+                                                                     transposed[b]))
+                else:
+                    nodes.append(helper.make_node("Transpose", [b], [transposed[b]]))
+            b = transposed[b]
         if len(node.input) > 2 and node.input[2]:
-            nodes += [helper.make_node("MatMul", [a, b], [f"{out}_matmul"]),
-                      helper.make_node("Add", [f"{out}_matmul", node.input[2]], [out])]
+            product = fresh(f"{out}_matmul")
+            nodes += [helper.make_node("MatMul", [a, b], [product]),
+                      helper.make_node("Add", [product, node.input[2]], [out])]
         else:
             nodes.append(helper.make_node("MatMul", [a, b], [out]))
     del graph.node[:]
