@@ -16,6 +16,17 @@ Prints real tokens/s (whole training time: compilation and graph recording inclu
 between logs after the first quarter of the log, so one-off stalls do not count), MFU (6 x matrix-multiplied parameters per token: weights only), peak GPU memory and the last
 logged training loss (parity: the same data and schedule give about the same curve; lmtune does not predict a
 document's first token from the previous document), and the ratios to the Trainer and to lmtune's `full`.
+
+The largest decoder per method on one GPU (issue 29): larger geometries (`qwen2.5-1.5b`, `qwen2.5-3b`, `llama-3-8b`:
+32 layers, hidden 4096, 32 query / 8 key-value heads, FFN 14336, a 128,256-token vocabulary, untied) are built in
+bf16 on the GPU with `--weights-dtype bfloat16`, and `--allow-oom` records a variant that runs out of GPU memory as
+"does not fit" instead of stopping:
+
+    python benchmarks/decoder_throughput.py --tokenizer <smollm2-135m> --geometry llama-3-8b --block-size 2048 \
+        --batch-size 4 --tokens 300000 --no-baseline --allow-oom --weights-dtype bfloat16 \
+        --variant full=method.name=full,train.gradient_checkpointing=true \
+        --variant lora=method.name=lora,train.gradient_checkpointing=true \
+        --variant qlora=method.name=lora,method.quantize=4bit,train.gradient_checkpointing=true
 """
 
 from __future__ import annotations
@@ -29,12 +40,21 @@ from pathlib import Path
 
 import numpy as np
 
-from side_by_side import device, run  # benchmarks/ is on the path: scripts run from there
+from side_by_side import device, failed, run  # benchmarks/ is on the path: scripts run from there
 
 GEOMETRIES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                          rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "llama-3-8b": dict(architecture="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, vocab_size=151936, max_position_embeddings=2048, tie_word_embeddings=True),
 }
@@ -77,18 +97,30 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--max-steps", type=int, default=None, help="smoke tests only")
     parser.add_argument("--no-baseline", action="store_true", help="lmtune's variants only (no Trainer run)")
+    parser.add_argument("--allow-oom", action="store_true",
+                        help="a variant that runs out of GPU memory is reported as not fitting instead of stopping")
+    parser.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the random weights' dtype on disk (bfloat16 halves an 8B folder to 16 GB)")
     parser.add_argument("--work-dir", default="runs/decoder-throughput")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**GEOMETRIES[args.geometry], bos_token_id=tokenizer.bos_token_id,
+    geometry = dict(GEOMETRIES[args.geometry])
+    config_class, model_class = ((LlamaConfig, LlamaForCausalLM) if geometry.pop("architecture", "qwen2") == "llama"
+                                 else (Qwen2Config, Qwen2ForCausalLM))
+    dtype = getattr(torch, args.weights_dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built straight in the dtype saved, on the GPU where there is one (fast init)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = model_class(config_class(**geometry, bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id))
+    torch.set_default_dtype(default_dtype)
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if model.config.tie_word_embeddings:  # the output layer multiplies by the embedding table
         matmul_params += model.get_output_embeddings().weight.numel()
@@ -127,7 +159,14 @@ def main() -> None:
         name, _, overrides = spec.partition("=")
         command = [sys.executable, "-m", "lmtune.cli", "train", str(config), f"output.name={name}",
                    *filter(None, overrides.split(","))]
-        wall = run(command)
+        log = work / f"{name}.log"
+        wall = run(command, log=log if args.allow_oom else None)
+        if args.allow_oom and (why := failed(log)):
+            if why != "out of memory":
+                raise SystemExit(f"variant {name} failed:\n{why}")
+            rows[name] = {"fits": False, "wall_seconds": wall}
+            print(f"{name}: does not fit (CUDA out of memory)", flush=True)
+            continue
         ours = json.loads((work / "runs" / name / "metrics.json").read_text())
         rows[name] = {"train_seconds": ours["train_seconds"], "real_tokens_per_second": ours["train_tokens_per_second"],
                       "peak_memory_mb": max((s.get("peak_memory_mb") or 0 for s in ours["stages"].values()),
@@ -135,10 +174,11 @@ def main() -> None:
                       "steps": ours["steps"], "wall_seconds": wall}
         rows[name]["loss"], rows[name]["settled_tokens_per_second"] = logged(
             work / "runs" / name, ours["train_tokens_per_second"] * ours["train_seconds"] / ours["steps"])
-    for r in rows.values():
+    fitted = {name: r for name, r in rows.items() if r.get("fits", True)}
+    for r in fitted.values():
         r["mfu"] = round(6 * matmul_params * r["real_tokens_per_second"] / (args.peak_tflops * 1e12), 4)
     base, full = rows.get("hf_trainer", {}), rows.get("full")
-    for name, r in rows.items():
+    for name, r in fitted.items():
         if base:
             r["throughput_vs_trainer"] = round(r["real_tokens_per_second"] / base["real_tokens_per_second"], 2)
         if r.get("settled_tokens_per_second") and base.get("settled_tokens_per_second"):
@@ -154,7 +194,9 @@ def main() -> None:
     print("\n| system | train s | real tokens/s (settled) | MFU | peak MB | last loss | steps | x Trainer tokens/s "
           "(settled) | x Trainer memory | x full tokens/s (settled) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
+    for name in rows.keys() - fitted.keys():
+        print(f"| {name} | does not fit (CUDA out of memory) | | | | | | | | |")
+    for name, r in fitted.items():
         print(f"| {name} | {r['train_seconds']:.1f} | {r['real_tokens_per_second']:.0f} "
               f"({r.get('settled_tokens_per_second') or '-'}) | {r['mfu']:.1%} | "
               f"{r['peak_memory_mb'] or 0:.0f} | {r['loss'] or float('nan'):.3f} | {r['steps']} | "

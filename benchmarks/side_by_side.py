@@ -11,15 +11,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(command: list[str]) -> float:
+def run(command: list[str], log: Path | None = None) -> float:
     """Run `command` in the checkout's root, echoed first, offline and importing lmtune from this checkout's src/;
-    its wall seconds."""
+    its wall seconds. With `log`, its output goes there and a failure is not raised (see `failed`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     print("$", " ".join(command), flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env=env)
+    if log is None:
+        subprocess.run(command, check=True, cwd=ROOT, env=env)
+    else:
+        with open(log, "w", encoding="utf-8") as out:
+            done = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        log.with_suffix(".status").write_text(str(done.returncode), encoding="utf-8")
     return round(time.perf_counter() - started, 1)
+
+
+def failed(log: Path) -> str | None:
+    """Why a `run(..., log=...)` failed: None if it did not, "out of memory" for a CUDA OOM, else its last lines."""
+    if log.with_suffix(".status").read_text(encoding="utf-8").strip() == "0":
+        return None
+    text = log.read_text(encoding="utf-8", errors="replace")
+    return "out of memory" if "out of memory" in text.lower() else "\n".join(text.splitlines()[-15:])
 
 
 def lmtune_runs(command: list[str], runs: int, metrics: Path) -> tuple[float, list[dict]]:
