@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from side_by_side import device, failed, run  # benchmarks/ is on the path: scripts run from there
+from side_by_side import device, run, run_logged  # benchmarks/ is on the path: scripts run from there
 
 GEOMETRIES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -159,9 +159,8 @@ def main() -> None:
         name, _, overrides = spec.partition("=")
         command = [sys.executable, "-m", "lmtune.cli", "train", str(config), f"output.name={name}",
                    *filter(None, overrides.split(","))]
-        log = work / f"{name}.log"
-        wall = run(command, log=log if args.allow_oom else None)
-        if args.allow_oom and (why := failed(log)):
+        wall, why = run_logged(command, work / f"{name}.log") if args.allow_oom else (run(command), None)
+        if why:
             if why != "out of memory":
                 raise SystemExit(f"variant {name} failed:\n{why}")
             rows[name] = {"fits": False, "wall_seconds": wall}

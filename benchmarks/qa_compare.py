@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from side_by_side import describe, describe_runs, non_training, time_split  # noqa: E402 - benchmarks/ is on the path
+from side_by_side import describe, describe_runs, lmtune_runs, run, time_split  # noqa: E402 - benchmarks/ is on the path
 
 
 def run_lmtune(config: str, overrides: list[str], out: Path) -> None:
@@ -47,15 +45,9 @@ def run_lmtune(config: str, overrides: list[str], out: Path) -> None:
                "best_step": m["selection"]["best_step"], "train_seconds": m["train_seconds"],
                "time_split": time_split(m),
                "train_tokens_per_second": m["train_tokens_per_second"], "groups": m["data"].get("groups"),
-               "phase_seconds": m.get("phase_seconds", {}), "non_training_seconds": non_training(m.get("phase_seconds", {})),
+               "phase_seconds": m.get("phase_seconds", {}),
                "run_dir": str(result.run_dir)}
     out.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-
-
-def timed(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT)
-    return round(time.perf_counter() - started, 2)
 
 
 def main() -> None:
@@ -95,13 +87,10 @@ def compare(args: argparse.Namespace, seed: int, work: Path) -> dict:
     extra = [f"train.seed={seed}", *args.set]
     cfg = load_config(ROOT / args.config, [f"model.name={args.model}", f"data.train={args.data}", *extra])
     lmtune_json = work / "lmtune.json"
-    runs = []
-    for _ in range(max(1, args.lmtune_runs)):
-        lmtune_wall = timed([sys.executable, __file__, "--model", args.model, "--data", args.data, "--config",
-                             args.config, "--work", str(work), "--lmtune-child", str(lmtune_json), "--set", *extra])
-        ours = json.loads(lmtune_json.read_text(encoding="utf-8"))
-        runs.append({"wall_seconds": lmtune_wall, "non_training_seconds": ours["non_training_seconds"],
-                     "phase_seconds": ours["phase_seconds"]})
+    lmtune_wall, runs = lmtune_runs([sys.executable, __file__, "--model", args.model, "--data", args.data, "--config",
+                                     args.config, "--work", str(work), "--lmtune-child", str(lmtune_json), "--set",
+                                     *extra], args.lmtune_runs, lmtune_json)  # the child's summary has phase_seconds
+    ours = json.loads(lmtune_json.read_text(encoding="utf-8"))
     ours["wall_seconds"], ours["runs"] = lmtune_wall, runs
     # The baseline trains and tests on the very articles lmtune did (its validation articles stay unused).
     split = work / "split.json"
@@ -119,7 +108,7 @@ def compare(args: argparse.Namespace, seed: int, work: Path) -> dict:
         command += ["--max-train-samples", str(cfg.data.max_train_samples)]
     if cfg.data.max_eval_samples:
         command += ["--max-eval-samples", str(cfg.data.max_eval_samples)]
-    trainer_wall = timed(command)
+    trainer_wall = run(command)
     theirs = json.loads(trainer_json.read_text(encoding="utf-8"))
     theirs["wall_seconds_with_start"] = trainer_wall
     return {"seed": seed, "lmtune": ours, "hf_trainer": theirs,

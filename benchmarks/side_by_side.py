@@ -11,28 +11,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(command: list[str], log: Path | None = None) -> float:
-    """Run `command` in the checkout's root, echoed first, offline and importing lmtune from this checkout's src/;
-    its wall seconds. With `log`, its output goes there and a failure is not raised (see `failed`)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+def _child_env() -> dict[str, str]:
+    """Offline, and importing lmtune from this checkout's src/."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+
+
+def run(command: list[str]) -> float:
+    """Run `command` in the checkout's root, echoed first (see `_child_env`); its wall seconds."""
     print("$", " ".join(command), flush=True)
     started = time.perf_counter()
-    if log is None:
-        subprocess.run(command, check=True, cwd=ROOT, env=env)
-    else:
-        with open(log, "w", encoding="utf-8") as out:
-            done = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        log.with_suffix(".status").write_text(str(done.returncode), encoding="utf-8")
+    subprocess.run(command, check=True, cwd=ROOT, env=_child_env())
     return round(time.perf_counter() - started, 1)
 
 
-def failed(log: Path) -> str | None:
-    """Why a `run(..., log=...)` failed: None if it did not, "out of memory" for a CUDA OOM, else its last lines."""
-    if log.with_suffix(".status").read_text(encoding="utf-8").strip() == "0":
-        return None
+def run_logged(command: list[str], log: Path) -> tuple[float, str | None]:
+    """`run` with the output going to `log` and a failure not raised: its wall seconds and why it failed (None if
+    it did not, "out of memory" for a CUDA OOM, else the log's last lines)."""
+    print("$", " ".join(command), flush=True)
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        done = subprocess.run(command, cwd=ROOT, env=_child_env(), stdout=out, stderr=subprocess.STDOUT)
+    wall = round(time.perf_counter() - started, 1)
+    if done.returncode == 0:
+        return wall, None
     text = log.read_text(encoding="utf-8", errors="replace")
-    return "out of memory" if "out of memory" in text.lower() else "\n".join(text.splitlines()[-15:])
+    return wall, "out of memory" if "out of memory" in text.lower() else "\n".join(text.splitlines()[-15:])
 
 
 def lmtune_runs(command: list[str], runs: int, metrics: Path) -> tuple[float, list[dict]]:
