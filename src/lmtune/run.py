@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,14 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     if cfg.train.gradient_checkpointing:
         models.checkpoint_activations(model)
     model = session.model = method.prepare(model, info, cfg.method)  # peft methods wrap the model
+    if models.is_adapter(model) and accelerator.mixed_precision in ("bf16", "fp16"):  # a backbone that never trains
+        import torch
+
+        from lmtune.training.frozen import hold_frozen_linear
+
+        freed = hold_frozen_linear(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
+        logging.getLogger(__name__).info("frozen linear layers held in %s: %.2f GB less", accelerator.mixed_precision,
+                                          freed / 1e9)
     task.prepare_model(model)  # e.g. the causal-LM tasks' memory-lean loss, on the wrapped model
     metric = cfg.eval.metric or task.default_metric
     validation = features.get("validation")

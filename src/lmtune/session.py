@@ -26,6 +26,11 @@ def make_accelerator(precision: str, device: str | None = None) -> Any:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if problem := precision_problem(precision):  # a saved run's precision on this machine (train checked it first)
         raise ValueError(problem)
+    from accelerate.state import AcceleratorState
+
+    # One run's precision, not the first one of this process (accelerate keeps it in a process-wide state and refuses
+    # a different one: lmtune.train in bf16, then lmtune.load of an fp32 run). The process group stays as it is.
+    AcceleratorState._reset_state()
     # cpu=True on a CPU-only machine lets torchrun/accelerate launch form a multi-process (gloo) group.
     return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not cuda)
 
@@ -75,8 +80,10 @@ class Session:
         return self.task.evaluate(self.outputs(features, model), features, examples)
 
     def generate(self, inputs: list[Any]) -> list[dict[str, Any]]:
-        """Predictions of a generating task (causal LMs) for inputs from its `from_texts`."""
-        return self.task.generate(self.model, self.tokenizer, inputs, self.accelerator.device)
+        """Predictions of a generating task (causal LMs) for inputs from its `from_texts` (under the run's autocast, as
+        its evaluations: the same numbers before and after training)."""
+        with self.accelerator.autocast():
+            return self.task.generate(self.model, self.tokenizer, inputs, self.accelerator.device)
 
     def score_generations(self, ds: Any) -> dict[str, Any]:
         return self.task.score_generations(ds, self.generate)

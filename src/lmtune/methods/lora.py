@@ -109,10 +109,15 @@ class Lora(Method):
     def prepare(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
         """Wrap the model with peft adapters (the returned model replaces the original)."""
         import peft
+        import torch
 
-        if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: the unquantised norms and head in fp32
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return peft.get_peft_model(model, peft_config(model, info, options))
+        model = peft.get_peft_model(model, peft_config(model, info, options))
+        # QLoRA (a bf16 backbone): what trains (the adapters, a new head's copy) in fp32 for AdamW; the frozen rest
+        # stays bf16 (peft's prepare_model_for_kbit_training would make the embeddings and head fp32: +4 GB at 8B).
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        return model
 
     @staticmethod
     def apply(model: Any, info: TaskInfo, options: LoraOptions) -> list[Stage]:
