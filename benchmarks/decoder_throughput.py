@@ -162,11 +162,10 @@ def main() -> None:
         command = [sys.executable, "-m", "lmtune.cli", "train", str(config), f"output.name={name}",
                    *filter(None, overrides.split(","))]
         wall, why = run_logged(command, work / f"{name}.log") if args.allow_oom else (run(command), None)
-        if why:
-            if why != "out of memory":
-                raise SystemExit(f"variant {name} failed:\n{why}")
-            rows[name] = {"fits": False, "wall_seconds": wall}
-            print(f"{name}: does not fit (CUDA out of memory)", flush=True)
+        if why:  # the next variants still run: one failure does not lose the others' figures
+            rows[name] = {"fits": False, "wall_seconds": wall, "failed": why}
+            print(f"{name}: does not fit (CUDA out of memory)" if why == "out of memory" else
+                  f"variant {name} failed:\n{why}", flush=True)
             continue
         ours = json.loads((work / "runs" / name / "metrics.json").read_text())
         rows[name] = {"train_seconds": ours["train_seconds"], "real_tokens_per_second": ours["train_tokens_per_second"],
@@ -175,6 +174,7 @@ def main() -> None:
                       "steps": ours["steps"], "wall_seconds": wall}
         rows[name]["loss"], rows[name]["settled_tokens_per_second"] = logged(
             work / "runs" / name, ours["train_tokens_per_second"] * ours["train_seconds"] / ours["steps"])
+        print(json.dumps({name: rows[name]}), flush=True)  # each row as it lands (a call cut short keeps them)
     fitted = {name: r for name, r in rows.items() if r.get("fits", True)}
     for r in fitted.values():
         r["mfu"] = round(6 * matmul_params * r["real_tokens_per_second"] / (args.peak_tflops * 1e12), 4)
@@ -196,7 +196,8 @@ def main() -> None:
           "(settled) | x Trainer memory | x full tokens/s (settled) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in rows.keys() - fitted.keys():
-        print(f"| {name} | does not fit (CUDA out of memory) | | | | | | | | |")
+        why = "does not fit (CUDA out of memory)" if rows[name]["failed"] == "out of memory" else "failed"
+        print(f"| {name} | {why} | | | | | | | | |")
     for name, r in fitted.items():
         print(f"| {name} | {r['train_seconds']:.1f} | {r['real_tokens_per_second']:.0f} "
               f"({r.get('settled_tokens_per_second') or '-'}) | {r['mfu']:.1%} | "
@@ -206,6 +207,8 @@ def main() -> None:
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    if any(r.get("failed", "out of memory") != "out of memory" for r in rows.values()):
+        raise SystemExit("a variant failed (above)")
 
 
 if __name__ == "__main__":

@@ -108,3 +108,14 @@ def test_cli_run_with_an_absurd_learning_rate_fails_loudly_and_writes_no_nan(tin
     last = run / "checkpoints" / "last"
     if last.is_dir():  # whatever was kept holds finite numbers
         assert all(torch.isfinite(w).all() for w in load_file(str(last / "state" / "model.safetensors")).values())
+
+
+def test_weights_finite_skips_integer_storage_and_still_finds_a_nan() -> None:
+    from lmtune.training.guard import weights_finite
+
+    acc = Accelerator(cpu=True)
+    packed = torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False)  # like a 4-bit weight
+    weight = torch.nn.Parameter(torch.ones(3))
+    assert weights_finite([packed, weight], acc)
+    weight.data[1] = float("nan")
+    assert not weights_finite([packed, weight], acc)

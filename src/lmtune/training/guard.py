@@ -79,7 +79,9 @@ def total_norm(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 def weights_finite(params: list[torch.Tensor], accelerator: Any) -> bool:
-    """Whether every weight is finite, on every process (one sync: for evaluations, not for steps)."""
+    """Whether every weight is finite, on every process (one sync: for evaluations, not for steps). Integer storage
+    (QLoRA's 4-bit weights) holds no infinities and is skipped."""
+    params = [p for p in params if p.is_floating_point()]
     if params:
         norms = torch.stack(torch._foreach_norm([p.detach() for p in params]))
         bad = (~torch.isfinite(norms)).any().float()
