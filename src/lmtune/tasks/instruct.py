@@ -259,6 +259,10 @@ class Instruct(lm_common.DecoderTask):
 
             packed = pack_whole(list(zip(rows["input_ids"], rows["labels"])), max_length)
             self.encode_report["packing"] = {"examples": len(rows["input_ids"]), "rows": len(packed)}
+            log.info("packing: %d conversations in %d rows (%.1f a row); train.batch_size counts rows, so a step holds "
+                     "that many times more conversations and an epoch that many times fewer steps (divide batch_size "
+                     "by it to keep the unpacked run's steps)", len(rows["input_ids"]), len(packed),
+                     len(rows["input_ids"]) / max(1, len(packed)))
             rows = {key: [r[key] for r in packed] for key in ("input_ids", "labels", "position_ids")}
             rows["length"] = [len(ids) for ids in rows["input_ids"]]
         return datasets.Dataset.from_dict(rows)
