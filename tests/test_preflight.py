@@ -92,6 +92,12 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
         return cfg, ("method 'lora': method.target_modules ['vaule'] name no module of this "
                      "BertForSequenceClassification; its linear layers are named ['classifier', 'dense', 'key', "
                      "'query', 'value']")
+    if case == "prompt_tuning_on_packed_rows":  # was a shape error at the first step
+        cfg["model"] = {"name": str(decoder), "max_length": 16}
+        cfg["task"] = {"name": "causal_lm"}
+        cfg["data"] = {"train": text_file(tmp_path / "train.txt")}
+        cfg["method"] = {"name": "lora", "variant": "prompt_tuning"}
+        return cfg, "method.variant=prompt_tuning: causal_lm packs documents into rows, each attending only to itself"
     assert case == "max_length_over_positions"
     cfg["model"]["max_length"] = 128
     return cfg, "model.max_length=128 exceeds the 64 positions this model has"
@@ -99,7 +105,8 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
 
 CASES = ["qa_window", "ner_stride", "general_text_on_a_classifier", "general_text_on_an_encoder",
          "general_text_missing", "label_smoothing_multi_label", "max_length_over_positions", "replay_on_a_classifier",
-         "metric_typo", "metric_of_another_task", "pickled_weights_only", "head_on_a_tied_decoder", "lora_target_typo"]
+         "metric_typo", "metric_of_another_task", "pickled_weights_only", "head_on_a_tied_decoder", "lora_target_typo",
+         "prompt_tuning_on_packed_rows"]
 CASES += [] if __import__("torch").cuda.is_available() else ["fp16_on_a_cpu"]
 
 

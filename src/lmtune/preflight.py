@@ -42,7 +42,7 @@ def check_setup(cfg: RunConfig) -> Setup:
                 label_smoothing_problem(cfg, task), *general_text_problems(cfg, task, model_config),
                 replay_problem(cfg, task), metric_problem(cfg.eval.metric, task, "eval.metric"),
                 precision_problem(cfg.train.precision), tracker_problem(cfg.output.report_to),
-                calibrate_problem(cfg), class_weights_problem(cfg), quantize_problem(cfg),
+                calibrate_problem(cfg), class_weights_problem(cfg), quantize_problem(cfg), prompt_tuning_problem(cfg),
                 "data.label_column: one column (several are for task.name: regression)"
                 if isinstance(cfg.data.label_column, list) and cfg.task.name != "regression" else None]
     problems = [p for p in problems if p] or [method_problem(cfg, task, model_config)]  # builds the model: last
@@ -115,6 +115,17 @@ def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
     return (f"train.label_smoothing={cfg.train.label_smoothing}: the {cfg.task.name} task "
             f"({'multi-label, ' if getattr(cfg.task, 'multi_label', False) else ''}"
             "not a cross-entropy over classes) cannot smooth its labels; set it to 0")
+
+
+def prompt_tuning_problem(cfg: RunConfig) -> str | None:
+    """Packed rows (causal_lm always, instruct with task.packing) carry a block-diagonal [B, 1, L, L] attention mask,
+    which peft's virtual tokens cannot extend (the first step failed: "Tensors must have same number of dimensions")."""
+    packed = cfg.task.name == "causal_lm" or (cfg.task.name == "instruct" and getattr(cfg.task, "packing", False))
+    if getattr(cfg.method, "variant", None) != "prompt_tuning" or not packed:
+        return None
+    where = "causal_lm packs documents into rows" if cfg.task.name == "causal_lm" else "task.packing packs chats"
+    return (f"method.variant=prompt_tuning: {where}, each attending only to itself, and peft's virtual tokens cannot "
+            "join such rows; use lora, dora or ia3" + (", or task.packing=false" if cfg.task.name == "instruct" else ""))
 
 
 def quantize_problem(cfg: RunConfig) -> str | None:
