@@ -178,7 +178,7 @@ def main() -> None:
     fitted = {name: r for name, r in rows.items() if r.get("fits", True)}
     for r in fitted.values():
         r["mfu"] = round(6 * matmul_params * r["real_tokens_per_second"] / (args.peak_tflops * 1e12), 4)
-    base, full = rows.get("hf_trainer", {}), rows.get("full")
+    base, full = fitted.get("hf_trainer", {}), fitted.get("full")  # (a failed variant has no figures)
     for name, r in fitted.items():
         if base:
             r["throughput_vs_trainer"] = round(r["real_tokens_per_second"] / base["real_tokens_per_second"], 2)

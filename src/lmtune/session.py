@@ -26,11 +26,6 @@ def make_accelerator(precision: str, device: str | None = None) -> Any:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if problem := precision_problem(precision):  # a saved run's precision on this machine (train checked it first)
         raise ValueError(problem)
-    from accelerate.state import AcceleratorState
-
-    # One run's precision, not the first one of this process (accelerate keeps it in a process-wide state and refuses
-    # a different one: lmtune.train in bf16, then lmtune.load of an fp32 run). The process group stays as it is.
-    AcceleratorState._reset_state()
     # cpu=True on a CPU-only machine lets torchrun/accelerate launch form a multi-process (gloo) group.
     return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not cuda)
 

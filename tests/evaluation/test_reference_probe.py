@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 import lmtune
 from helpers import make_sentiment_rows, write_csv
@@ -38,7 +39,8 @@ def test_a_scrambled_backbone_loses_the_reference_task(tiny_model_dir: Path, tmp
 
     reference = write_csv(tmp_path / "reference.csv", make_sentiment_rows(80, seed=4))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    session = SimpleNamespace(model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir), max_length=64)
+    session = SimpleNamespace(model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir), max_length=64,
+                              accelerator=Accelerator(cpu=True))
     after = reference_probe(EvalConfig(reference_probe=_probe_config(reference)), session, seed=3)
     with torch.no_grad():  # every word the same vector: nothing left to tell the texts apart
         model.bert.embeddings.word_embeddings.weight.copy_(model.bert.embeddings.word_embeddings.weight[5].clone())

@@ -51,14 +51,37 @@ def test_same_logits_under_autocast_and_half_the_frozen_bytes(tiny_decoder_dir) 
     assert (outside - full).abs().max() < 0.05 * full.abs().max()  # bf16 products, not a different model
 
 
-def test_a_layer_with_a_trainable_parameter_stays_fp32() -> None:
-    layer = torch.nn.Linear(4, 4)
-    layer.weight.requires_grad_(False)  # the bias still trains (BitFit-like)
-    assert hold_frozen_linear(torch.nn.Sequential(layer), torch.bfloat16) == 0
-    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+def test_layers_that_train_now_or_later_stay_fp32() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model.requires_grad_(False)
+    model[0].bias.requires_grad_(True)  # the bias trains (BitFit-like)
+    freed = hold_frozen_linear(model, torch.bfloat16, trained={"1.weight"})  # a later stage trains layer 1
+    assert [type(m).__name__ for m in model] == ["Linear", "Linear", "HalfFrozenLinear"]
+    assert freed == (16 + 4) * 2 and model[1].weight.dtype == torch.float32
 
 
-def test_a_bf16_lora_run_holds_its_backbone_in_bf16_and_learns(tiny_decoder_dir, tmp_path, caplog) -> None:
+def test_dora_base_layers_stay_fp32(tiny_decoder_dir) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder_dir, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                       task_type="CAUSAL_LM"))
+    hold_frozen_linear(model, torch.bfloat16)
+    attention = model.base_model.model.model.layers[0].self_attn
+    assert attention.q_proj.base_layer.weight.dtype == torch.float32  # DoRA normalises it: kept exact
+    assert attention.k_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.fixture
+def bf16_process():
+    """accelerate keeps one precision a process (a second one is refused): this test's own, then fp32 again."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_a_bf16_lora_run_holds_its_backbone_in_bf16_and_learns(tiny_decoder_dir, tmp_path, caplog,
+                                                               bf16_process) -> None:
     from helpers import write_jsonl
 
     rows = [{"text": f"the {w} sat on the mat and the {w} slept"} for w in ["cat", "dog", "bird", "fox"] * 8]
@@ -75,6 +98,3 @@ def test_a_bf16_lora_run_holds_its_backbone_in_bf16_and_learns(tiny_decoder_dir,
     assert len(losses) >= 6 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
     assert math.isfinite(result.metrics["validation"]["loss"])
     assert lmtune.load(result.run_dir).predict(["the cat"])  # the saved adapter on the fp32 backbone
-    from lmtune.session import make_accelerator
-
-    assert make_accelerator("fp32").mixed_precision == "no"  # the next run's own precision, not this one's

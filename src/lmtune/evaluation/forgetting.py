@@ -57,7 +57,9 @@ def reference_probe(cfg: EvalConfig, session: Any, seed: int) -> Callable[[], di
         was_training, side, pad = backbone.training, tokenizer.padding_side, tokenizer.pad_token
         backbone.eval()  # no dropout: the same backbone gives the same features
         try:
-            feats = probe.extract(backbone, tokenizer, inputs, session.max_length, words=words, desc="reference probe")
+            with session.accelerator.autocast():  # before and after alike, in the precision the run computes in
+                feats = probe.extract(backbone, tokenizer, inputs, session.max_length, words=words,
+                                      desc="reference probe")
         finally:  # the probe pads its own way: the run's tokenizer (saved with the model) stays as it was
             backbone.train(was_training)
             tokenizer.padding_side, tokenizer.pad_token = side, pad
@@ -116,7 +118,7 @@ def general_chat_probe(cfg: EvalConfig, session: Any, seed: int) -> Callable[[],
     def measure() -> tuple[float, list[str]]:
         probe.model = session.model  # the tuned model once training is over
         loss = probe.evaluate(features)[0]["loss"]
-        replies = task.generate(session.model, session.tokenizer, [p for p, _ in shown], session.accelerator.device)
+        replies = probe.generate([p for p, _ in shown])  # under the run's autocast, as training and evaluation
         return loss, [r["generated"] for r in replies]
 
     before, said = measure()
