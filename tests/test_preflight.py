@@ -98,6 +98,11 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
         cfg["data"] = {"train": text_file(tmp_path / "train.txt")}
         cfg["method"] = {"name": "lora", "variant": "prompt_tuning"}
         return cfg, "method.variant=prompt_tuning: causal_lm packs documents into rows, each attending only to itself"
+    if case == "prompt_tuning_on_ner":  # was a batch-size error at the first step
+        cfg["task"] = {"name": "ner"}
+        cfg["data"] = {"train": conll_file(tmp_path / "ner.conll")}
+        cfg["method"] = {"name": "lora", "variant": "prompt_tuning"}
+        return cfg, "method.variant=prompt_tuning: the ner task labels every token"
     assert case == "max_length_over_positions"
     cfg["model"]["max_length"] = 128
     return cfg, "model.max_length=128 exceeds the 64 positions this model has"
@@ -106,7 +111,7 @@ def bad_config(case: str, cfg: dict, tmp_path: Path, decoder: Path) -> tuple[dic
 CASES = ["qa_window", "ner_stride", "general_text_on_a_classifier", "general_text_on_an_encoder",
          "general_text_missing", "label_smoothing_multi_label", "max_length_over_positions", "replay_on_a_classifier",
          "metric_typo", "metric_of_another_task", "pickled_weights_only", "head_on_a_tied_decoder", "lora_target_typo",
-         "prompt_tuning_on_packed_rows"]
+         "prompt_tuning_on_packed_rows", "prompt_tuning_on_ner"]
 CASES += [] if __import__("torch").cuda.is_available() else ["fp16_on_a_cpu"]
 
 

@@ -120,8 +120,13 @@ def label_smoothing_problem(cfg: RunConfig, task: Any) -> str | None:
 def prompt_tuning_problem(cfg: RunConfig) -> str | None:
     """Packed rows (causal_lm always, instruct with task.packing) carry a block-diagonal [B, 1, L, L] attention mask,
     which peft's virtual tokens cannot extend (the first step failed: "Tensors must have same number of dimensions")."""
+    if getattr(cfg.method, "variant", None) != "prompt_tuning":
+        return None
+    if cfg.task.name == "ner":  # a label per token: the virtual tokens add outputs that have none
+        return ("method.variant=prompt_tuning: the ner task labels every token, and peft's virtual tokens add outputs "
+                "no label belongs to; use lora, dora or ia3")
     packed = cfg.task.name == "causal_lm" or (cfg.task.name == "instruct" and getattr(cfg.task, "packing", False))
-    if getattr(cfg.method, "variant", None) != "prompt_tuning" or not packed:
+    if not packed:
         return None
     where = "causal_lm packs documents into rows" if cfg.task.name == "causal_lm" else "task.packing packs chats"
     return (f"method.variant=prompt_tuning: {where}, each attending only to itself, and peft's virtual tokens cannot "
