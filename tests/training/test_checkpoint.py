@@ -83,3 +83,37 @@ def test_a_cut_random_state_file_stops_the_resume(tiny_config: dict, tmp_path: P
     result = CliRunner().invoke(app, ["train", str(config), "--resume"])
     assert result.exit_code == 1 and "random_states_0.pkl cannot be read" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_an_adapter_checkpoint_holds_what_trains_and_resumes_exactly(tiny_config: dict, monkeypatch) -> None:
+    tiny_config["method"] = {"name": "lora", "r": 4, "lr": 1e-2}
+    tiny_config["train"].update(eval_every=3, epochs=2)
+    tiny_config["output"]["name"] = "straight"
+    straight = lmtune.train(tiny_config)
+
+    tiny_config["output"]["name"] = "cut"
+    real, saves = os.replace, []
+
+    def replace(src, dst) -> None:  # dies after the second checkpoint is complete
+        real(src, dst)
+        if Path(src).name == "last.tmp":
+            saves.append(src)
+            if len(saves) == 2:
+                raise Interrupt
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(Interrupt):
+        lmtune.train(tiny_config)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    state = load_file(str(Path(tiny_config["output"]["dir"]) / "cut" / "checkpoints" / "last" / "state" /
+                           "model.safetensors"))
+    assert state and all("lora_" in k or "classifier" in k or "pooler" in k for k in state), sorted(state)[:5]
+    assert not any("word_embeddings" in k or "attention.self.query.base_layer" in k for k in state)
+
+    resumed = lmtune.train(tiny_config, resume=True)
+    assert resumed.metrics["steps"] == straight.metrics["steps"]
+    a = load_file(str(straight.run_dir / "model" / "adapter_model.safetensors"))
+    b = load_file(str(resumed.run_dir / "model" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from lmtune.training import compiling, graphs, guard, setup
 from lmtune.training.batching import TrainRows, steps_per_epoch, train_batches
-from lmtune.training.checkpoint import LoopState, load_checkpoint, load_weights, read_loop_state, save_checkpoint
+from lmtune.training.checkpoint import (LoopState, is_adapter, load_checkpoint, load_weights, read_loop_state,
+                                        save_checkpoint, save_trained_only)
 from lmtune.training.logs import MetricsLog, logged_lr
 from lmtune.training.passes import ensure_cached, iterate_outputs
 from lmtune.training.selection import evaluate
@@ -95,7 +96,7 @@ class _StageRun:
     def _resume(self, folder: Path) -> None:
         """Weights, optimizer, schedule, average and RNG states as the checkpoint has them. After the extras' set-up:
         whatever random numbers it drew, the stage goes on from the checkpoint's."""
-        load_checkpoint(self.acc, folder)
+        load_checkpoint(self.acc, folder, trained_only=is_adapter(self.acc.unwrap_model(self.model)))
         self.scheduler.load_state_dict(self.state.scheduler)
         if self.average is not None:
             self.average.load(folder)
@@ -324,6 +325,8 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     # collector's full passes no longer walk them (seconds of stalls over a run with millions of token ids).
     gc.collect()
     gc.freeze()
+    slim = (save_trained_only(accelerator, job.model, {n for stage in job.stages for g in stage.groups for n in g.names})
+            if is_adapter(job.model) else None)
     try:
         for index in range(first := state.stage, len(job.stages)):  # resumed: only `first` from the checkpoint
             resume_from = last if resume and index == first else None
@@ -334,4 +337,6 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     finally:
         gc.unfreeze()
         logs.close()
+        if slim is not None:
+            slim.remove()
     return state
