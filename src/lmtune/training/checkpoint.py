@@ -91,11 +91,6 @@ def save_checkpoint(accelerator: Any, folder: Path, state: LoopState, extra: Any
     accelerator.wait_for_everyone()
 
 
-def is_adapter(model: Any) -> bool:
-    """A peft model: its backbone is frozen for the whole run."""
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def save_trained_only(accelerator: Any, model: Any, names: set[str]) -> Any:
     """An adapter run's checkpoints hold the weights its stages train (`names`: the adapters, a new head's copy), not
     the frozen backbone, which a resumed run reads from the pretrained model again: an 8B LoRA run writes megabytes,

@@ -15,10 +15,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lmtune.models import is_adapter
 from lmtune.training import compiling, graphs, guard, setup
 from lmtune.training.batching import TrainRows, steps_per_epoch, train_batches
-from lmtune.training.checkpoint import (LoopState, is_adapter, load_checkpoint, load_weights, read_loop_state,
-                                        save_checkpoint, save_trained_only)
+from lmtune.training.checkpoint import (LoopState, load_checkpoint, load_weights, read_loop_state, save_checkpoint,
+                                        save_trained_only)
 from lmtune.training.logs import MetricsLog, logged_lr
 from lmtune.training.passes import ensure_cached, iterate_outputs
 from lmtune.training.selection import evaluate
