@@ -134,21 +134,20 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
         models.checkpoint_activations(model)
     model = session.model = method.prepare(model, info, cfg.method)  # peft methods wrap the model
     task.prepare_model(model)  # e.g. the causal-LM tasks' memory-lean loss, on the wrapped model
-    stages = method.apply(model, info, cfg.method)
-    _hold_frozen(model, stages, accelerator)
     metric = cfg.eval.metric or task.default_metric
     validation = features.get("validation")
-    job = Job(model=model, stages=stages, train_set=features["train"],
+    job = Job(model=model, stages=method.apply(model, info, cfg.method), train_set=features["train"],
               collate=session.collate, metric=metric, greater_is_better=task.greater_is_better(metric),
               evaluate=(lambda m: session.evaluate(validation, m)[0]) if validation is not None and len(validation)
               else None, run_dir=run_dir, callbacks=list(callbacks or []), loss=training_loss(cfg.train, task),
               count_targets=task.count_targets, width=session.width,
               sample_weights=task.sample_weights(features["train"]) if cfg.data.sampler == "balanced" else None)
+    _hold_frozen(model, job.trained, accelerator)
     phases.lap("method")
     return _Run(session, task, splits, features, job, data_report, probe, before)
 
 
-def _hold_frozen(model: Any, stages: list[Any], accelerator: Any) -> None:
+def _hold_frozen(model: Any, trained: set[str], accelerator: Any) -> None:
     """An adapter's backbone never trains: its linear layers in the autocast precision (not under sharding: FSDP's
     flat parameters need one dtype a block)."""
     if (not models.is_adapter(model) or accelerator.mixed_precision not in ("bf16", "fp16")
@@ -158,7 +157,6 @@ def _hold_frozen(model: Any, stages: list[Any], accelerator: Any) -> None:
 
     from lmtune.training.frozen import hold_frozen_linear
 
-    trained = {n for stage in stages for group in stage.groups for n in group.names}
     freed = hold_frozen_linear(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16,
                                trained)
     logging.getLogger(__name__).info("frozen linear layers held in %s: %.2f GB less", accelerator.mixed_precision,

@@ -95,8 +95,7 @@ def save_trained_only(accelerator: Any, model: Any, names: set[str]) -> Any:
     """An adapter run's checkpoints hold the weights its stages train (`names`: the adapters, a new head's copy), not
     the frozen backbone, which a resumed run reads from the pretrained model again: an 8B LoRA run writes megabytes,
     not 16 GB, and QLoRA's 4-bit storage is never serialised. Returns the hook's handle (`.remove()`)."""
-    trained = {id(p) for n, p in model.named_parameters() if n in names}
-    pointers = {p.data_ptr() for p in model.parameters() if id(p) in trained}
+    pointers = {p.data_ptr() for n, p in model.named_parameters() if n in names}  # state-dict tensors share them
 
     def keep_trained(models: list[Any], weights: list[dict[str, Any]], _output_dir: str) -> None:
         for i, weight in enumerate(weights):  # replaced in place: Accelerate saves this list after its hooks

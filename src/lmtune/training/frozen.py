@@ -4,8 +4,8 @@ An adapter (LoRA and relatives) never updates the backbone's linear layers, and 
 casts their fp32 weights to bf16/fp16 anyway: holding them in that precision gives the same products from half the
 memory (a Llama-3-8B's LoRA run: 32 GB of fp32 weights become 16 GB). Only plain `nn.Linear` layers whose parameters
 are all frozen for every stage change (not under a DoRA adapter, which normalises the base weight itself); embeddings,
-norms and a head tied to the embeddings stay in fp32 (they are not matrix products
-under autocast, so halving them would change the numbers). Outside autocast (a generation, a probe) such a layer casts
+norms and a head tied to the embeddings stay in fp32 (they are not matrix products under autocast, so halving them
+would change the numbers). Outside autocast (a generation, a probe) such a layer casts
 its input to the weights' precision and its output back, so callers see the dtypes they passed.
 """
 

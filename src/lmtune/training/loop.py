@@ -59,6 +59,11 @@ class Job:
     trackers: Any = None  # where the metrics log is mirrored (training.trackers.Trackers: TensorBoard, MLflow, W&B)
     sample_weights: Any = None  # per training row: each epoch draws rows with these odds (data.sampler: balanced)
 
+    @property
+    def trained(self) -> set[str]:
+        """The parameters some stage trains."""
+        return {n for stage in self.stages for n in stage.trainable}
+
 
 class _StageRun:
     """One stage from set-up to restored best weights; the loop body is `run`, read it top to bottom."""
@@ -97,7 +102,7 @@ class _StageRun:
     def _resume(self, folder: Path) -> None:
         """Weights, optimizer, schedule, average and RNG states as the checkpoint has them. After the extras' set-up:
         whatever random numbers it drew, the stage goes on from the checkpoint's."""
-        load_checkpoint(self.acc, folder, trained_only=is_adapter(self.acc.unwrap_model(self.model)))
+        load_checkpoint(self.acc, folder, trained_only=is_adapter(self.job.model))
         self.scheduler.load_state_dict(self.state.scheduler)
         if self.average is not None:
             self.average.load(folder)
@@ -326,8 +331,7 @@ def fit(job: Job, cfg: TrainConfig, accelerator: Any, resume: bool = False) -> L
     # collector's full passes no longer walk them (seconds of stalls over a run with millions of token ids).
     gc.collect()
     gc.freeze()
-    slim = (save_trained_only(accelerator, job.model, {n for stage in job.stages for g in stage.groups for n in g.names})
-            if is_adapter(job.model) else None)
+    slim = save_trained_only(accelerator, job.model, job.trained) if is_adapter(job.model) else None
     try:
         for index in range(first := state.stage, len(job.stages)):  # resumed: only `first` from the checkpoint
             resume_from = last if resume and index == first else None
