@@ -129,7 +129,8 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     probe = forgetting_probes(cfg.eval, session, cfg.train.seed)
     before = session.score_generations(splits["test"]) if generate_test else None
     phases.lap("probes before training")
-    info = TaskInfo(head_names=models.head_names(model, new_weights), epochs=cfg.train.epochs)
+    info = TaskInfo(head_names=models.head_names(model, new_weights), epochs=cfg.train.epochs,
+                    new_names=list(new_weights))
     if cfg.train.gradient_checkpointing:
         models.checkpoint_activations(model)
     model = session.model = method.prepare(model, info, cfg.method)  # peft methods wrap the model

@@ -49,10 +49,15 @@ def _task_type(model: Any) -> str:
     raise ValueError(f"method 'lora' does not know how to adapt a {name}")
 
 
-def _head_modules(model: Any, head_names: list[str]) -> list[str]:
-    """Modules owning the head's weights (and any weight the checkpoint lacked): trained and saved whole."""
+def _head_modules(model: Any, info: TaskInfo) -> list[str]:
+    """Modules owning the head's weights (and any weight the checkpoint lacked): trained and saved whole. Not a
+    decoder's pretrained output layer: it is part of the language model the adapters adapt (an untied one trained
+    whole would be a Llama-3-8B's 525 M parameters with their fp32 gradients and AdamW moments, 8 GB more)."""
     modules = dict(model.named_modules())
-    owners = {name.rpartition(".")[0] for name in head_names}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    pretrained = {n for n, p in model.named_parameters()
+                  if output is not None and any(p is q for q in output.parameters()) and n not in info.new_names}
+    owners = {name.rpartition(".")[0] for name in info.head_names if name not in pretrained}
     return sorted(o for o in owners if o in modules)
 
 
@@ -77,7 +82,7 @@ def peft_config(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
     if options.variant in ("lora", "dora") and isinstance(options.target_modules, list) \
             and (problem := _unknown_targets(model, options.target_modules)):
         raise ValueError(problem)
-    save = _head_modules(model, info.head_names)
+    save = _head_modules(model, info)
     if options.variant == "prompt_tuning":
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens,
                                        modules_to_save=save or None)

@@ -40,6 +40,8 @@ class TaskInfo:
 
     head_names: list[str] = field(default_factory=list)
     epochs: int = 1
+    new_names: list[str] = field(default_factory=list)
+    """Weights the checkpoint did not provide (initialised at random)."""
 
 
 def head_parameters(model: Any, info: TaskInfo, method: str) -> list[str]:
