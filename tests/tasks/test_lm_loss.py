@@ -165,3 +165,23 @@ def test_lora_on_an_untied_decoder_gets_the_chunked_loss(tmp_path: Path, caplog:
         runs[chunk] = lmtune.train(cfg)
     assert "the model's own loss is used" not in caplog.text
     assert losses(runs[5].run_dir) == pytest.approx(losses(runs[None].run_dir), rel=1e-4)
+
+
+def test_an_untied_output_layer_held_in_bf16_gives_fp32_logits_outside_autocast(tmp_path: Path) -> None:
+    """A GPU adapter run holds a frozen untied output layer in bf16 (training/frozen.py) while the chunked loss is
+    installed on it: an evaluation or generation outside autocast passes fp32 hidden states through it."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import make_tiny_decoder
+    from lmtune.training.frozen import hold_frozen_linear
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_decoder(tmp_path / "untied", tied=False)).requires_grad_(False)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    undo = lm_loss.install(model, 3)
+    assert callable(undo)
+    hold_frozen_linear(model, torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.float32 and logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()

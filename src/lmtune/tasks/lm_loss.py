@@ -112,7 +112,7 @@ def install(model: Any, chunk: int) -> Callable[[], None] | str:
     def output_layer(hidden: torch.Tensor) -> torch.Tensor:
         if head.training or checking[0]:
             return hidden  # the loss below multiplies by the output weights, a chunk at a time
-        return F.linear(hidden, head.weight, head.bias)
+        return type(head).forward(head, hidden)  # the class's own (a frozen layer held in bf16 casts its input)
 
     def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       num_items_in_batch: torch.Tensor | None = None, ignore_index: int = -100,
