@@ -254,3 +254,41 @@ def test_replay_smaller_than_its_share_is_reused_to_meet_the_ratio() -> None:
     assert sorted(choose_replay(25, sizes, 0.5, seed=0).tolist()) == [0, 1, 2]  # 25 wanted: the third one crosses it
     assert len(choose_replay(20, sizes, 0.5, seed=0)) == 2
     assert len(choose_replay(30, [], 0.5, seed=0)) == 0
+
+
+def test_lora_warns_of_untrained_output_rows_and_can_train_the_output_layer(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # A base checkpoint whose output row for a token is untrained (near zero: Llama-3 base's <|eot_id|>) cannot learn
+    # to produce it under LoRA's frozen output layer: the run says so, and method.train_output_layer trains it.
+    from safetensors.torch import load_file, save_file
+
+    from helpers import make_tiny_decoder
+
+    model_dir = make_tiny_decoder(tmp_path / "untied", tied=False)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["lm_head.weight"][5] = 0.0
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = lm_config(model_dir, tmp_path)
+    cfg["eval"] = {}
+    cfg["method"] = {"name": "lora", "r": 4}
+    with caplog.at_level("WARNING", logger="lmtune"):
+        frozen = lmtune.train(cfg)
+    assert "1 untrained (near-zero) rows, token ids [5]" in caplog.text
+    assert "method.train_output_layer=true" in caplog.text
+    caplog.clear()
+    cfg["method"]["train_output_layer"] = True
+    cfg["output"]["name"] = "trained-output"
+    with caplog.at_level("WARNING", logger="lmtune"):
+        trained = lmtune.train(cfg)
+    assert "untrained" not in caplog.text
+    config = json.loads((model_dir / "config.json").read_text())
+    head = config["vocab_size"] * config["hidden_size"]
+    assert frozen.metrics["params"]["trainable"] < head <= trained.metrics["params"]["trainable"]
+
+
+def test_train_output_layer_is_refused_where_the_output_layer_is_tied(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    cfg = lm_config(tiny_decoder_dir, tmp_path)
+    cfg["method"] = {"name": "lora", "train_output_layer": True}
+    with pytest.raises(lmtune.ConfigError, match="train_output_layer: this LlamaForCausalLM has no separate output "
+                                                 "layer \\(it is tied to the input embeddings\\)"):
+        lmtune.train(cfg)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from lmtune.methods.stage import Method, ParamGroup, Stage, TaskInfo
 from lmtune.registry import register_method
+
+log = logging.getLogger("lmtune")
 
 # peft needs to know how the model's outputs are produced; read off the model class, not the task.
 _TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
@@ -35,6 +38,11 @@ class LoraOptions(BaseModel):
     """Learning rate of the adapters; default: train.lr (adapters usually want about 10x full fine-tuning's)."""
     head_lr: float | None = None
     """Learning rate of the head; default: the adapters'."""
+    train_output_layer: bool = False
+    """Also train a decoder's untied pretrained output layer, as a full fp32 copy saved with the adapters (a
+    Llama-3-8B's: 525 M parameters, ~8 GB more with gradients and AdamW moments). Needed where the base checkpoint
+    never trained the output rows of tokens the data teaches, e.g. a base model's chat end-of-turn token (the run
+    warns when it finds such rows); by default the output layer stays frozen, as the adapters' backbone."""
     quantize: Literal["4bit"] | None = None
     """4bit: QLoRA, the frozen backbone held in 4-bit NF4 (bitsandbytes, double quantisation, bf16 compute) while
     the adapters train in full precision; CUDA only. Predict, eval and serve load the base in full precision;
@@ -49,16 +57,55 @@ def _task_type(model: Any) -> str:
     raise ValueError(f"method 'lora' does not know how to adapt a {name}")
 
 
-def _head_modules(model: Any, info: TaskInfo) -> list[str]:
+def _head_modules(model: Any, info: TaskInfo, train_output_layer: bool = False) -> list[str]:
     """Modules owning the head's weights (and any weight the checkpoint lacked): trained and saved whole. Not a
-    decoder's pretrained output layer: it is part of the language model the adapters adapt (an untied one trained
-    whole would be a Llama-3-8B's 525 M parameters with their fp32 gradients and AdamW moments, 8 GB more)."""
+    decoder's pretrained output layer unless `train_output_layer`: it is part of the language model the adapters
+    adapt (an untied one trained whole would be a Llama-3-8B's 525 M parameters with their fp32 gradients and AdamW
+    moments, 8 GB more)."""
     modules = dict(model.named_modules())
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = None if train_output_layer else _output_layer(model)
     pretrained = {n for n, p in model.named_parameters()
                   if output is not None and any(p is q for q in output.parameters()) and n not in info.new_names}
     owners = {name.rpartition(".")[0] for name in info.head_names if name not in pretrained}
     return sorted(o for o in owners if o in modules)
+
+
+def _output_layer(model: Any) -> Any:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def _check_output_layer(model: Any, info: TaskInfo, options: LoraOptions) -> None:
+    """Refuse train_output_layer where there is no separate output layer; warn where a frozen one has rows the
+    checkpoint never trained (the model could not learn to produce those tokens)."""
+    output = _output_layer(model)
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    if options.train_output_layer and (output is None or tied):
+        raise ValueError("method 'lora': method.train_output_layer: this " + type(model).__name__ + " has no separate "
+                         "output layer (" + ("it is tied to the input embeddings" if tied else "none") + "); use "
+                         "method.name=full to train it")
+    save = set(_head_modules(model, info, options.train_output_layer))
+    if output is None or any(m is output for name, m in model.named_modules() if name in save):
+        return
+    if untrained := untrained_output_rows(model):
+        log.warning("the output layer of this checkpoint has %d untrained (near-zero) rows, token ids %s%s: LoRA keeps "
+                    "it frozen, so the model cannot learn to produce those tokens; if the replies end with one (a base "
+                    "model's chat end-of-turn token), %s", len(untrained), untrained[:8],
+                    " ..." if len(untrained) > 8 else "", "tune with method.name=full" if tied else
+                    "set method.train_output_layer=true or tune with method.name=full")
+
+
+def untrained_output_rows(model: Any) -> list[int]:
+    """Token ids whose output-layer row is near zero (below 1e-3 of the median row's norm): tokens the checkpoint
+    never learned to produce (a base model's reserved and chat-template tokens, e.g. Llama-3 base's <|eot_id|>)."""
+    import torch
+
+    output = _output_layer(model)
+    weight = getattr(output, "weight", None)
+    if weight is None or weight.device.type == "meta" or weight.dim() != 2 or not weight.is_floating_point():
+        return []  # (a model built on the meta device for preflight; 4-bit storage)
+    with torch.no_grad():
+        norms = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32)  # no fp32 copy of the whole layer
+    return torch.nonzero(norms < 1e-3 * norms.median()).flatten().tolist()
 
 
 def _unknown_targets(model: Any, targets: list[str]) -> str | None:
@@ -82,7 +129,7 @@ def peft_config(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
     if options.variant in ("lora", "dora") and isinstance(options.target_modules, list) \
             and (problem := _unknown_targets(model, options.target_modules)):
         raise ValueError(problem)
-    save = _head_modules(model, info)
+    save = _head_modules(model, info, options.train_output_layer)
     if options.variant == "prompt_tuning":
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens,
                                        modules_to_save=save or None)
@@ -116,6 +163,7 @@ class Lora(Method):
         import peft
         import torch
 
+        _check_output_layer(model, info, options)
         model = peft.get_peft_model(model, peft_config(model, info, options))
         # QLoRA (a bf16 backbone): what trains (the adapters, a new head's copy) in fp32 for AdamW; the frozen rest
         # stays bf16 (peft's prepare_model_for_kbit_training would make the embeddings and head fp32: +4 GB at 8B).

@@ -125,7 +125,8 @@ def load_checkpoint(accelerator: Any, folder: Path, trained_only: bool = False) 
         accelerator.load_state(str(folder / "state"), **({"strict": False} if trained_only else {}))
     except Exception as err:  # noqa: BLE001 - a missing or damaged part: say which checkpoint
         raise CheckpointError(f"checkpoint {folder} cannot be loaded ({type(err).__name__}: {_first_line(err)}); "
-                              "it is damaged: train again without --resume") from None
+                              "it is damaged, or what the method trains changed since it was written (another "
+                              "config or lmtune version): train again without --resume") from None
 
 
 def _first_line(err: Exception) -> str:
