@@ -130,7 +130,7 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     before = session.score_generations(splits["test"]) if generate_test else None
     phases.lap("probes before training")
     info = TaskInfo(head_names=models.head_names(model, new_weights), epochs=cfg.train.epochs,
-                    new_names=list(new_weights))
+                    new_names=list(new_weights), target_ids=_target_ids(features.get("train")))
     if cfg.train.gradient_checkpointing:
         models.checkpoint_activations(model)
     model = session.model = method.prepare(model, info, cfg.method)  # peft methods wrap the model
@@ -146,6 +146,18 @@ def _set_up(cfg: RunConfig, setup: Any, accelerator: Any, run_dir: Path, callbac
     _hold_frozen(model, job.trained, accelerator)
     phases.lap("method")
     return _Run(session, task, splits, features, job, data_report, probe, before)
+
+
+def _target_ids(train: Any, rows: int = 256) -> list[int]:
+    """Token ids among the targets of the first `rows` training rows of a token-level task (labels where the rows
+    carry per-token labels, else the input ids a causal LM predicts); empty otherwise."""
+    if train is None or not len(train) or "input_ids" not in train.column_names:
+        return []
+    sample = train.select(range(min(rows, len(train))))
+    labels = sample["labels"] if "labels" in sample.column_names else None
+    if labels is not None and not (len(labels) and isinstance(labels[0], list)):
+        return []  # one label a row: classes, not tokens
+    return sorted({int(t) for row in (labels if labels is not None else sample["input_ids"]) for t in row if t >= 0})
 
 
 def _hold_frozen(model: Any, trained: set[str], accelerator: Any) -> None:

@@ -76,7 +76,7 @@ def _output_layer(model: Any) -> Any:
 
 def _check_output_layer(model: Any, info: TaskInfo, options: LoraOptions) -> None:
     """Refuse train_output_layer where there is no separate output layer; warn where a frozen one has rows the
-    checkpoint never trained (the model could not learn to produce those tokens)."""
+    checkpoint never trained for tokens the training targets hold (the model could not learn to produce them)."""
     output = _output_layer(model)
     tied = output is not None and output.weight is model.get_input_embeddings().weight
     if options.train_output_layer and (output is None or tied):
@@ -86,10 +86,10 @@ def _check_output_layer(model: Any, info: TaskInfo, options: LoraOptions) -> Non
     save = set(_head_modules(model, info, options.train_output_layer))
     if output is None or any(m is output for name, m in model.named_modules() if name in save):
         return
-    if untrained := untrained_output_rows(model):
-        log.warning("the output layer of this checkpoint has %d untrained (near-zero) rows, token ids %s%s: LoRA keeps "
-                    "it frozen, so the model cannot learn to produce those tokens; if the replies end with one (a base "
-                    "model's chat end-of-turn token), %s", len(untrained), untrained[:8],
+    if untrained := sorted(set(untrained_output_rows(model)) & set(info.target_ids)):
+        log.warning("the training targets hold %d token(s) whose output rows this checkpoint never trained (near "
+                    "zero), ids %s%s (a base model's chat end-of-turn token often is one): LoRA keeps the output layer "
+                    "frozen, so the model cannot learn to produce them; %s", len(untrained), untrained[:8],
                     " ..." if len(untrained) > 8 else "", "tune with method.name=full" if tied else
                     "set method.train_output_layer=true or tune with method.name=full")
 

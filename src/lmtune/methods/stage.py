@@ -42,6 +42,8 @@ class TaskInfo:
     epochs: int = 1
     new_names: list[str] = field(default_factory=list)
     """Weights the checkpoint did not provide (initialised at random)."""
+    target_ids: list[int] = field(default_factory=list)
+    """Token ids the first training rows teach a decoder to produce (its targets); empty where unknown."""
 
 
 def head_parameters(model: Any, info: TaskInfo, method: str) -> list[str]:
