@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from lmtune.methods.stage import Method, ParamGroup, Stage, TaskInfo
+from lmtune.methods.stage import Method, ParamGroup, Stage, TaskInfo, output_layer
 from lmtune.registry import register_method
 
 log = logging.getLogger("lmtune")
@@ -63,22 +63,17 @@ def _head_modules(model: Any, info: TaskInfo, train_output_layer: bool = False) 
     adapt (an untied one trained whole would be a Llama-3-8B's 525 M parameters with their fp32 gradients and AdamW
     moments, 8 GB more)."""
     modules = dict(model.named_modules())
-    output = None if train_output_layer else _output_layer(model)
+    output = None if train_output_layer else output_layer(model)[0]
     pretrained = {n for n, p in model.named_parameters()
                   if output is not None and any(p is q for q in output.parameters()) and n not in info.new_names}
     owners = {name.rpartition(".")[0] for name in info.head_names if name not in pretrained}
     return sorted(o for o in owners if o in modules)
 
 
-def _output_layer(model: Any) -> Any:
-    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-
-
 def _check_output_layer(model: Any, info: TaskInfo, options: LoraOptions) -> None:
     """Refuse train_output_layer where there is no separate output layer; warn where a frozen one has rows the
     checkpoint never trained for tokens the training targets hold (the model could not learn to produce them)."""
-    output = _output_layer(model)
-    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    output, tied = output_layer(model)
     if options.train_output_layer and (output is None or tied):
         raise ValueError("method 'lora': method.train_output_layer: this " + type(model).__name__ + " has no separate "
                          "output layer (" + ("it is tied to the input embeddings" if tied else "none") + "); use "
@@ -86,7 +81,7 @@ def _check_output_layer(model: Any, info: TaskInfo, options: LoraOptions) -> Non
     save = set(_head_modules(model, info, options.train_output_layer))
     if output is None or any(m is output for name, m in model.named_modules() if name in save):
         return
-    if untrained := sorted(set(untrained_output_rows(model)) & set(info.target_ids)):
+    if untrained := sorted(set(untrained_output_rows(output)) & set(info.target_ids)):
         log.warning("the training targets hold %d token(s) whose output rows this checkpoint never trained (near "
                     "zero), ids %s%s (a base model's chat end-of-turn token often is one): LoRA keeps the output layer "
                     "frozen, so the model cannot learn to produce them; %s", len(untrained), untrained[:8],
@@ -94,12 +89,12 @@ def _check_output_layer(model: Any, info: TaskInfo, options: LoraOptions) -> Non
                     "set method.train_output_layer=true or tune with method.name=full")
 
 
-def untrained_output_rows(model: Any) -> list[int]:
-    """Token ids whose output-layer row is near zero (below 1e-3 of the median row's norm): tokens the checkpoint
-    never learned to produce (a base model's reserved and chat-template tokens, e.g. Llama-3 base's <|eot_id|>)."""
+def untrained_output_rows(output: Any) -> list[int]:
+    """Token ids whose row of the output layer `output` is near zero (below 1e-3 of the median row's norm): tokens
+    the checkpoint never learned to produce (a base model's reserved and chat-template tokens, e.g. Llama-3 base's
+    <|eot_id|>)."""
     import torch
 
-    output = _output_layer(model)
     weight = getattr(output, "weight", None)
     if weight is None or weight.device.type == "meta" or weight.dim() != 2 or not weight.is_floating_point():
         return []  # (a model built on the meta device for preflight; 4-bit storage)

@@ -46,6 +46,13 @@ class TaskInfo:
     """Token ids the first training rows teach a decoder to produce (its targets); empty where unknown."""
 
 
+def output_layer(model: Any) -> tuple[Any, bool]:
+    """A model's output layer (a decoder's LM head; None for the other heads) and whether it is tied to the input
+    embeddings."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return output, output is not None and output.weight is model.get_input_embeddings().weight
+
+
 def head_parameters(model: Any, info: TaskInfo, method: str) -> list[str]:
     """The task head's parameter names, for a method that trains the head alone first (head, lp_ft); refuses a
     model without one (a causal LM's output layer tied to its embeddings is no head)."""
@@ -53,8 +60,7 @@ def head_parameters(model: Any, info: TaskInfo, method: str) -> list[str]:
     found = [n for n in info.head_names if n in names]
     if found:
         return found
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None and output.weight is model.get_input_embeddings().weight:
+    if output_layer(model)[1]:
         raise ValueError(f"method {method!r}: the output layer of this {type(model).__name__} is tied to its input "
                          "embeddings, so there is no separate head to train; use full, partial or lora")
     raise ValueError(f"method {method!r} found no task-head parameters to train in this model")
