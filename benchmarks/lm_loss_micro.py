@@ -1,10 +1,13 @@
 """The causal-LM loss alone: the model's own (full logits) vs lmtune's chunked loss, time and peak memory (CUDA).
 
     python benchmarks/lm_loss_micro.py            # Qwen2.5-0.5B's output layer: 8,192 tokens x 896, 151,936 words
+    python benchmarks/lm_loss_micro.py --tokens 4096 --hidden 4096 --vocab 128256 --liger   # Llama-3-8B's, + liger
 
 Forward + backward under bf16 autocast with fp32 weights, 10 timed repetitions after 2 warm-ups, for the plain
 loss (linear, float copy, cross-entropy) and for `lmtune.tasks.lm_loss.chunked_cross_entropy` at several chunk
-sizes; prints milliseconds, peak memory above the inputs, and the loss (the same for all).
+sizes; prints milliseconds, peak memory above the inputs, and the loss (the same for all). `--liger` adds
+liger-kernel's fused linear cross-entropy (a well-kept library's version of the same idea, given bf16 copies of
+the hidden states and weights as autocast would), where the package is installed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--chunks", type=int, nargs="*", default=[2048, 4096, 8192])
+    parser.add_argument("--liger", action="store_true", help="also liger-kernel's fused linear cross-entropy")
     args = parser.parse_args()
     torch.manual_seed(0)
     h = torch.randn(args.tokens, args.hidden, device="cuda", requires_grad=True)
@@ -39,7 +43,13 @@ def main() -> None:
         with torch.autocast("cuda", torch.bfloat16):
             return chunked_cross_entropy(h, w, None, t, size)
 
-    for name, fn in [("plain", plain)] + [(f"chunk {c}", lambda c=c: chunked(c)) for c in args.chunks]:
+    runs = [("plain", plain)] + [(f"chunk {c}", lambda c=c: chunked(c)) for c in args.chunks]
+    if args.liger:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        fused = LigerFusedLinearCrossEntropyLoss()
+        runs.append(("liger fused", lambda: fused(w.to(torch.bfloat16), h.to(torch.bfloat16), t)))
+    for name, fn in runs:
         for _ in range(2):
             fn().backward()
         torch.cuda.synchronize()
