@@ -310,3 +310,45 @@ def test_a_stray_quote_in_a_tsv_does_not_swallow_the_rows_after_it(tmp_path):
     assert (info.value.row, info.value.field) == (2, "text") and "remove or double the stray quote" in str(info.value)
     path.write_text('text\tlabel\n"a ""quoted"" title, fine"\tpos\nit has a 5" screen\tneg\n', encoding="utf-8")
     assert read_table(path)["text"][:] == ['a "quoted" title, fine', 'it has a 5" screen']
+
+
+def _rewrite_keeping_time(path, data: bytes) -> None:
+    """What cp -p, rsync -t, tar x or touch -r leave: new contents, the old modification time."""
+    stat = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("name, before, after", [
+    ("t.csv", b"text,label\ngood film,pos\nbad film,neg\n", b"text,label\nawful drug,neg\ngreat,pos\nfine,pos\n"),
+    ("t.csv", b"text,label\ngood,pos\n", b"text,label\nbad!,neg\n"),  # the same size
+    ("t.jsonl", b'{"text": "alpha beta", "label": "a"}\n{"text": "gamma", "label": "b"}\n',
+     b'{"text": "delta epsilon zeta", "label": "c"}\n'),
+])
+def test_a_table_rewritten_with_its_time_put_back_is_read_afresh(tmp_path, name, before, after):
+    """datasets names its cache by path and modification time: lmtune's reads key on the file's identity too
+    (inode, size, change time), so neither the table nor anything keyed on its fingerprint is read stale."""
+    path = tmp_path / name
+    path.write_bytes(before)
+    first = read_table(path)
+    _rewrite_keeping_time(path, after)
+    second = read_table(path)
+    assert second["text"][:] == [json.loads(line)["text"] for line in after.decode().splitlines()] if name.endswith(
+        "jsonl") else second["text"][:] == [line.split(",")[0] for line in after.decode().splitlines()[1:]]
+    assert second._fingerprint != first._fingerprint
+    assert read_table(path)._fingerprint == second._fingerprint  # an unchanged file still reuses its cache
+
+
+def test_a_gzipped_parquet_rewritten_with_its_time_put_back_is_read_afresh(tmp_path):
+    def blob(text: str) -> bytes:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.table({"text": [text], "label": ["x"]}), buffer)
+        return gzip.compress(buffer.getvalue().to_pybytes(), mtime=0)
+
+    first, second = blob("aaaa"), next(b for i in range(1000) if len(b := blob(f"{i:04d}")) == len(
+        blob("aaaa")))  # of the same size (gzip's output length varies with the content)
+    path = tmp_path / "t.parquet.gz"
+    path.write_bytes(first)
+    assert read_table(path)["text"][:] == ["aaaa"]
+    _rewrite_keeping_time(path, second)
+    assert read_table(path)["text"][:] != ["aaaa"]

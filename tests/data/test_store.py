@@ -152,3 +152,26 @@ def test_parsed_files_are_kept_on_disk_so_their_tokenization_is_reused(tmp_path:
     squad.write_text(json.dumps({"id": "1", "question": "who?", "context": "Ann ran.",
                                  "answers": {"text": ["Ann"], "answer_start": [0]}}) + "\n", encoding="utf-8")
     assert read_squad(squad)[0].cache_files
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(cache: Path) -> None:
+    """kill -9 mid-write leaves `.<file>.<pid>.<id>.tmp` (as large as what was written): the next write of that file
+    removes it once its process is gone and it has been idle; a live writer's file is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(dead.stdout)  # a process that has exited (its pid not reused within this test)
+    cache.mkdir(parents=True, exist_ok=True)
+    orphan = cache / f".rows-{'k' * 24}.arrow.{gone}.0a1b2c3d.tmp"
+    live = cache / f".rows-{'k' * 24}.arrow.{os.getpid()}.0a1b2c3e.tmp"
+    fresh = cache / f".rows-{'k' * 24}.arrow.{gone}.0a1b2c3f.tmp"
+    for f in (orphan, live, fresh):
+        f.write_bytes(b"x" * 100)
+    for f in (orphan, live):
+        os.utime(f, (1_000_000_000, 1_000_000_000))  # idle for years
+    ds = store.stored("rows", "k" * 24, store.TOKENS, lambda: [{"input_ids": [[1, 2, 3]]}])
+    assert ds["input_ids"][:] == [[1, 2, 3]]
+    assert not orphan.exists()
+    assert live.exists() and fresh.exists()  # a running writer's, and one written to a moment ago

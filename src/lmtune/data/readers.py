@@ -107,7 +107,11 @@ def read_table(
         raise DataError(shown, message, field=ROW_COLUMN)
     if skipped is not None:
         skipped += messages
-    return ds.add_column(ROW_COLUMN, rows or _row_numbers(len(ds), kind, scan))
+    # The fingerprint that the tokenization cache and the token store key on names the file's state too: datasets'
+    # own (path and modification time) stays the same across an edit that puts the time back (cp -p, rsync -t).
+    fingerprint = hashlib.sha256("|".join(map(str, (file_key(real), kind, quoting, on_bad_rows, ds._fingerprint)))
+                                 .encode("utf-8")).hexdigest()[:16]
+    return ds.add_column(ROW_COLUMN, rows or _row_numbers(len(ds), kind, scan), new_fingerprint=fingerprint)
 
 
 def _detect_format(real: Path, shown: str, fmt: str | None) -> tuple[str, bool]:
@@ -199,8 +203,10 @@ def _load(
                 return _load_csv(real, shown, gz, "\t" if kind == "tsv" else ",", on_bad_rows, quoting)
             if kind == "parquet":
                 source = _gunzip_to_cache(real, shown) if gz else real
-                return datasets.load_dataset("parquet", data_files=str(source), split="train"), None, []
-            return datasets.load_dataset("json", data_files=str(real), split="train", **_json_options()), None, []
+                return datasets.load_dataset("parquet", data_files=str(source), split="train",
+                                             cache_dir=_tables_cache(real)), None, []
+            return datasets.load_dataset("json", data_files=str(real), split="train", cache_dir=_tables_cache(real),
+                                         **_json_options()), None, []
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - any parser failure becomes a located DataError
@@ -244,6 +250,7 @@ def _load_csv(
                 "csv",
                 data_files=str(real),
                 split="train",
+                cache_dir=_tables_cache(real),
                 delimiter=delimiter,
                 features=features,
                 encoding="utf-8",
@@ -282,11 +289,24 @@ def _refuse_merged_lines(ds: datasets.Dataset, shown: str) -> None:
                                    "and double the quotes inside it)", row=row + 1, field=name)
 
 
+def file_key(path: Path) -> str:
+    """A local file's identity for the caches made from it: its resolved path, inode, size and times. The change time
+    moves on any change to the file, also one that keeps its size and puts its modification time back (cp -p,
+    rsync -t, tar x, touch -r), which datasets' own cache (path and modification time) would read stale."""
+    stat = path.stat()
+    parts = (path.resolve(), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return hashlib.sha256("|".join(map(str, parts)).encode("utf-8")).hexdigest()[:24]
+
+
+def _tables_cache(real: Path) -> str:
+    """datasets' cache folder for a table read from `real`: one per state of the file (file_key), so an edited file
+    is read afresh, and with it everything keyed on the table's fingerprint (tokenization cache, token store)."""
+    return str(cache_dir() / "data" / "tables" / file_key(real))
+
+
 def _gunzip_to_cache(real: Path, shown: str) -> Path:
-    """Decompress a .parquet.gz once into the cache (keyed by path, size and mtime) and return it."""
-    stat = real.stat()
-    key = hashlib.sha256(f"{real.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    target = cache_dir() / "data" / "gunzip" / f"{key}.parquet"
+    """Decompress a .parquet.gz once into the cache (keyed by the file's identity, file_key) and return it."""
+    target = cache_dir() / "data" / "gunzip" / f"{file_key(real)}.parquet"
     if target.is_file():
         return target
     try:

@@ -51,6 +51,7 @@ def stored(name: str, key: str, features: datasets.Features, batches: Callable[[
             logging.getLogger("lmtune").warning("%s is damaged (%s): writing it again", target, err)
             target.unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         writer = ArrowWriter(features=features, path=str(tmp))
@@ -64,6 +65,32 @@ def stored(name: str, key: str, features: datasets.Features, batches: Callable[[
     finally:
         tmp.unlink(missing_ok=True)
     return datasets.Dataset(MemoryMappedTable.from_file(str(target)), fingerprint=key)
+
+
+def _remove_orphans(target: Path, idle: float = 3600.0) -> None:
+    """Delete the temporary files of `target` left by writers killed before they could (kill -9, a machine that went
+    down): each as large as what its writer had written. Only files named by a process no longer running here and
+    untouched for `idle` seconds (a live writer on another machine sharing the cache keeps its file's time fresh)."""
+    import time
+
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = tmp.name[len(target.name) + 2:].split(".", 1)[0]
+        try:
+            stale = time.time() - tmp.stat().st_mtime > idle
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        if pid.isdigit() and stale and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def on_disk(ds: datasets.Dataset) -> datasets.Dataset:

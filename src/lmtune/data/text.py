@@ -11,7 +11,7 @@ import datasets
 
 from lmtune.data.checks import apply_row_checks
 from lmtune.data.errors import DataError
-from lmtune.data.readers import read_table, require_columns, resolve_path
+from lmtune.data.readers import file_key, read_table, require_columns, resolve_path
 
 TEXT_SUFFIXES = (".txt", ".tokens", ".text")
 TEXT_FEATURES = datasets.Features({"text": datasets.Value("string"), "_row": datasets.Value("int64")})
@@ -55,9 +55,7 @@ def _stored_text(file: Path, shown: str, documents: str) -> datasets.Dataset:
 
     if not file.is_file():
         raise DataError(shown, "file not found" if not file.exists() else "is a directory, expected a text file")
-    stat = file.stat()
-    # ctime moves on any change to the file, also one that keeps its size and sets its mtime back (cp -p, rsync -t)
-    key = store.key_of("text", file.resolve(), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, documents)
+    key = store.key_of("text", file_key(file), documents)
     return store.stored("text", key, TEXT_FEATURES, lambda: _text_batches(file, shown, documents))
 
 
