@@ -58,6 +58,25 @@ def test_overwrite_replaces_only_a_folder_lmtune_marked(tiny_config: dict) -> No
     assert (again.run_dir / "model" / "config.json").is_file()
 
 
+def test_overwrite_keeps_the_earlier_run_until_the_new_data_and_model_have_loaded(tiny_config: dict,
+                                                                                 tmp_path: Path) -> None:
+    """A bad row in the new data (an error `lmtune validate` reports before any training) must not cost the
+    finished run that output.overwrite would replace: it goes only once the new run's data and model have loaded."""
+    tiny_config["train"]["max_steps"] = 1
+    first = lmtune.train(tiny_config)
+    before = {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file() and p.name != MARKER}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "pos"}\n{"text": "no label here"}\n', encoding="utf-8")
+    tiny_config["output"]["overwrite"] = True
+    with pytest.raises(Exception, match="row 2"):
+        lmtune.train({**tiny_config, "data": {**tiny_config["data"], "train": str(bad)}})
+    assert {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file() and p.name != MARKER} == before
+    tiny_config["train"]["lr"] = 1e-3  # a good config still replaces it, config included
+    again = lmtune.train(tiny_config)
+    assert load_config(again.run_dir / "config.yaml").train.lr == 1e-3
+    assert (again.run_dir / "model" / "config.json").is_file()
+
+
 def test_the_working_directory_and_folders_above_it_are_never_output_folders(tmp_path: Path, monkeypatch) -> None:
     work = tmp_path / "project"
     work.mkdir()

@@ -45,9 +45,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         cfg = models.pin(cfg)
     setup = check_setup(cfg)  # what validate checks beyond the config file, before anything is written
     accelerator = make_accelerator(cfg.train.precision)
-    with open_run(cfg, stem or config_stem(config), resume, accelerator) as (run_dir, cfg):
+    with open_run(cfg, stem or config_stem(config), resume, accelerator) as (run_dir, cfg, ready):
         phases.lap("config and preflight")
         run = _set_up(cfg, setup, accelerator, run_dir, callbacks, phases)
+        ready()  # an earlier run that output.overwrite replaces goes only now: the data and model have loaded
         # Trackers open once data and model are ready: a run that stopped before training leaves only its config.
         with tracking(cfg, run_dir, accelerator, resume) as run.job.trackers:
             phases.lap("trackers")

@@ -17,7 +17,7 @@ import os
 import shutil
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from lmtune.errors import ConfigError, FolderError
 
@@ -229,14 +229,17 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any) -> Iterator[tuple[Path, RunConfig]]:
-    """(the run's folder, its config) for the block: the folder picked, created (or taken over) and locked by the
-    main process, its name told to the others; a resumed run keeps the Hub commits its config.yaml recorded;
-    config.yaml written; Ctrl-C inside turned into `RunInterrupted`; the lock released after."""
-    picked, lock, problem = [None, cfg], None, None
+def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any
+             ) -> Iterator[tuple[Path, RunConfig, Callable[[], None]]]:
+    """(the run's folder, its config, `ready`) for the block: the folder picked, created (or taken over) and locked by
+    the main process, its name told to the others; a resumed run keeps the Hub commits its config.yaml recorded;
+    config.yaml written; Ctrl-C inside turned into `RunInterrupted`; the lock released after. A finished run that
+    `output.overwrite` replaces is kept, config included, until the block calls `ready()` (once its data and model
+    have loaded): a config that fails before then loses nothing."""
+    picked, lock, problem, stale = [None, cfg], None, None, False
     if accelerator.is_main_process:
         try:
-            run_dir, lock, cfg = _claim_run(cfg, stem, resume)
+            run_dir, lock, cfg, stale = _claim_run(cfg, stem, resume)
             picked = [str(run_dir), cfg]
         except Exception as err:
             problem = err
@@ -249,13 +252,26 @@ def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any) -> Itera
     if picked[0] is None:
         raise RuntimeError("the main process could not create the run directory (its error is in its log)")
     run_dir, cfg = Path(picked[0]), picked[1]
+
+    def write_config() -> None:
+        from lmtune.files import write_text
+
+        if accelerator.is_main_process:
+            if stale:
+                log.info("output.overwrite: replacing the run in %s", run_dir)
+                empty(run_dir)
+            write_text(run_dir / "config.yaml", cfg.to_yaml())
+        accelerator.wait_for_everyone()
+
+    def ready() -> None:
+        if stale:
+            write_config()
+
     try:
         log.info("run directory: %s", run_dir)
-        if accelerator.is_main_process:
-            from lmtune.files import write_text
-
-            write_text(run_dir / "config.yaml", cfg.to_yaml())
-        yield run_dir, cfg
+        if not stale:
+            write_config()
+        yield run_dir, cfg, ready
     except KeyboardInterrupt:
         raise RunInterrupted(run_dir) from None
     finally:
@@ -263,8 +279,9 @@ def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any) -> Itera
             lock.release()
 
 
-def _claim_run(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any, RunConfig]:
-    """The run's folder, created (or taken over) and locked for the run's life: (folder, lock, config)."""
+def _claim_run(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any, RunConfig, bool]:
+    """The run's folder, created (or taken over) and locked for the run's life: (folder, lock, config, whether it
+    still holds an earlier run that output.overwrite replaces once the new one has loaded its data and model)."""
     from lmtune.training.checkpoint import has_checkpoint
 
     root = Path(cfg.output.dir)
@@ -274,14 +291,15 @@ def _claim_run(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any, RunC
         run_dir = find_run(root, stem, lambda p: has_checkpoint(p, mend=False))
     else:
         run_dir = root / new_name(stem)
-    lock = claim(run_dir, "run", overwrite=cfg.output.overwrite, resume=resume)
+    lock = claim(run_dir, "run", overwrite=cfg.output.overwrite, resume=resume, clear=False)
+    stale = not resume and any(p.name != MARKER for p in run_dir.iterdir())
     if resume:
         try:
             cfg = _check_resume(cfg, run_dir)
         except BaseException:
             lock.release()
             raise
-    return run_dir, lock, cfg
+    return run_dir, lock, cfg, stale
 
 
 def _check_resume(cfg: RunConfig, run_dir: Path) -> RunConfig:
