@@ -250,3 +250,20 @@ def test_eval_of_a_run_whose_outputs_are_nan_is_refused_and_writes_no_nan(tiny_c
     preds = lmtune.load(run).predict(["great film"])
     assert "error" in preds[0] and "score" not in preds[0]
     shutil.rmtree(run)
+
+
+def test_resume_finds_only_this_configs_runs_and_same_second_runs_get_their_own_folders(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    from lmtune import rundir
+
+    root = tmp_path / "runs"
+    for name in ("tiny-20261208-010101", "tiny-big-20261208-020202", "tiny-20261207-230000", "tinyx-20261209-000000"):
+        (root / name).mkdir(parents=True)
+    assert rundir.find_run(root, "tiny", lambda p: True).name == "tiny-20261208-010101"  # not tiny-big's, later
+    monkeypatch.setattr(rundir, "new_name", lambda stem: f"{stem}-20261208-010101")  # two starts in one second
+    second = rundir.new_folder(root, "tiny")
+    assert second.name == "tiny-20261208-010101-2" and second.is_dir()
+    assert rundir.find_run(root, "tiny", lambda p: True) == second
+    assert rundir.find_run(root, "tiny", lambda p: p != second).name == "tiny-20261208-010101"
+    with pytest.raises(FileNotFoundError, match="no unfinished run"):
+        rundir.find_run(root, "tiny", lambda p: False)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -188,11 +189,29 @@ def empty(folder: Path) -> None:
 
 
 def find_run(root: Path, stem: str, resumable: Any) -> Path:
-    """The latest `<stem>-<date>-<time>` folder under `root` that `resumable(folder)` accepts (for --resume)."""
-    candidates = sorted(p for p in root.glob(f"{stem}-*") if resumable(p))
+    """The latest `<stem>-<date>-<time>[-<n>]` folder under `root` that `resumable(folder)` accepts (for --resume):
+    only this config's default names (`tiny-big-<date>-<time>` is another config's run, not tiny.yaml's)."""
+    named = re.compile(rf"{re.escape(stem)}-(\d{{8}}-\d{{6}})(?:-(\d+))?")
+    found = [(m[1], int(m[2] or 1), p) for p in root.glob(f"{stem}-*") if (m := named.fullmatch(p.name))]
+    candidates = sorted((when, n, p) for when, n, p in found if resumable(p))
     if not candidates:
         raise FileNotFoundError(f"--resume: no unfinished run of {stem!r} under {root}/")
-    return candidates[-1]
+    return candidates[-1][2]
+
+
+def new_folder(root: Path, stem: str) -> Path:
+    """A new `<stem>-<date>-<time>` folder under `root`, made here (`-2`, `-3`... where runs of one config start
+    within the same second: neither takes the other's)."""
+    make_parent(root)
+    name = new_name(stem)
+    for n in range(1, 1000):
+        folder = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FolderError(f"{root}/{name}: a thousand runs started this second; choose output.name")
 
 
 def differences(saved: Any, now: Any, path: str = "") -> list[str]:
@@ -290,7 +309,7 @@ def _claim_run(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any, RunC
     elif resume:
         run_dir = find_run(root, stem, lambda p: has_checkpoint(p, mend=False))
     else:
-        run_dir = root / new_name(stem)
+        run_dir = new_folder(root, stem)
     lock = claim(run_dir, "run", overwrite=cfg.output.overwrite, resume=resume, clear=False)
     stale = not resume and any(p.name != MARKER for p in run_dir.iterdir())
     if resume:

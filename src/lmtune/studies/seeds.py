@@ -107,7 +107,7 @@ def _parent_dir(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
     elif resume:
         parent = rundir.find_run(root, stem, lambda p: any(p.glob("seed-*")))
     else:
-        parent = root / rundir.new_name(stem)
+        parent = rundir.new_folder(root, stem)
     return parent, rundir.claim(parent, "seeds", overwrite=cfg.output.overwrite, resume=resume)
 
 
