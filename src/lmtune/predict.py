@@ -60,7 +60,9 @@ class Predictor:
             with _load_report_silenced(True):
                 base, _ = models.load_model(task.auto_class, cfg.model, **task.model_kwargs())
             task.shape_model(base)  # the run's head (its weights come with the adapter)
-            model = peft.PeftModel.from_pretrained(base, folder)
+            models.check_weight_format(folder, cfg.model)  # a pickled adapter (adapter_model.bin) only if allowed
+            with models.pickle_refused(folder):
+                model = peft.PeftModel.from_pretrained(base, folder)
         else:
             # With lmtune's head the report would call its weights unexpected and the class's head missing: both
             # true for a moment, shape_model puts the saved head back.

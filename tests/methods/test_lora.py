@@ -174,3 +174,34 @@ def test_qlora_loads_the_backbone_in_4bit_nf4_with_double_quantisation_on_the_gp
     q = kwargs["quantization_config"]
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.bfloat16 and kwargs["device_map"] == {"": "cuda:1"}
+
+
+def test_a_pickled_adapter_loads_only_when_the_caller_allows_pickles(lora_run, tmp_path) -> None:
+    """A run folder is data: an adapter_model.bin instead of safetensors is refused like pickled model weights, and
+    one holding more than tensors is refused by the safe loader with one line, nothing in it run."""
+    import os
+    import pickle
+    import shutil
+
+    import torch
+
+    from lmtune.models import ModelError
+
+    run = tmp_path / "handed-over"
+    shutil.copytree(lora_run.run_dir, run)
+    weights = load_file(str(run / "model" / "adapter_model.safetensors"))
+    (run / "model" / "adapter_model.safetensors").unlink()
+    torch.save(weights, run / "model" / "adapter_model.bin")
+    with pytest.raises(ModelError, match="allow-pickle"):
+        lmtune.load(run)
+    expected = lmtune.load(lora_run.run_dir).predict(["good film"])[0]["label"]
+    assert lmtune.load(run, allow_pickle=True).predict(["good film"])[0]["label"] == expected
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'code-ran'}",)
+
+    (run / "model" / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(ModelError, match="nothing in them was run"):
+        lmtune.load(run, allow_pickle=True)
+    assert not (tmp_path / "code-ran").exists()
