@@ -162,6 +162,11 @@ def test_predict_inputs_for_a_template_task() -> None:
                      [{"role": "user", "content": "hi"}]]
     with pytest.raises(DataError, match=r"input, row 1, field 'messages\[0\].role': unknown role 'bot'"):
         t.from_texts([{"messages": [{"role": "bot", "content": "hi"}]}])
+    plain = Instruct(InstructOptions(), DataConfig())
+    for bad, why in (([], "non-empty list"), ("hi", "non-empty list"), ([{"role": "assistant", "content": "x"}],
+                                                                         "no turn before")):
+        with pytest.raises(DataError, match=rf"input, row 2, field 'messages'.*{why}"):  # not a library's error
+            plain.from_texts(["fine", {"messages": bad}])
 
 
 def test_replay_adds_general_text_rows_with_full_loss(tiny_decoder_dir: Path, tmp_path: Path) -> None:

@@ -184,9 +184,11 @@ class Instruct(lm_common.DecoderTask):
                 chat = [{"role": "user", "content": row["text"]}]
             else:
                 chat = self._to_messages({**row, "output": row.get("output", "-")}, list(row))
-            if isinstance(chat, list):
-                problem = _check_messages(chat + [{"role": "assistant", "content": "-"}])
-                chat = problem or _split_prompt(chat)[0]
+            if not isinstance(chat, tuple):  # `messages` as given (of any type), or a chat made from the fields
+                problem = _check_messages(chat + [{"role": "assistant", "content": "-"}] if isinstance(chat, list)
+                                          and chat else chat)
+                prompt = None if problem else _split_prompt(chat)[0]
+                chat = problem or prompt or ("messages", "nothing to answer: no turn before the chat's last reply")
             if isinstance(chat, tuple):
                 raise DataError("input", chat[1], row=i, field=chat[0])
             chats.append(chat)
