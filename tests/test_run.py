@@ -250,6 +250,36 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_config, caplog) ->
     assert resumed.metrics["steps"] == straight.metrics["steps"]
     steps = [r["step"] for r in train_records(run_dir) if "train/loss" in r]
     assert steps == sorted(set(steps))  # no step logged twice after the resume
+    assert sum("stage/trainable_params" in r for r in train_records(run_dir)) == 1  # nor the stage's line
+
+
+def test_resume_refuses_training_data_of_another_size_and_warns_of_changed_rows(tiny_config, tmp_path,
+                                                                                caplog) -> None:
+    from helpers import make_sentiment_rows, write_csv
+
+    from lmtune.errors import CheckpointError
+
+    train = Path(tiny_config["data"]["train"])
+    tiny_config["train"].update(eval_every=3, epochs=2)
+
+    def crash(state) -> None:
+        if state.step == 4:  # after the step-3 checkpoint
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        lmtune.train(tiny_config, callbacks=[crash])
+    original = train.read_bytes()
+    write_csv(train, make_sentiment_rows(112, seed=3))  # the file extended in between: the position means nothing
+    with pytest.raises(CheckpointError, match="has 84 rows now and had 72"):
+        lmtune.train(tiny_config, resume=True)
+    rows = make_sentiment_rows(96, seed=1)
+    rows[0]["label"] = "negative" if rows[0]["label"] == "positive" else "positive"  # as many rows, one label fixed
+    write_csv(train, rows)
+    assert train.read_bytes() != original
+    with caplog.at_level("WARNING", logger="lmtune"):
+        resumed = lmtune.train(tiny_config, resume=True)
+    assert "the training data changed since the run started" in caplog.text
+    assert (resumed.run_dir / "model" / "config.json").is_file()
 
 
 # (method, train settings, the step to interrupt after): each resume must give the uninterrupted run's weights.

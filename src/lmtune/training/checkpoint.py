@@ -40,6 +40,8 @@ class LoopState:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: params, steps, time, memory
     world_size: int | None = None  # processes that wrote it (None: an older checkpoint, taken as the current count)
+    train_rows: int | None = None  # training rows the run started on (None: an older checkpoint)
+    train_fingerprint: str | None = None  # datasets' fingerprint of those rows (their source files' state included)
 
 
 def recover_dir(final: Path, complete: Callable[[Path], bool] = lambda p: (p / "loop_state.json").is_file()) -> None:

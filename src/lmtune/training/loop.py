@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lmtune.errors import CheckpointError
 from lmtune.models import is_adapter
 from lmtune.training import compiling, graphs, guard, setup
 from lmtune.training.batching import TrainRows, steps_per_epoch, train_batches
@@ -73,6 +74,8 @@ class _StageRun:
         self.job, self.index, self.state, self.cfg, self.acc, self.logs = job, index, state, cfg, accelerator, logs
         self.stage = stage = job.stages[index]
         self.lengths, self.rows = train_rows.lengths, train_rows.rows
+        if resume_from is not None:
+            self._same_data()
         self.since_log, self.postfix = 0, {}  # steps since the last logged one; the progress bar's numbers
         # Optimizer and schedule; AdamW is capturable where its step is recorded as a CUDA graph.
         trainable, total = set_trainable(job.model, stage.trainable)
@@ -98,6 +101,20 @@ class _StageRun:
                              max_grad_norm=cfg.max_grad_norm, loss=job.loss, penalty=getattr(stage, "penalty", None),
                              count_targets=job.count_targets, mean_targets=train_rows.mean_targets)
         self._begin(trainable, total, no_graphs, fresh=resume_from is None)
+
+    def _same_data(self) -> None:
+        """A resumed run's training rows must be the ones its saved position counts in: refused where their number
+        changed (the position would point at other rows, or past the epoch's end), a warning where only their
+        content did (the same number of rows: it goes on at the saved position over the new rows)."""
+        state, rows = self.state, len(self.job.train_set)
+        if state.train_rows is not None and state.train_rows != rows:
+            raise CheckpointError(f"--resume: the training data has {rows:,} rows now and had {state.train_rows:,} "
+                                  "when the run started, so its saved data position means other rows: put the data "
+                                  "the run started on back, or train again")
+        fingerprint = getattr(self.job.train_set, "_fingerprint", None)
+        if state.train_fingerprint not in (None, fingerprint):
+            log.warning("--resume: the training data changed since the run started (the same number of rows): the "
+                        "run goes on at its saved position over the rows as they are now")
 
     def _resume(self, folder: Path) -> None:
         """Weights, optimizer, schedule, average and RNG states as the checkpoint has them. After the extras' set-up:
@@ -153,14 +170,17 @@ class _StageRun:
             state.epoch = state.batch = state.stage_step = state.bad_evals = 0
             state.stage_done = False
             state.world_size = self.acc.num_processes
+        state.train_rows = len(self.job.train_set)
+        state.train_fingerprint = getattr(self.job.train_set, "_fingerprint", None)
         if self.acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         log.info("stage %s: %s of %s parameters train, %d steps", stage.name, f"{trainable:,}", f"{total:,}",
                  self.total_steps)
         state.stages.setdefault(stage.name, {}).update(trainable_params=trainable, total_params=total,
                                                        steps=self.total_steps, feature_cache=self.cache is not None)
-        self.logs.write(state.step, stage.name, {"stage/trainable_params": trainable, "stage/total_params": total,
-                                                 "stage/steps": self.total_steps})
+        if fresh:  # (a resumed stage's line is in the log already)
+            self.logs.write(state.step, stage.name, {"stage/trainable_params": trainable, "stage/total_params": total,
+                                                     "stage/steps": self.total_steps})
 
     def run(self) -> None:
         bar = tqdm(total=self.total_steps, initial=self.state.stage_step, desc=self.stage.name, dynamic_ncols=True,
