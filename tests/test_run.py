@@ -398,6 +398,11 @@ def test_several_seeds_write_a_run_each_and_their_spread(tiny_config, tmp_path) 
     again = lmtune.train(config, ["train.seeds=[3, 8]"], resume=True)
     assert again.run_dir == parent and again.metrics["test"] == summary["test"]
     assert (parent / "seed-3" / "metrics.json").stat().st_mtime_ns == finished
+    # Resumed with another config, the finished seeds would be summarised with seeds trained otherwise: refused.
+    before = (parent / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"--resume: the config differs .*train.lr"):
+        lmtune.train(config, ["train.seeds=[3, 8]", "train.lr=0.5"], resume=True)
+    assert (parent / "config.yaml").read_text() == before
 
 
 def test_label_smoothing_raises_the_training_loss_of_a_fitted_model(tiny_config) -> None:

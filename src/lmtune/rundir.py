@@ -331,15 +331,23 @@ def _check_resume(cfg: RunConfig, run_dir: Path) -> RunConfig:
         raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
     saved = load_config(run_dir / "config.yaml")
     cfg = keep_pins(cfg, saved)  # `org/name` given again resumes on the commit it started on, whatever main is now
-    changed = differences(saved.model_dump(exclude=RESUME_MAY_CHANGE), cfg.model_dump(exclude=RESUME_MAY_CHANGE))
-    if changed:
-        raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
-                         f"({run_dir / 'config.yaml'}): {'; '.join(changed)}. Resume with that config (only "
-                         f"output.* and train.{', train.'.join(sorted(RESUME_MAY_CHANGE['train']))} may change)")
+    refuse_changes(saved, cfg, run_dir)
     at = read_loop_state(last)
     log.info("resuming %s at step %d (stage %d, epoch %d, batch %d of it)", run_dir, at.step, at.stage + 1,
              at.epoch + 1, at.batch)
     return cfg
+
+
+def refuse_changes(saved: RunConfig, cfg: RunConfig, run_dir: Path, may_change: tuple[str, ...] = ()) -> None:
+    """--resume goes on only with the config `run_dir` started with: output.*, a few train.* settings (and the
+    `may_change` train.* keys) excepted."""
+    allowed = RESUME_MAY_CHANGE["train"] | set(may_change)
+    exclude = {**RESUME_MAY_CHANGE, "train": allowed}
+    changed = differences(saved.model_dump(exclude=exclude), cfg.model_dump(exclude=exclude))
+    if changed:
+        raise ValueError(f"--resume: the config differs from the one {run_dir} was started with "
+                         f"({run_dir / 'config.yaml'}): {'; '.join(changed)}. Resume with that config (only "
+                         f"output.* and train.{', train.'.join(sorted(allowed))} may change)")
 
 
 def keep_pins(cfg: RunConfig, saved: RunConfig) -> RunConfig:

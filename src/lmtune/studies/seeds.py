@@ -130,12 +130,15 @@ def _train_seeds(cfg: RunConfig, parent: Path, resume: bool, callbacks: list[Cal
     from lmtune.files import write_text
 
     from lmtune.config import load_config
-    from lmtune.rundir import keep_pins
+    from lmtune.rundir import keep_pins, refuse_changes
 
-    if resume and (parent / "config.yaml").is_file():  # the seeds go on at the commits they started on
-        cfg = keep_pins(cfg, load_config(parent / "config.yaml"))
+    saved = load_config(parent / "config.yaml") if resume and (parent / "config.yaml").is_file() else None
+    if saved is not None:  # the seeds go on at the commits they started on
+        cfg = keep_pins(cfg, saved)
     shared = shared_by_runs(cfg)
     cfg = load_config(apply(cfg.model_dump(mode="json"), shared))
+    if saved is not None:  # seeds trained before are summarised with the rest: all on one config (more may be added)
+        refuse_changes(saved, cfg, parent, may_change=("seeds",))
     write_text(parent / "config.yaml", cfg.to_yaml())
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in cfg.train.seeds or []:
