@@ -234,11 +234,12 @@ def new_name(stem: str) -> str:
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run: says whether and how it can be continued."""
 
-    def __init__(self, run_dir: Path) -> None:
-        from lmtune.training.checkpoint import read_loop_state
+    def __init__(self, run_dir: Path, mend: bool = False) -> None:
+        from lmtune.training.checkpoint import has_checkpoint, read_loop_state
 
         last = run_dir / "checkpoints" / "last"
-        if (last / "loop_state.json").is_file():
+        # A Ctrl-C between the two renames of a save: mended first by the process holding the folder's lock.
+        if has_checkpoint(run_dir, mend=mend) and (last / "loop_state.json").is_file():
             how = (f"its last checkpoint (step {read_loop_state(last).step}) is kept: the same `lmtune train` command "
                    "with --resume continues it from there")
         else:
@@ -292,7 +293,7 @@ def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any
             write_config()
         yield run_dir, cfg, ready
     except KeyboardInterrupt:
-        raise RunInterrupted(run_dir) from None
+        raise RunInterrupted(run_dir, mend=lock is not None) from None
     finally:
         if lock is not None:
             lock.release()

@@ -117,3 +117,23 @@ def test_an_adapter_checkpoint_holds_what_trains_and_resumes_exactly(tiny_config
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_ctrl_c_between_the_renames_of_a_save_says_the_checkpoint_is_kept(tiny_config: dict, monkeypatch) -> None:
+    from lmtune.rundir import RunInterrupted
+
+    tiny_config["train"].update(eval_every=3, epochs=2)
+    real, saves = os.replace, []
+
+    def replace(src, dst) -> None:
+        if Path(src).name == "last.tmp":
+            saves.append(src)
+            if len(saves) == 2:
+                raise KeyboardInterrupt  # Ctrl-C with the step-3 save aside and the step-6 one not yet in place
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(RunInterrupted, match=r"last checkpoint \(step 6\) is kept"):
+        lmtune.train(tiny_config)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    assert (Path(tiny_config["output"]["dir"]) / "tiny" / "checkpoints" / "last" / "loop_state.json").is_file()
