@@ -352,3 +352,11 @@ def test_a_gzipped_parquet_rewritten_with_its_time_put_back_is_read_afresh(tmp_p
     assert read_table(path)["text"][:] == ["aaaa"]
     _rewrite_keeping_time(path, second)
     assert read_table(path)["text"][:] != ["aaaa"]
+
+
+def test_a_json_array_element_that_is_not_an_object_is_named_by_its_position(tmp_path):
+    path = tmp_path / "t.json"
+    rows = [{"text": f"t{i}", "label": "a"} for i in range(5)]
+    path.write_text(json.dumps(rows + ["oops"] + rows), encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 6: each element of the JSON array must be an object.*str \"oops\""):
+        read_table(path)

@@ -248,6 +248,9 @@ def test_a_list_label_asks_for_multi_label(tmp_path: Path) -> None:
     path = write(tmp_path / "t.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": ["pos"]}\n')
     error = data_error({"data": {"train": str(path), "validation_size": 0, "test_size": 0}})
     assert error.row == 2 and "a list of labels; set task.multi_label=true" in str(error)
+    path = write(tmp_path / "o.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": {"a": 1}}\n')
+    error = data_error({"data": {"train": str(path), "validation_size": 0, "test_size": 0}})
+    assert error.row == 2 and "got an object" in str(error)  # not a class named "{'a': 1}"
 
 
 def test_split_by_keeps_groups_out_of_training(tmp_path: Path) -> None:

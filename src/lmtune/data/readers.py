@@ -216,6 +216,8 @@ def _load(
             raise DataError(shown, "no rows" + (" (only a header line)" if kind in ("csv", "tsv") else "")) from None
         if kind == "jsonl" or (kind == "json" and scan is not None and not scan.starts_with_bracket):
             _raise_first_bad_json_line(real, shown, gz)
+        if kind == "json":
+            _raise_first_non_object(real, shown, gz)
         raise DataError(shown, f"cannot parse as {kind.upper()}: {text}") from e
 
 
@@ -315,6 +317,21 @@ def _gunzip_to_cache(real: Path, shown: str) -> Path:
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(shown, f"not a valid gzip file ({e})") from None
     return target
+
+
+def _raise_first_non_object(real: Path, shown: str, gz: bool) -> None:
+    """A JSON array's first element that is not an object, by its position (Arrow's error names none); returns
+    where the file is not such an array, or every element is an object (its error is then another)."""
+    try:
+        with (gzip.open(real, "rt", encoding="utf-8") if gz else open(real, encoding="utf-8")) as f:
+            records = json.load(f)
+    except (ValueError, OSError, EOFError, zlib.error):
+        return
+    if isinstance(records, list):
+        for i, record in enumerate(records, 1):
+            if not isinstance(record, dict):
+                raise DataError(shown, f"each element of the JSON array must be an object of fields, got "
+                                       f"{type(record).__name__} {json.dumps(record)[:40]}", row=i)
 
 
 def _raise_first_bad_json_line(real: Path, shown: str, gz: bool) -> None:

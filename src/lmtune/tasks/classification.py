@@ -90,6 +90,8 @@ class Classification(PooledTask, Task):
                         f"text must be a string, got {type(value).__name__}"
             if not require_label:
                 return None
+            if isinstance(row[cfg.label_column], dict):
+                return cfg.label_column, "a label must be text or a number, got an object"
             if not multi and isinstance(row[cfg.label_column], list):
                 return cfg.label_column, "a list of labels; set task.multi_label=true for texts with several labels"
             values = label_values(row[cfg.label_column], multi, cfg.label_separator, rename)
