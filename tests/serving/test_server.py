@@ -149,6 +149,18 @@ def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_goes_on(se
     assert httpx.post(f"{server}/v1/predict", json={"inputs": "still fine"}).status_code == 200
 
 
+def test_a_chunked_body_over_the_limit_gets_413_too(server: str) -> None:
+    def chunks():  # no Content-Length: the limit is found as the body arrives
+        yield b'{"inputs": "'
+        for _ in range(12):
+            yield b"a" * 100_000
+        yield b'"}'
+
+    answer = httpx.post(f"{server}/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and "body too large" in answer.json()["error"], answer.text
+    assert httpx.post(f"{server}/v1/predict", json={"inputs": "still fine"}).status_code == 200
+
+
 def test_sigterm_answers_the_request_in_flight_then_exits(run: Path) -> None:
     process, url = start(run, "--max-wait-ms", "2000")  # a lone request waits 2 s for company
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

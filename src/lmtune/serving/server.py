@@ -185,19 +185,29 @@ class _BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._reject(scope, receive, send)
-        seen = 0
+        seen, over, started = 0, False, False
 
         async def counted() -> dict:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                over = True
                 raise _TooLarge
             return message
 
+        async def answer(message: dict) -> None:
+            nonlocal started
+            if over and not started:  # the framework's own reply to a body it could not read (400): ours instead
+                return
+            started = True
+            await send(message)
+
         try:
-            await self.app(scope, counted, send)
+            await self.app(scope, counted, answer)
         except _TooLarge:
+            pass
+        if over and not started:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
