@@ -18,7 +18,8 @@ import lmtune
 import lmtune.run as run_module
 from lmtune.cli import app
 from lmtune.config import ConfigError, load_config
-from lmtune.rundir import MARKER, FolderError, FolderLock, claim
+from lmtune.errors import FolderError
+from lmtune.folders import MARKER, FolderLock, claim
 
 
 def _tree(folder: Path) -> list[str]:

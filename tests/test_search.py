@@ -368,7 +368,7 @@ def test_a_diverging_trial_fails_and_the_search_goes_on(tiny_config, tmp_path, m
 
 def test_a_search_with_its_own_database_locks_its_folder(tiny_config, tmp_path) -> None:
     from lmtune.errors import FolderError
-    from lmtune.rundir import FolderLock
+    from lmtune.folders import FolderLock
 
     folder = tmp_path / "s"
     folder.mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmtune.config import load_config
-from lmtune.errors import DataError
+from lmtune.errors import DataError, FolderError
 from lmtune.registry import TASKS
 from lmtune.models import is_adapter
 from lmtune.session import Session, make_accelerator
@@ -232,7 +232,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
     (its `.lmtune` marker); a file, the run directory, a folder holding it or one inside it never is."""
     import tempfile
 
-    from lmtune import rundir
+    from lmtune import folders
     from lmtune.files import replace_dir
 
     if format not in ("hf", "onnx") or quantize not in (None, "int8") or (quantize and format != "onnx"):
@@ -254,7 +254,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
             import torch
 
             model = session.model = model.to(torch.bfloat16)
-    rundir.make_parent(output.parent)
+    folders.make_parent(output.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))  # a name of its own
     tmp.chmod(0o755)  # mkdtemp makes it private
     try:
@@ -272,7 +272,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
             write_card(tmp, session.cfg, metrics, session.task.pipeline_tag, final=output, exported=True,
                        onnx=format == "onnx")
             shutil.copy2(Path(run_dir) / "metrics.json", tmp / "metrics.json")  # what `serve` shows as /v1/info
-        (tmp / rundir.MARKER).write_text(json.dumps({"kind": "export", "run": str(run_dir)}), encoding="utf-8")
+        (tmp / folders.MARKER).write_text(json.dumps({"kind": "export", "run": str(run_dir)}), encoding="utf-8")
         replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -282,9 +282,9 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
 
 def _check_output(run_dir: Path, output: Path, overwrite: bool) -> None:
     """Refuse an export folder that is not one to write or replace (see `export`)."""
-    from lmtune import rundir
+    from lmtune import folders
 
-    rundir.refuse_special(output)
+    folders.refuse_special(output)
     if output.exists():
         if not output.is_dir():
             raise ValueError(f"{output} is a file; export writes a folder: choose another --output")
@@ -295,8 +295,8 @@ def _check_output(run_dir: Path, output: Path, overwrite: bool) -> None:
                              "replace it")
     if output.resolve().is_relative_to(Path(run_dir).resolve()):  # its model/, plots/ ... would be replaced
         raise ValueError(f"{output} lies inside the run {run_dir}: choose a folder outside it for --output")
-    if output.is_dir() and any(output.iterdir()) and (rundir.read_marker(output) or {}).get("kind") != "export":
-        raise rundir.FolderError(f"{output} was not written by `lmtune export` (it has no {rundir.MARKER} marker of "
+    if output.is_dir() and any(output.iterdir()) and (folders.read_marker(output) or {}).get("kind") != "export":
+        raise FolderError(f"{output} was not written by `lmtune export` (it has no {folders.MARKER} marker of "
                                  "one): --overwrite replaces only an earlier export; choose another --output or move "
                                  "that folder away yourself")
 

@@ -81,12 +81,7 @@ def read_table(
         raise ValueError(f"unknown bad-row policy {on_bad_rows!r}; expected one of {', '.join(POLICIES)}")
     shown = str(path)
     if shown.startswith("hf:") and not Path(shown).exists():  # a Hub dataset's split (a local file of that name wins)
-        from lmtune import hub
-
-        ds = hub.read_dataset(shown)
-        if len(ds) == 0:
-            raise DataError(shown, "no rows")
-        return ds.add_column(ROW_COLUMN, list(range(1, len(ds) + 1)))
+        return _read_hub(shown)
     real = resolve_path(path)
     if not real.exists():
         where = "" if real.is_absolute() else f" (looked at {real.resolve()})"
@@ -109,9 +104,18 @@ def read_table(
         skipped += messages
     # The fingerprint that the tokenization cache and the token store key on names the file's state too: datasets'
     # own (path and modification time) stays the same across an edit that puts the time back (cp -p, rsync -t).
-    fingerprint = hashlib.sha256("|".join(map(str, (file_key(real), kind, quoting, on_bad_rows, ds._fingerprint)))
-                                 .encode("utf-8")).hexdigest()[:16]
-    return ds.add_column(ROW_COLUMN, rows or _row_numbers(len(ds), kind, scan), new_fingerprint=fingerprint)
+    state = "|".join(map(str, (file_key(real), kind, quoting, on_bad_rows, ds._fingerprint)))
+    return ds.add_column(ROW_COLUMN, rows or _row_numbers(len(ds), kind, scan),
+                         new_fingerprint=hashlib.sha256(state.encode("utf-8")).hexdigest()[:16])
+
+
+def _read_hub(shown: str) -> datasets.Dataset:
+    from lmtune import hub
+
+    ds = hub.read_dataset(shown)
+    if len(ds) == 0:
+        raise DataError(shown, "no rows")
+    return ds.add_column(ROW_COLUMN, list(range(1, len(ds) + 1)))
 
 
 def _detect_format(real: Path, shown: str, fmt: str | None) -> tuple[str, bool]:

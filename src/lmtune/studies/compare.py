@@ -12,7 +12,8 @@ from typing import Any
 from lmtune.config import ConfigError, load_config
 from lmtune.split_names import eval_split_names
 from lmtune.preflight import check_setup
-from lmtune.rundir import claim, refuse_run_folder
+from lmtune.folders import claim
+from lmtune.rundir import refuse_run_folder
 from lmtune.studies.seeds import apply, describe, shared_by_runs
 from lmtune.training.logs import finite_json
 

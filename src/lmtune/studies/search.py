@@ -15,7 +15,8 @@ from lmtune.config import load_config
 from lmtune.config_read import override, read_yaml, shown
 from lmtune.errors import ConfigError
 from lmtune.preflight import metric_problem
-from lmtune.rundir import claim, refuse_run_folder
+from lmtune.folders import claim
+from lmtune.rundir import refuse_run_folder
 from lmtune.studies.seeds import shared_by_runs
 from lmtune.studies.trials import _assignments, _objective, _open_study, _run_trials
 

@@ -99,7 +99,7 @@ def apply(raw: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
 
 def _parent_dir(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
     """The several-seed run's folder, created (or taken over) and locked for its life: (folder, lock)."""
-    from lmtune import rundir
+    from lmtune import folders, rundir
 
     root = Path(cfg.output.dir)
     if cfg.output.name:
@@ -108,7 +108,7 @@ def _parent_dir(cfg: RunConfig, stem: str, resume: bool) -> tuple[Path, Any]:
         parent = rundir.find_run(root, stem, lambda p: any(p.glob("seed-*")))
     else:
         parent = rundir.new_folder(root, stem)
-    return parent, rundir.claim(parent, "seeds", overwrite=cfg.output.overwrite, resume=resume)
+    return parent, folders.claim(parent, "seeds", overwrite=cfg.output.overwrite, resume=resume)
 
 
 def train_seeds(cfg: RunConfig, stem: str, resume: bool = False, callbacks: list[Callable] | None = None) -> Any:
