@@ -33,17 +33,19 @@ class Predictor:
     def __init__(self, run_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False,
                  device: str | None = None) -> None:
         from lmtune import models
-        from lmtune.serving.onnx import is_onnx_folder
+        from lmtune.serving.onnx import CONFIG_FILE, is_onnx_folder
 
         self.run_dir = Path(run_dir)
-        folder = self.run_dir / "model"
         if is_onnx_folder(self.run_dir):  # an ONNX export: run by onnxruntime, no PyTorch model loaded
             self._load_onnx(trust_remote_code)
             return
+        # An HF export (`lmtune export`): the model's files with the run's config beside them (lmtune.yaml).
+        exported = (self.run_dir / "config.json").is_file() and (self.run_dir / CONFIG_FILE).is_file()
+        folder = self.run_dir if exported else self.run_dir / "model"
         if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{self.run_dir} holds no finished model (expected {folder}/config.json, or an "
-                                    "ONNX export's model.onnx and lmtune.yaml)")
-        cfg = load_config(self.run_dir / "config.yaml")
+                                    "export's config.json or model.onnx beside its lmtune.yaml)")
+        cfg = load_config(self.run_dir / (CONFIG_FILE if exported else "config.yaml"))
         cfg.model = cfg.model.model_copy(update={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle})
         adapter = (folder / "adapter_config.json").is_file()
         model_cfg = cfg.model.model_copy(update={"name": str(folder / "base_config" if adapter else folder)})
@@ -263,7 +265,11 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
 
             write_onnx_folder(tmp, session, model, quantize)
         else:
+            from lmtune.files import write_text
+            from lmtune.serving.onnx import CONFIG_FILE
+
             model.save_pretrained(tmp)
+            write_text(tmp / CONFIG_FILE, session.cfg.to_yaml())  # so lmtune.load / predict / serve run it as the run
         session.tokenizer.save_pretrained(tmp)
         if (Path(run_dir) / "metrics.json").is_file():  # the card, for the merged model now
             from lmtune.evaluation.card import write_card

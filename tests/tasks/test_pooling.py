@@ -49,6 +49,13 @@ def test_each_pooling_trains_and_reloads_to_identical_predictions(tiny_config: d
     assert f"lmtune's own ({pooling} pooling" in card and "pipeline(" not in card
     texts = ["a wonderful film", "terrible and dull"]
     assert [p["scores"] for p in model.predict(texts)] == [p["scores"] for p in lmtune.load(result.run_dir).predict(texts)]
+    if (pooling, method) in (("mean", "full"), ("max", "lora")):  # an HF export carries the head and loads back
+        from lmtune.predict import export
+
+        exported = export(result.run_dir, result.run_dir.parent / f"{result.run_dir.name}-hf", merge=True)
+        assert "Load it with lmtune" in (exported / "README.md").read_text()
+        for ours, run in zip(lmtune.load(exported).predict(texts), model.predict(texts)):
+            assert ours["label"] == run["label"] and ours["scores"] == pytest.approx(run["scores"], abs=1e-5)
 
 
 def test_the_head_learns(tiny_config: dict) -> None:
