@@ -130,3 +130,18 @@ def test_a_dotted_key_sets_a_config_value_for_that_methods_runs(tiny_config, tmp
     bad = CliRunner().invoke(app, ["compare", str(config), "--methods", "full(train.label_smothing=0.2)",
                                    "-o", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "label_smothing" in bad.output
+
+
+def test_one_column_one_metric_when_a_method_selects_by_another(tiny_config, tmp_path) -> None:
+    """`full(eval.metric=loss)` selects its checkpoint by loss; the table's column stays the task's metric."""
+    tiny_config["train"]["epochs"] = 1
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(config), "--methods", "full,full(eval.metric=loss)", "-o",
+                                      str(out)])
+    assert result.exit_code == 0, result.output
+    for row in json.loads((out / "runs.json").read_text()):
+        metrics = json.loads((Path(row["run"]) / "metrics.json").read_text())
+        assert row["metric"] == metrics["test"]["accuracy"], row
+    assert "accuracy" in (out / "compare.md").read_text()

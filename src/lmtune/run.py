@@ -209,7 +209,8 @@ def _measure(cfg: RunConfig, run: _Run, state: Any, started: float) -> tuple[dic
     seconds = sum(state.stage_seconds.values())
     return {
         "run": job.run_dir.name, "task": cfg.task.name, "method": cfg.method.name, "model": cfg.model.name,
-        "selection": {"metric": job.metric, "best": state.best_metric, "best_step": state.best_step},
+        "selection": {"metric": job.metric, "greater_is_better": job.greater_is_better, "best": state.best_metric,
+                      "best_step": state.best_step},
         **results,
         "steps": state.step,
         "skipped_steps": state.skipped_steps,

@@ -250,7 +250,8 @@ def save_outputs(run_dir: Path, model: Any, tokenizer: Any, task: Any, metrics: 
     if phases is not None:
         phases.lap("save")
     metric = metrics["selection"]["metric"]
-    plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric)
+    plot_learning_curves(read_records(run_dir), run_dir / "plots" / "learning_curves.png", metric,
+                         metrics["selection"].get("greater_is_better"))
     if "overfitting" in metrics:
         plot_overfitting(metrics["overfitting"], run_dir / "plots" / "overfitting.png")
     for split in eval_split_names(metrics):

@@ -97,7 +97,8 @@ def test_confusion_matrix_shape_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize("key, best", [("eval/has_answer_f1", 0.7), ("eval/no_answer_exact", 0.7),
-                                       ("eval/loss", 0.4), ("eval/perplexity", 0.4)])
+                                       ("eval/loss", 0.4), ("eval/perplexity", 0.4), ("eval/brier", 0.4),
+                                       ("eval/ece", 0.4)])
 def test_best_point_by_the_words_of_the_metric_name(key, best):
     from matplotlib.figure import Figure
 
@@ -106,3 +107,23 @@ def test_best_point_by_the_words_of_the_metric_name(key, best):
     ax = Figure().add_subplot()
     _draw_eval(ax, [(100, 0.4), (200, 0.55), (300, 0.7)], key, "tab:orange")
     assert any(label.startswith(f"best {key[5:]} {best:g} ") for label in ax.get_legend_handles_labels()[1])
+
+
+def test_the_run_says_which_way_its_metric_goes(tmp_path, monkeypatch):
+    """A run selecting by a metric the name words do not cover stars the point its selection took."""
+    import lmtune.evaluation.plots as plots
+
+    records = [{"step": s, "train/loss": 1.0 / s, "eval/calibrated_score": v}
+               for s, v in ((10, 0.4), (20, 0.55), (30, 0.7))]
+    labels: list[str] = []
+    real = plots._draw_eval
+
+    def spy(ax, points, key, color, lower=None):
+        real(ax, points, key, color, lower)
+        labels.extend(ax.get_legend_handles_labels()[1])
+
+    monkeypatch.setattr(plots, "_draw_eval", spy)
+    for greater, best in ((True, "0.7 @ step 30"), (False, "0.4 @ step 10")):
+        labels.clear()
+        plots.plot_learning_curves(records, tmp_path / "c.png", "calibrated_score", greater_is_better=greater)
+        assert any(label.endswith(best) for label in labels), labels

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 # plotting is safe in threads, in notebooks and on machines without a display.
 _DPI = 120
 # Words of metric names (split at _ / - .) where a smaller value is better; everything else is maximised.
-_LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "wer", "cer", "mse", "mae", "rmse")
+_LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "wer", "cer", "mse", "mae", "rmse", "ece", "brier")
 _TRAIN_LOSS = "train/loss"
 _EVAL_LOSS = "eval/loss"
 # eval/* keys that are bookkeeping, not quality: never picked as "the" metric automatically.
@@ -26,14 +26,14 @@ _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "tokens_per
 
 
 def plot_learning_curves(
-    records: list[dict], path: str | os.PathLike, metric: str | None = None
+    records: list[dict], path: str | os.PathLike, metric: str | None = None, greater_is_better: bool | None = None
 ) -> Path | None:
     """Plot train/eval loss and one eval metric against step; returns None when nothing to plot.
 
     `records` are the lines of a run's metrics.jsonl. `metric` is `"accuracy"` or `"eval/accuracy"`;
     None picks the first `eval/*` key that is not the loss. A requested metric that was never
     logged leaves only the loss panel. Stage changes are drawn as dashed lines, the best eval point
-    as a star.
+    as a star (the best by `greater_is_better` where the run said which way its metric goes, else by its name).
     """
     records = [r for r in records if isinstance(r, dict)]
     xs = [_number(r.get("step")) for r in records]
@@ -57,7 +57,8 @@ def plot_learning_curves(
     loss_ax.set_ylabel("loss")
     if metric_pts:
         name = metric_key.removeprefix("eval/")
-        _draw_eval(axes[1], metric_pts, metric_key, color="tab:green")
+        _draw_eval(axes[1], metric_pts, metric_key, color="tab:green",
+                   lower=None if greater_is_better is None else not greater_is_better)
         axes[1].set_title(f"Eval {name}")
         axes[1].set_ylabel(name)
 
@@ -207,11 +208,12 @@ def _draw_train_loss(ax, points: list[tuple[float, float]]) -> None:
                 label="train loss")
 
 
-def _draw_eval(ax, points: list[tuple[float, float]], key: str, color: str) -> None:
+def _draw_eval(ax, points: list[tuple[float, float]], key: str, color: str, lower: bool | None = None) -> None:
     x, y = map(np.asarray, zip(*points))
     name = key.removeprefix("eval/")
     ax.plot(x, y, color=color, marker="o", markersize=4, linewidth=1.4, label=f"eval {name}")
-    lower = any(word in _LOWER_IS_BETTER for word in re.split(r"[_/.-]", name.lower()))  # not "ans-wer"
+    if lower is None:
+        lower = any(word in _LOWER_IS_BETTER for word in re.split(r"[_/.-]", name.lower()))  # not "ans-wer"
     best = int(np.argmin(y) if lower else np.argmax(y))
     ax.plot(x[best], y[best], marker="*", markersize=15, color="gold", markeredgecolor="black",
             linestyle="none", zorder=5, label=f"best {name} {y[best]:.4g} @ step {x[best]:g}")

@@ -101,7 +101,7 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
     from lmtune.run import train
 
     base = load_config(config, overrides)
-    metric = base.eval.metric  # resolved per run below when left to the task
+    metric = base.eval.metric  # else the task's own (a method's eval.metric changes what it selects by, not the column)
     folder = Path(output or Path(base.output.dir) / (base.output.name
                                                      or f"compare-{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"))
     refuse_run_folder(folder, "compare")
@@ -117,8 +117,8 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
             raw["output"].update(dir=str(folder), name=run_name, overwrite=True)
             try:
                 checked = load_config(raw)
-                if seed == seeds[0]:
-                    check_setup(checked)  # what needs the tokenizer and the model's config (windows, probes)
+                if seed == seeds[0]:  # what needs the tokenizer and the model's config (windows, probes)
+                    metric = metric or check_setup(checked).task.default_metric
             except ConfigError as err:
                 errors.append(f"{_label(method, options)}: {err}")
             plan.append((_label(method, options), seed, raw))
@@ -131,7 +131,6 @@ def compare(config: str | Path, methods: list[tuple[str, dict[str, Any]]], seeds
         for label, seed, raw in plan:
             log.info("compare: %s, seed %d", label, seed)
             result = train(raw)
-            metric = result.metrics["selection"]["metric"]
             rows.append({"method": label, "seed": seed, "run": str(result.run_dir),
                          **_summary(result.metrics, metric)})
         (folder / "runs.json").write_text(json.dumps(finite_json(rows), indent=2, allow_nan=False), encoding="utf-8")
