@@ -108,3 +108,19 @@ def test_replay_documents_are_a_split_of_their_own(task, tiny_decoder_dir, tmp_p
     _, splits = load_data(cfg)
     assert len(splits["replay"]) == 5  # the training rows held these too
     assert sum(len(rows) for name, rows in splits.items() if name != "replay") == 3
+
+
+def test_data_text_is_printed_as_text_never_as_markup(tiny_model_dir, tmp_path) -> None:
+    """A review quoting forum markup ([/quote], [/]) and a label in brackets: printed as written, no crash."""
+    rows = [{"text": "good [/] film [/quote]", "label": "[pos]"}, {"text": "good [/] film [/quote]", "label": "[pos]"},
+            {"text": "bad film", "label": "neg"}, {"text": "awful [b]film[/b]", "label": "neg"}]
+    config = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(write_csv(tmp_path / "t.csv", rows)),
+                                                               "validation_size": 0, "test_size": 0},
+              "task": {"name": "classification"}, "output": {"dir": str(tmp_path / "runs")}}
+    path = tmp_path / "brackets.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for command in (["inspect", str(path)], ["validate", str(path)]):
+        result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert "[pos]" in result.output, result.output
+    assert "good [/] film [/quote]" in CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"}).output

@@ -139,7 +139,7 @@ def validate(config: Path = typer.Argument(..., help="Run config (YAML)."),
                       str(report.get("overlap_with_train", {}).get(split, "")))
     console.print(table)
     if report.get("labels"):
-        console.print(f"labels: {', '.join(map(str, report['labels']))}")
+        console.print(f"labels: {', '.join(map(str, report['labels']))}", markup=False, highlight=False)
     console.print("[green]config and data are valid[/]")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rich.table import Table
+from rich.text import Text
 
 
 def tables(examples: Path, fields: bool = False) -> Iterator[Table]:
@@ -72,6 +73,6 @@ def split_tables(m: dict[str, Any]) -> list[Any]:
         title = f"{split}{f' ({named})' if named and named != split.partition(':')[2] else ''}"
         out.append(metrics_table(f"{title} ({m['data']['rows'].get(split, '?')} rows)", m[split]))
         if base := m[split].get("majority_baseline"):
-            out.append(f"  majority-class baseline ({base['label']!r} always): accuracy "
-                       f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}")
+            out.append(Text(f"  majority-class baseline ({base['label']!r} always): accuracy "  # a label: no markup
+                            f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}"))
     return out

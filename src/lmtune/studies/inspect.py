@@ -209,6 +209,7 @@ def plot_lengths(lengths: dict[str, np.ndarray], result: dict[str, Any], path: P
 def tables(result: dict[str, Any]) -> list[Any]:
     """The profile as rich tables for the console: lengths and tokenizer fit, labels, duplicates."""
     from rich.table import Table
+    from rich.text import Text
 
     unk_note = " (byte-level: none)" if result["byte_level"] else ""
     main = Table(title=f"data vs {result['model']} tokenizer (max length {result['max_length']})")
@@ -224,13 +225,13 @@ def tables(result: dict[str, Any]) -> list[Any]:
     for split in result["labels"]:
         labels.add_column(split, justify="right")
     for key in names:
-        labels.add_row(str(key), *(_count_share(result["labels"][s], key) for s in result["labels"]))
+        labels.add_row(Text(str(key)), *(_count_share(result["labels"][s], key) for s in result["labels"]))
     dups = Table(title="exact duplicates")
     for column in ("where", "duplicate rows", "distinct texts", "examples"):
         dups.add_column(column, justify="left" if column in ("where", "examples") else "right")
     for where, d in {**result["duplicates"]["within"], **result["duplicates"]["across"]}.items():
         shown = [e["text"] if isinstance(e, dict) else e for e in d["examples"]]
-        dups.add_row(where, str(d["rows"]), str(d["texts"]), " | ".join(_cut(t) for t in shown))
+        dups.add_row(where, str(d["rows"]), str(d["texts"]), Text(" | ".join(_cut(t) for t in shown)))  # data: no markup
     spreads = Table(title="targets")
     for column in ("split", "target", "mean", "std", "min", "median", "max"):
         spreads.add_column(column, justify="left" if column in ("split", "target") else "right")
