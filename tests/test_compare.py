@@ -54,6 +54,12 @@ def test_method_specs_with_options() -> None:
                        ("full,", "")):  # each was read as fewer methods, or a method named '4'
         with pytest.raises(ValueError, match=re.escape(f"cannot read '{part}'")):
             parse_methods(spec)
+    with pytest.raises(ValueError, match=r"lora\(r=4\) is given twice"):  # the same runs into the same folders
+        parse_methods("full,lora(r=4),lora(r=4)")
+    from lmtune.studies.seeds import parse_seeds
+
+    with pytest.raises(ValueError, match="distinct seeds"):
+        parse_seeds("1,1")
 
 
 def test_every_method_is_checked_before_the_first_run(tiny_config, tmp_path) -> None:

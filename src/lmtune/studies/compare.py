@@ -46,6 +46,10 @@ def parse_methods(spec: str) -> list[tuple[str, dict[str, Any]]]:
             except Exception as err:  # noqa: BLE001 - YAML's parser errors: say which option
                 raise ValueError(f"--methods: cannot read the value of {option!r} in {item.strip()!r}") from err
         out.append((match.group(1), options))
+    labels = [_label(name, options) for name, options in out]
+    if len(set(labels)) != len(labels):  # the same runs twice, into the same folders, counted as more seeds
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise ValueError(f"--methods {spec!r}: {twice} is given twice")
     return out
 
 

@@ -23,6 +23,8 @@ def parse_seeds(spec: str) -> list[int]:
         raise ValueError(f"--seeds {spec!r}: give a count (3) or comma-separated seeds (1,5,9)") from None
     if not seeds:
         raise ValueError(f"--seeds {spec!r}: no seeds")
+    if len(set(seeds)) != len(seeds):  # one run a seed: a seed twice would train into one folder twice
+        raise ValueError(f"--seeds {spec!r}: give distinct seeds")
     return seeds
 
 
