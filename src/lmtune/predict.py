@@ -242,6 +242,12 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
                          f"{quantize!r})")
     output = Path(output) if output is not None else Path(run_dir).parent / f"{Path(run_dir).name}-{format}"
     _check_output(Path(run_dir), output, overwrite)
+    if format == "onnx" and (Path(run_dir) / "config.yaml").is_file():  # refused before any loading or folder
+        from lmtune.serving.onnx import OUTPUTS
+
+        task = load_config(Path(run_dir) / "config.yaml").task.name
+        if task not in OUTPUTS:
+            raise ValueError(f"ONNX export is for classification, NER and QA encoders; this run's task is {task!r}")
     # ONNX is traced and checked on the CPU (where onnxruntime runs it): the PyTorch side is loaded there too.
     session = Predictor(run_dir, device="cpu" if format == "onnx" else None, **permissions).session
     model = session.model

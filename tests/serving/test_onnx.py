@@ -97,6 +97,9 @@ def test_what_onnx_cannot_export_is_refused_clearly(runs, tiny_decoder_dir: Path
     with pytest.raises(ValueError, match="classification, NER and QA encoders"):
         export(decoder, format="onnx")
     assert not (decoder.parent / "lm-onnx").exists()
+    with pytest.raises(ValueError, match="classification, NER and QA encoders"):
+        export(decoder, tmp_path / "exports" / "deep" / "lm-onnx", format="onnx")
+    assert not (tmp_path / "exports").exists()  # refused before any folder is made
 
 
 @pytest.mark.parametrize("trans_b, weight_is_input", [(1, False), (0, False), (1, True)])
