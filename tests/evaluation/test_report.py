@@ -87,6 +87,14 @@ def test_study_reports_link_each_run_s_own_report(tiny_config: dict, tmp_path: P
     for href in re.findall(r'href="([^"]+)"', page):
         assert (folder / href).is_file() and href.endswith("/report.html") and not href.startswith("/")
     assert "data:image/png;base64," in page and not EXTERNAL.search(page)
+    moved = tmp_path / "elsewhere" / "cmp"  # a study folder moved away: its report written again there
+    moved.parent.mkdir()
+    shutil.move(str(folder), moved)
+    from lmtune.evaluation.report import write_report
+
+    again = write_report(moved).read_text(encoding="utf-8")
+    hrefs = re.findall(r'href="([^"]+)"', again)
+    assert len(hrefs) == 2 and all((moved / href).is_file() for href in hrefs)
 
     tiny_config["train"]["seeds"] = [1, 2]
     tiny_config["output"].update(dir=str(tmp_path / "s"), name="seeds")

@@ -149,6 +149,7 @@ def _study_page(folder: Path, kind: str) -> str:
         runs = [(f"trial {r['number']} ({r['state']})", Path(r["run_dir"])) for r in rows if r.get("run_dir")]
         best = folder / "best.yaml"
         intro = f"{len(rows)} trial(s)." + (f" The best configuration is in {best.name}." if best.is_file() else "")
+    runs = [(label, _located(folder, path)) for label, path in runs]
     links = [{"label": label, "href": _href(folder, path), "headline": _headline(_read_json(path / "metrics.json")
                                                                                    or {})}
              for label, path in runs]
@@ -157,9 +158,19 @@ def _study_page(folder: Path, kind: str) -> str:
                    images=[(caption, uri) for caption, uri in images if uri], runs=links)
 
 
+def _located(folder: Path, run: Path) -> Path:
+    """A run of the study where it is now: as recorded (absolute paths), else by its name inside the study's folder
+    (a study folder moved or copied elsewhere keeps its runs inside it: directly, or under trials/)."""
+    if run.is_dir():
+        return run
+    for inside in (folder / run.name, folder / "trials" / run.name):
+        if inside.is_dir():
+            return inside
+    return run
+
+
 def _href(folder: Path, run: Path) -> str | None:
     """A relative link from the study's page to a run's own report, where the run wrote one."""
-    run = run if run.is_absolute() or run.exists() else folder / run.name
     page = run / "report.html"
     return Path(os.path.relpath(page, folder)).as_posix() if page.is_file() else None
 
