@@ -218,3 +218,27 @@ def test_a_hub_ner_dataset_with_class_number_tags_trains_on_their_names(hub_cach
     n = result.metrics["data"]["rows"]["train"]
     assert result.metrics["data"]["entities"]["train"] == {"LOC": n, "PER": n} and n > 10  # one of each a sentence
     assert load_config(result.run_dir / "config.yaml").data.train == f"hf:lmtune-test/conll@{COMMIT}:train"
+
+
+def test_a_search_continued_after_the_branch_moved_stays_on_its_first_commit(hub_cache, tiny_model_dir, tiny_config,
+                                                                              tmp_path) -> None:
+    import yaml
+
+    from lmtune.studies.search import search
+
+    snapshot = cache_repo(hub_cache, "lmtune-test/tiny-bert", tiny_model_dir)
+    moved = "9" * 40
+    shutil.copytree(snapshot, snapshot.parent / moved)
+    tiny_config["model"]["name"] = "lmtune-test/tiny-bert"
+    tiny_config["train"].update(max_steps=2)
+    tiny_config["search"] = {"trials": 1, "pruner": "none",
+                             "space": {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}}
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    search(config, output=tmp_path / "srch")
+    (hub_cache / "models--lmtune-test--tiny-bert" / "refs" / "main").write_text(moved)  # main moves on upstream
+    search(config, trials=2, output=tmp_path / "srch")
+    trials = sorted((tmp_path / "srch" / "trials").iterdir())
+    assert len(trials) == 2
+    for trial in trials:
+        assert load_config(trial / "config.yaml").model.name == f"lmtune-test/tiny-bert@{COMMIT}"

@@ -11,13 +11,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from lmtune.config import load_config
+from lmtune.config import RunConfig, load_config
 from lmtune.config_read import override, read_yaml, shown
 from lmtune.errors import ConfigError
 from lmtune.preflight import metric_problem
 from lmtune.folders import claim
 from lmtune.rundir import refuse_run_folder
-from lmtune.studies.seeds import shared_by_runs
+from lmtune.studies.seeds import apply, shared_by_runs
 from lmtune.studies.trials import _assignments, _objective, _open_study, _run_trials
 
 log = logging.getLogger("lmtune")
@@ -208,13 +208,27 @@ def search(config: str | Path, overrides: list[str] | None = None, *, space: str
                  len(spec.space), max(remaining, 0), spec.trials, url)
         if remaining > 0:
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # lmtune logs each trial itself
-            shared = overrides + _assignments(shared_by_runs(base))  # (best.yaml keeps the names as given)
+            shared = overrides + _assignments(_pinned_once(study, base))  # (best.yaml keeps the names as given)
             _run_trials(study, lambda t: _objective(t, raw, shared, spec, metric, folder), spec,
                         failures=remaining)
         return write_outputs(study, raw, overrides, spec, metric, folder, Path(config))
     finally:
         if lock is not None:
             lock.release()
+
+
+def _pinned_once(study: Any, base: RunConfig) -> dict[str, Any]:
+    """What every trial shares (Hub names at commits: seeds.shared_by_runs), fixed when the study starts and kept
+    with it: a search continued later (or by another worker) stays on the commits its first trials used."""
+    from lmtune.rundir import keep_pins
+
+    started = study.user_attrs.get("started_with")
+    if started is not None:
+        base = keep_pins(base, load_config(apply(base.model_dump(mode="json"), started)))
+    shared = shared_by_runs(base)
+    if started is None:
+        study.set_user_attr("started_with", shared)
+    return shared
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
