@@ -97,6 +97,9 @@ def test_a_name_found_nowhere_names_both_readings_and_the_way_out(hub_cache, tin
     with pytest.raises(ModelError, match=r"no local folder of that name, and the Hub model 'lmtune-test/missing' is "
                                          r"not in the Hugging Face cache .*hf download lmtune-test/missing"):
         lmtune.train(tiny_config)
+    tiny_config["model"]["name"] = "lmtune-test/missing@v9"  # the command fetches the revision asked for
+    with pytest.raises(ModelError, match=r"hf download lmtune-test/missing --revision v9`"):
+        lmtune.train(tiny_config)
     tiny_config["model"]["name"] = "../not/here"
     with pytest.raises(ModelError, match="neither a built-in name .*, a local folder nor a Hub id"):
         lmtune.train(tiny_config)

@@ -54,7 +54,8 @@ def fetch_model(name: str, allow_pickle: bool = False, trust_remote_code: bool =
                          f"{repo!r}"
                          f"{f' at {revision!r}' if revision else ''} is not in the Hugging Face cache "
                          f"({constants.HF_HUB_CACHE}) while {offline} ({type(err).__name__}). Fetch it once with "
-                         f"network access (`hf download {repo}`, or any lmtune command without HF_HUB_OFFLINE=1), "
+                         f"network access (`hf download {repo}{f' --revision {revision}' if revision else ''}`, or any lmtune "
+                         "command without HF_HUB_OFFLINE=1), "
                          "or give a local folder") from None
     if not (folder / "config.json").is_file():
         raise ModelError(f"model {name!r}: the Hub repository {repo!r} has no config.json (not a transformers model)")
@@ -127,7 +128,8 @@ def fetch_dataset(text: str) -> Path:
         offline = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise DataError(text, f"the Hub dataset {repo!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
                               f"while {offline} ({type(err).__name__}): fetch it once with network access "
-                              f"(`hf download --repo-type dataset {repo}`), or give a local file") from None
+                              f"(`hf download --repo-type dataset {repo}{f' --revision {revision}' if revision else ''}`)"
+                              ", or give a local file") from None
 
 
 def read_dataset(text: str) -> Any:
