@@ -237,17 +237,9 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
     from lmtune import folders
     from lmtune.files import replace_dir
 
-    if format not in ("hf", "onnx") or quantize not in (None, "int8") or (quantize and format != "onnx"):
-        raise ValueError(f"export: --format is hf or onnx, --quantize int8 only with --format onnx (got {format!r}, "
-                         f"{quantize!r})")
+    _check_format(Path(run_dir), format, quantize)
     output = Path(output) if output is not None else Path(run_dir).parent / f"{Path(run_dir).name}-{format}"
     _check_output(Path(run_dir), output, overwrite)
-    if format == "onnx" and (Path(run_dir) / "config.yaml").is_file():  # refused before any loading or folder
-        from lmtune.serving.onnx import OUTPUTS
-
-        task = load_config(Path(run_dir) / "config.yaml").task.name
-        if task not in OUTPUTS:
-            raise ValueError(f"ONNX export is for classification, NER and QA encoders; this run's task is {task!r}")
     # ONNX is traced and checked on the CPU (where onnxruntime runs it): the PyTorch side is loaded there too.
     session = Predictor(run_dir, device="cpu" if format == "onnx" else None, **permissions).session
     model = session.model
@@ -290,6 +282,19 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _check_format(run_dir: Path, format: str, quantize: str | None) -> None:
+    """Refuse an export format the run cannot take, before any loading or folder (see `export`)."""
+    if format not in ("hf", "onnx") or quantize not in (None, "int8") or (quantize and format != "onnx"):
+        raise ValueError(f"export: --format is hf or onnx, --quantize int8 only with --format onnx (got {format!r}, "
+                         f"{quantize!r})")
+    if format == "onnx" and (run_dir / "config.yaml").is_file():
+        from lmtune.serving.onnx import OUTPUTS
+
+        task = load_config(run_dir / "config.yaml").task.name
+        if task not in OUTPUTS:
+            raise ValueError(f"ONNX export is for classification, NER and QA encoders; this run's task is {task!r}")
 
 
 def _check_output(run_dir: Path, output: Path, overwrite: bool) -> None:

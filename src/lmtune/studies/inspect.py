@@ -172,7 +172,9 @@ def inspect(config: str | Path | dict | RunConfig, overrides: list[str] | None =
     result = {"model": cfg.model.name, "task": cfg.task.name, **result}
     folder = Path(output or Path(cfg.output.dir) / f"{stem}-inspect")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "inspect.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    from lmtune.files import write_text
+
+    write_text(folder / "inspect.json", json.dumps(result, indent=2, ensure_ascii=False))
     plot_lengths(lengths, result, folder / "length_distribution.png")
     return folder, result
 

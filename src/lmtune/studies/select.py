@@ -212,7 +212,10 @@ def select(config: str | Path | dict | RunConfig, candidates: list[str], overrid
     report = {"task": cfg.task.name, "sample": {"train": len(drawn.inputs), "texts": len(drawn.texts)},
               "folds": folds, "seed": seed, "rule": __doc__.split("Ranking rule: ")[1].strip().replace("\n", " "),
               "winner": winner, "recommendation": sentence, "ranking": ranking}
-    (folder / "select.json").write_text(json.dumps(report, indent=2, default=float), encoding="utf-8")
+    from lmtune.files import write_text
+    from lmtune.training.logs import finite_json
+
+    write_text(folder / "select.json", json.dumps(finite_json(report), indent=2, default=float, allow_nan=False))
     return Selection(folder, ranking, sentence, winner)
 
 
