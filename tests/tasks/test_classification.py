@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import lmtune
-from lmtune.config import load_config
+from lmtune.config import ConfigError, load_config
 from lmtune.data import DataError
 from lmtune.registry import TASKS
 
@@ -267,3 +267,15 @@ def test_split_by_keeps_groups_out_of_training(tmp_path: Path) -> None:
     error = data_error(cfg)
     assert "no column 'autor' (data.split_by); the file has: 'text', 'label', 'author'; did you mean 'author'?" in \
         str(error)
+
+
+def test_a_threshold_is_a_probability_and_only_for_multi_label() -> None:
+    from lmtune.config import load_config
+
+    with pytest.raises(ConfigError, match=r"task.threshold=0.7: thresholds are for task.multi_label=true"):
+        load_config({"task": {"name": "classification", "threshold": 0.7}})
+    with pytest.raises(ConfigError, match=r"task.threshold=1.5: a probability between 0 and 1"):
+        load_config({"task": {"name": "classification", "multi_label": True, "threshold": 1.5}})
+    for threshold in (0.3, "tune"):
+        assert load_config({"task": {"name": "classification", "multi_label": True,
+                                     "threshold": threshold}}).task.threshold == threshold

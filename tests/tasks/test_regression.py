@@ -57,6 +57,11 @@ def test_a_single_target_predicts_a_score(tiny_model_dir: Path, tmp_path: Path) 
     run = lmtune.train(cfg).run_dir
     (pred,) = lmtune.load(run).predict(["great film"])
     assert set(pred) == {"score"} and isinstance(pred["score"], float)
+    tiny = [{**row, "stars": f"{float(row['stars']) * 1e-9:.3e}"} for row in rows]  # targets of 1e-8 to 7e-8
+    cfg["data"]["train"] = str(write_csv(tmp_path / "tiny.csv", tiny))
+    cfg["output"]["name"] = "tiny"
+    (pred,) = lmtune.load(lmtune.train(cfg).run_dir).predict(["great film"])
+    assert 1e-9 < abs(pred["score"]) < 1e-6  # seven significant digits, not six decimals (0.0)
 
 
 def test_a_target_that_is_not_a_number_names_its_row(tiny_model_dir: Path, tmp_path: Path) -> None:

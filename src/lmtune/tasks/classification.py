@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
 import torch
+from pydantic import model_validator
 
 from lmtune.data import (DataError, apply_row_checks, carve_splits, count_overlap, listed_groups, no_text,
                          pad_inputs, read_table, require_columns, resolve_path)
@@ -33,6 +34,15 @@ class ClassificationOptions(PoolingOptions):
     threshold: float | Literal["tune"] = 0.5
     """Multi-label: a label is predicted when its probability reaches this value; `tune`: one threshold per label,
     chosen after training on the validation rows (best F1 of that label), saved with the model (0.5 until then)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClassificationOptions":
+        if self.threshold != 0.5 and not self.multi_label:
+            raise ValueError(f"task.threshold={self.threshold}: thresholds are for task.multi_label=true (one label a "
+                             "text is the most probable one)")
+        if self.threshold != "tune" and not 0 < self.threshold < 1:
+            raise ValueError(f"task.threshold={self.threshold}: a probability between 0 and 1 (or tune)")
+        return self
 
 
 @register_task("classification")

@@ -230,6 +230,7 @@ class Regression(PooledTask, Task):
 
     def postprocess(self, outputs: Iterable, n: int) -> list[dict[str, Any]]:
         predicted, _ = self._collect(outputs, n)
+        # Seven significant digits (float32's), whatever the targets' scale: 1e-7-sized targets keep their values.
         if len(self.labels) == 1:
-            return [{"score": round(float(p[0]), 6)} for p in predicted]
-        return [{"scores": {name: round(float(v), 6) for name, v in zip(self.labels, p)}} for p in predicted]
+            return [{"score": float(f"{p[0]:.7g}")} for p in predicted]
+        return [{"scores": {name: float(f"{v:.7g}") for name, v in zip(self.labels, p)}} for p in predicted]
