@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmtune
-from lmtune.config import TrainConfig
+from lmtune.config import ConfigError, TrainConfig
 from lmtune.methods import METHODS, TaskInfo
 from lmtune.methods.common import parts
 from lmtune.training.loop import build_optimizer
@@ -115,6 +115,9 @@ def test_lp_ft_probe_with_the_pooler_still_trains_on_cached_features(tiny_config
     result = lmtune.train({**tiny_config, "method": {"name": "lp_ft", "probe_epochs": 1, "epochs": 1,
                                                      "probe_pooler": True}})
     assert result.metrics["stages"]["probe"]["feature_cache"] is True
+    with pytest.raises(ConfigError, match="probe_pooler=true, but this model uses no pooler"):  # before training
+        lmtune.train({**tiny_config, "task": {"name": "classification", "pooling": "mean"},
+                      "method": {"name": "lp_ft", "probe_pooler": True}})
 
 
 def test_layerwise_decay_sets_rates_by_depth(tiny_model_dir) -> None:

@@ -36,6 +36,10 @@ class LpFt(Method):
         head = head_parameters(model, info, "lp_ft")
         if options.probe_pooler:
             pooler = pooler_names(model)
+            if not pooler:  # e.g. task.pooling mean (minilm-l6's default): the head reads no pooler, none is kept
+                raise ValueError("method 'lp_ft': probe_pooler=true, but this model uses no pooler (task.pooling "
+                                 "other than pooler, or a model without one): set task.pooling=pooler, or leave "
+                                 "probe_pooler off")
             head += [n for n, _ in model.named_parameters() if n in pooler and n not in head]
         probe = Stage("probe", [ParamGroup(head, lr=options.probe_lr)], epochs=options.probe_epochs,
                       cache_features=options.cache_features)
