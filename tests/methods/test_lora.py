@@ -205,3 +205,21 @@ def test_a_pickled_adapter_loads_only_when_the_caller_allows_pickles(lora_run, t
     with pytest.raises(ModelError, match="nothing in them was run"):
         lmtune.load(run, allow_pickle=True)
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_ia3_takes_the_given_modules_and_unused_options_are_named(tiny_config, caplog) -> None:
+    """ia3 built peft's default modules whatever target_modules said, and r / alpha were dropped silently."""
+    tiny_config["train"]["max_steps"] = 1
+
+    def trainable(name: str, **method) -> int:
+        tiny_config["output"]["name"] = name
+        tiny_config["method"] = {"name": "lora", "variant": "ia3", **method}
+        return lmtune.train(tiny_config).metrics["stages"]["ia3"]["trainable_params"]
+
+    default = trainable("ia3")
+    with caplog.at_level("WARNING", logger="lmtune"):
+        query_only = trainable("ia3-query", target_modules=["query"], r=2)
+    assert query_only < default
+    assert "method.variant=ia3 does not use method.r=2: ignored" in caplog.text
+    with pytest.raises(Exception, match=r"target_modules \['querry'\] name no module"):
+        trainable("ia3-typo", target_modules=["querry"])

@@ -121,19 +121,41 @@ def peft_config(model: Any, info: TaskInfo, options: LoraOptions) -> Any:
     import peft
 
     task_type = _task_type(model)
-    if options.variant in ("lora", "dora") and isinstance(options.target_modules, list) \
-            and (problem := _unknown_targets(model, options.target_modules)):
+    targets = options.target_modules if isinstance(options.target_modules, list) else None
+    if options.variant != "prompt_tuning" and targets and (problem := _unknown_targets(model, targets)):
         raise ValueError(problem)
+    _warn_unused(options)
     save = _head_modules(model, info, options.train_output_layer)
     if options.variant == "prompt_tuning":
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens,
                                        modules_to_save=save or None)
-    if options.variant == "ia3":
-        return peft.IA3Config(task_type=task_type, modules_to_save=save or None)
+    if options.variant == "ia3":  # the given modules, else peft's for the architecture (attention and feed-forward)
+        from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+
+        feedforward = None if targets is None else [t for t in targets if t in FEEDFORWARD.get(
+            getattr(model.config, "model_type", ""), [])]
+        return peft.IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=feedforward,
+                              modules_to_save=save or None)
     return peft.LoraConfig(task_type=task_type, r=options.r, lora_alpha=options.alpha,
                            lora_dropout=options.dropout, target_modules=options.target_modules,
                            exclude_modules=save or None, modules_to_save=save or None,
                            use_dora=options.variant == "dora")
+
+
+_UNUSED = {"ia3": ("r", "alpha", "dropout"), "prompt_tuning": ("r", "alpha", "dropout", "target_modules"),
+           "lora": ("num_virtual_tokens",), "dora": ("num_virtual_tokens",)}
+_warned: set[str] = set()
+
+
+def _warn_unused(options: LoraOptions) -> None:
+    """Options set away from their defaults that the chosen variant does not read: said once, not silently dropped."""
+    defaults = LoraOptions()
+    unused = [f"method.{k}={getattr(options, k)!r}" for k in _UNUSED[options.variant]
+              if getattr(options, k) != getattr(defaults, k)]
+    message = f"method.variant={options.variant} does not use {', '.join(unused)}: ignored"
+    if unused and message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 @register_method("lora")
