@@ -92,10 +92,10 @@ def test_a_resumed_run_goes_on_in_the_tracker_runs_it_started(tiny_config: dict,
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tiny_config["output"].update(report_to=["mlflow", "wandb"], mlflow_uri=uri)
-    tiny_config["train"].update(eval_every=3, epochs=2)
+    tiny_config["output"].update(report_to=["mlflow", "wandb", "tensorboard"], mlflow_uri=uri)
+    tiny_config["train"].update(eval_every=3, epochs=2, log_every=1)
     with pytest.raises(Interrupt):
-        lmtune.train(tiny_config, callbacks=[_crash_at(4)])
+        lmtune.train(tiny_config, callbacks=[_crash_at(5)])  # steps 4 and 5 logged, then replayed from step 3
     run_dir = Path(tiny_config["output"]["dir"]) / "tiny"
     ids = json.loads((run_dir / "trackers.json").read_text())
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -103,8 +103,15 @@ def test_a_resumed_run_goes_on_in_the_tracker_runs_it_started(tiny_config: dict,
     result = lmtune.train(tiny_config, resume=True)
     (run,) = client.search_runs([client.get_experiment_by_name("runs").experiment_id])
     assert run.info.run_id == ids["mlflow"]["run_id"] and run.info.status == "FINISHED"  # the same run, finished
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train.loss")}
-    assert max(steps) == result.metrics["steps"] and min(steps) < 4  # before and after the resume, in one run
+    history = [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")]
+    assert max(history) == result.metrics["steps"] and min(history) < 4  # before and after the resume, in one run
+    assert sorted(history) == sorted(set(history))  # the replayed steps once each
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    board = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(board) == sorted(set(board)) and max(board) == result.metrics["steps"]
+    assert events.Scalars("final/test/accuracy")[-1].value == pytest.approx(result.metrics["test"]["accuracy"])
     assert run.data.metrics["final.test.accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
     assert json.loads((run_dir / "trackers.json").read_text())["wandb"] == ids["wandb"]  # W&B: the same id again
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{ids['wandb']['id']}"))) == 2

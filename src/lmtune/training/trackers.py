@@ -72,13 +72,19 @@ class TensorBoard:
     def __init__(self, cfg: RunConfig, run_dir: Path, resumed: dict[str, Any] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        # A resumed run replays the steps after its checkpoint: TensorBoard hides what the first process wrote for them.
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=_replayed_from(run_dir))
+        if _replayed_from(run_dir) is None:
+            import yaml
+
+            self.writer.add_text("config", "```\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False) + "```")
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         for key, value in _numbers(values).items():
             self.writer.add_scalar(key, value, step)
 
     def finish(self, metrics: dict[str, Any], files: list[Path], run_dir: Path) -> None:
+        self.log(metrics.get("steps", 0), _final(metrics))  # (the files are beside the event files, in the run folder)
         self.writer.close()
 
     def fail(self) -> None:
@@ -95,8 +101,10 @@ class MLflow:
 
         uri = mlflow_uri(cfg)
         self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.sent = -1  # a resumed run's replayed steps up to this one were sent by the first process: not again
         if resumed and resumed.get("uri") == uri and self._reopen(resumed["run_id"]):
             self.run_id, self.ids = resumed["run_id"], resumed
+            self.sent = max((m.step for m in self.client.get_metric_history(self.run_id, "train.loss")), default=-1)
             log.info("mlflow: run %s goes on at %s", self.run_id, uri)
             return
         name = group_of(run_dir)
@@ -124,18 +132,20 @@ class MLflow:
         self.client.update_run(run_id, status="RUNNING")
         return True
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
+    def log(self, step: int, values: dict[str, Any], final: bool = False) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if step <= self.sent and not final:
+            return
         now = int(time.time() * 1000)
         metrics = [Metric(key.replace("/", "."), value, now, step) for key, value in _numbers(values).items()]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, metrics: dict[str, Any], files: list[Path], run_dir: Path) -> None:
-        self.log(metrics.get("steps", 0), _final(metrics))
+        self.log(metrics.get("steps", 0), _final(metrics), final=True)
         for file in files:
             relative = file.relative_to(run_dir)
             self.client.log_artifact(self.run_id, str(file), None if relative.parent == Path(".") else
@@ -170,6 +180,14 @@ class WandB:
 
     def fail(self) -> None:
         self.run.finish(exit_code=1)
+
+
+def _replayed_from(run_dir: Path) -> int | None:
+    """The first step a resumed run replays (its checkpoint's step + 1), None for a run starting afresh."""
+    from lmtune.training.checkpoint import read_loop_state
+
+    last = run_dir / "checkpoints" / "last"
+    return read_loop_state(last).step + 1 if (last / "loop_state.json").is_file() else None
 
 
 def _final(metrics: dict[str, Any]) -> dict[str, float]:
