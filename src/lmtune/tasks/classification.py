@@ -37,9 +37,8 @@ class ClassificationOptions(PoolingOptions):
 
     @model_validator(mode="after")
     def _check(self) -> "ClassificationOptions":
-        if self.threshold != 0.5 and not self.multi_label:
-            raise ValueError(f"task.threshold={self.threshold}: thresholds are for task.multi_label=true (one label a "
-                             "text is the most probable one)")
+        if self.threshold != 0.5 and not self.multi_label:  # (one label a text: the most probable one)
+            raise ValueError(f"task.threshold={self.threshold}: thresholds are for task.multi_label=true")
         if self.threshold != "tune" and not 0 < self.threshold < 1:
             raise ValueError(f"task.threshold={self.threshold}: a probability between 0 and 1 (or tune)")
         return self
