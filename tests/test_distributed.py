@@ -66,3 +66,22 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tiny_config: dict, tmp_
     assert metrics["stages"]["full"]["steps"] == 4 * 75
     assert metrics["steps"] == state["step"] + 4 * 75 - (75 * state["epoch"] + 2 * state["batch"])
     assert metrics["test"]["accuracy"] > 0.8
+
+
+def test_two_processes_replace_an_earlier_run_with_output_overwrite(tiny_config: dict, tmp_path: Path) -> None:
+    """The earlier run goes only once the new one has loaded (rundir.open_run's `ready`): every process must wait at
+    the same barriers, also where only the main process found the folder full."""
+    tiny_config["train"].update(batch_size=4, max_steps=2)
+    tiny_config["output"].update(name="again", overwrite=True)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmtune.cli", "train",
+               str(config)]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "runs" / "again" / "note.txt").write_text("from the first run")
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert second.returncode == 0, second.stderr[-3000:]
+    folder = tmp_path / "runs" / "again"
+    assert not (folder / "note.txt").exists() and (folder / "model" / "config.json").is_file()

@@ -93,11 +93,11 @@ def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any
     config.yaml written; Ctrl-C inside turned into `RunInterrupted`; the lock released after. A finished run that
     `output.overwrite` replaces is kept, config included, until the block calls `ready()` (once its data and model
     have loaded): a config that fails before then loses nothing."""
-    picked, lock, problem, stale = [None, cfg], None, None, False
+    picked, lock, problem, stale = [None, cfg, False], None, None, False
     if accelerator.is_main_process:
         try:
             run_dir, lock, cfg, stale = _claim_run(cfg, stem, resume)
-            picked = [str(run_dir), cfg]
+            picked = [str(run_dir), cfg, stale]
         except Exception as err:
             problem = err
     if accelerator.num_processes > 1:
@@ -108,7 +108,7 @@ def open_run(cfg: RunConfig, stem: str, resume: bool, accelerator: Any
         raise problem
     if picked[0] is None:
         raise RuntimeError("the main process could not create the run directory (its error is in its log)")
-    run_dir, cfg = Path(picked[0]), picked[1]
+    run_dir, cfg, stale = Path(picked[0]), picked[1], picked[2]  # every process waits for the same barriers
 
     def write_config() -> None:
         from lmtune.files import write_text
