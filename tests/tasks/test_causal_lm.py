@@ -293,3 +293,22 @@ def test_train_output_layer_is_refused_where_the_output_layer_is_tied(tiny_decod
     with pytest.raises(lmtune.ConfigError, match="train_output_layer: this LlamaForCausalLM has no separate output "
                                                  "layer \\(it is tied to the input embeddings\\)"):
         lmtune.train(cfg)
+
+
+def test_a_prompt_longer_than_the_models_positions_keeps_its_end(tiny_decoder_dir: Path, caplog) -> None:
+    """A model with learned positions (GPT-2: 32 here) indexed past its table on a long prompt (IndexError in predict,
+    serve and eval_generate); the prompt's beginning is cut instead, with a warning, and max_new_tokens holds."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder_dir)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                       eos_token_id=2, pad_token_id=0))
+    options = lm_common.GenerationOptions(max_new_tokens=4)
+    with caplog.at_level("WARNING", logger="lmtune"):
+        short, long = lm_common.generate(model, tokenizer, ["good film", " ".join(["good film"] * 40)], options, "cpu")
+    assert "1 prompt(s) longer than the 28 tokens" in caplog.text
+    assert len(long.split()) <= 4 and len(short.split()) <= 4
+    assert tokenizer.truncation_side == "right"  # put back
+    with pytest.raises(ValueError, match="max_new_tokens=40: the model has 32 positions"):
+        lm_common.generate(model, tokenizer, ["good film"], lm_common.GenerationOptions(max_new_tokens=40), "cpu")

@@ -241,8 +241,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], options: Generation
              device: Any) -> list[str]:
     """Continuations of `prompts` (already formatted), batched with left padding; special tokens dropped."""
     texts: list[str] = []
-    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    side, cut, pad = tokenizer.padding_side, tokenizer.truncation_side, tokenizer.pad_token
     tokenizer.padding_side = "left"  # generated tokens must follow each prompt directly
+    tokenizer.truncation_side = "left"  # a prompt too long for the model keeps its end, where the answer follows
+    room = _prompt_room(model, options.max_new_tokens)
     if pad is None:  # GPT-2 and others have no pad token: pad with EOS (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token
     was_training = model.training
@@ -253,18 +255,37 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], options: Generation
     try:
         for start in range(0, len(prompts), options.generation_batch_size):
             chunk = prompts[start:start + options.generation_batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
+                            truncation=room is not None, max_length=room).to(device)
+            if room is not None and enc["input_ids"].shape[1] == room:
+                long = sum(len(ids) > room for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"])
+                if long:
+                    log.warning("%d prompt(s) longer than the %d tokens the model's %d positions leave beside "
+                                "max_new_tokens=%d: their beginnings were cut", long, room, room +
+                                options.max_new_tokens, options.max_new_tokens)
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=options.max_new_tokens, eos_token_id=stops,
                                      pad_token_id=pad_id(tokenizer), **sampling)
             new = out[:, enc["input_ids"].shape[1]:]
             texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, cut
         if pad is None:
             tokenizer.pad_token = None
         model.train(was_training)
     return texts
+
+
+def _prompt_room(model: Any, max_new_tokens: int) -> int | None:
+    """Prompt tokens the model's positions hold beside `max_new_tokens` (None where it names no limit)."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not positions:
+        return None
+    if positions <= max_new_tokens:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: the model has {positions} positions in all, prompt "
+                         "included; ask for fewer")
+    return positions - max_new_tokens
 
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
