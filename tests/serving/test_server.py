@@ -209,6 +209,13 @@ def test_every_task_answers_single_and_list_inputs(task: str, request: pytest.Fi
             fewer = httpx.post(f"{url}/v1/predict", json={"inputs": inputs[0], "max_new_tokens": 1}, timeout=60)
             assert fewer.status_code == 200 and len(fewer.json()["predictions"][0]["generated"]) <= \
                 len(one[0]["generated"]) + 1
+            from fastapi.testclient import TestClient
+
+            from lmtune.serving.server import Limits
+
+            with TestClient(create_app(folder, Limits(max_new_tokens=1), device="cpu")) as client:  # the server's cap
+                unnamed = client.post("/v1/predict", json={"inputs": inputs[0]}).json()["predictions"][0]
+            assert len(unnamed["generated"].split()) <= 1  # also bounds a request that names no max_new_tokens
     finally:
         server.should_exit = True
         thread.join(30)

@@ -64,6 +64,8 @@ def create_app(folder: str | Path, limits: Limits | None = None, *, device: str 
     predictor = Predictor(folder, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
     task = predictor.session.task
     cap = limits.max_new_tokens or getattr(task.options, "max_new_tokens", None)
+    # A request that names no max_new_tokens gets the run's, within the server's cap too.
+    default = min(filter(None, (limits.max_new_tokens, getattr(task.options, "max_new_tokens", None))), default=None)
     batcher = Batcher(lambda items, key: predictor.predict(items, max_new_tokens=key), limits.max_batch_size,
                       limits.max_wait_ms)
     info = _info(Path(folder), predictor, limits, cap)
@@ -98,7 +100,7 @@ def create_app(folder: str | Path, limits: Limits | None = None, *, device: str 
         problem = _request_problem(body, items, limits, task, cap)
         if problem is not None:
             return problem
-        key = body.max_new_tokens if task.generates else None
+        key = (body.max_new_tokens or default) if task.generates else None
         try:  # the task checks the inputs in the pass: a bad one fails the pass, then each request goes alone
             return {"predictions": await batcher.submit(list(items), key)}
         except ItemsError as failed:
