@@ -63,9 +63,9 @@ def create_app(folder: str | Path, limits: Limits | None = None, *, device: str 
     limits = limits or Limits()
     predictor = Predictor(folder, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
     task = predictor.session.task
-    cap = limits.max_new_tokens or getattr(task.options, "max_new_tokens", None)
-    # A request that names no max_new_tokens gets the run's, within the server's cap too.
-    default = min(filter(None, (limits.max_new_tokens, getattr(task.options, "max_new_tokens", None))), default=None)
+    run_default = getattr(task.options, "max_new_tokens", None)
+    cap = limits.max_new_tokens or run_default
+    default = min(filter(None, (limits.max_new_tokens, run_default)), default=None)  # unnamed: the run's, capped
     batcher = Batcher(lambda items, key: predictor.predict(items, max_new_tokens=key), limits.max_batch_size,
                       limits.max_wait_ms)
     info = _info(Path(folder), predictor, limits, cap)
