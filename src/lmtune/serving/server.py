@@ -13,6 +13,8 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmtune.errors import DataError
+
 log = logging.getLogger("lmtune")
 Input = Union[str, dict[str, Any], list[Any]]
 
@@ -56,7 +58,6 @@ def create_app(folder: str | Path, limits: Limits | None = None, *, device: str 
     """The FastAPI app serving the run or ONNX export in `folder` (loaded here, once)."""
     from fastapi import FastAPI
 
-    from lmtune.errors import DataError
     from lmtune.predict import Predictor
     from lmtune.serving.batching import Batcher, ItemsError
 
