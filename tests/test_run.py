@@ -177,6 +177,40 @@ def test_cli_predict_table_rows_with_empty_text_get_an_error_record(trained, tmp
     result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(jsonl)])
     assert result.exit_code == 1 and "row 3" in result.output, result.output
 
+
+def test_cli_predict_outputs_by_their_names_atomically_and_bad_paths_in_one_line(trained, tmp_path,
+                                                                                monkeypatch) -> None:
+    import gzip
+
+    from typer.testing import CliRunner
+
+    from lmtune import files
+    from lmtune.cli import app
+
+    lines = tmp_path / "in.txt.gz"  # gzipped text lines, read as text lines
+    lines.write_bytes(gzip.compress(b"great best film\nworst awful film\n"))
+    out = tmp_path / "new" / "PREDS.CSV.GZ"  # by its suffix whatever the case; .gz compressed
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(lines), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert gzip.decompress(out.read_bytes()).decode().splitlines()[0].startswith("text,label")
+    before = out.read_bytes()
+
+    def full_disk(path, write):  # the write fails half-way: the earlier output stays whole
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "replace_file", full_disk)
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(lines), "-o", str(out)])
+    assert result.exit_code == 1 and "No space left" in result.output and "Traceback" not in result.output
+    assert out.read_bytes() == before
+    monkeypatch.undo()
+    for bad in (tmp_path, lines / "x.jsonl"):  # a folder; a path under a file: refused before predicting
+        result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(lines), "-o", str(bad)])
+        assert result.exit_code == 1 and "Traceback" not in result.output and (
+            "is a folder" in result.output or "is a file, not a folder" in result.output), result.output
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    result = CliRunner().invoke(app, ["predict", str(trained.run_dir), "-i", str(tmp_path / "latin1.txt")])
+    assert result.exit_code == 1 and "latin1.txt" in result.output and "UTF-8" in result.output
+
 def test_cli_eval_and_validate(trained, tiny_config, tmp_path) -> None:
     import yaml
     from typer.testing import CliRunner

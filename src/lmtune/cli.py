@@ -146,21 +146,24 @@ def validate(config: Path = typer.Argument(..., help="Run config (YAML)."),
 @app.command()
 def predict(run: Path = typer.Argument(..., help="Run directory."),
             input: str = typer.Option("-", "--input", "-i", help="JSONL/CSV/TSV/JSON file, text lines, or - for stdin."),
-            output: str = typer.Option("-", "--output", "-o", help="Output file (.jsonl/.csv/.tsv) or - for stdout."),
+            output: str = typer.Option("-", "--output", "-o", help="Output file (.jsonl/.csv/.tsv, each optionally .gz) or - for stdout."),
             text_column: Optional[str] = typer.Option(None, help="Input column holding the text (default: "
                                                       "the run's data.text_column, else 'text')."),
             trust_remote_code: bool = TRUST_REMOTE_CODE, allow_pickle: bool = ALLOW_PICKLE) -> None:
     """Predict with a trained run for every input row."""
     _setup_logging()
-    from lmtune.predict import load, predict_rows, read_inputs, write_outputs
+    from lmtune.predict import check_output_path, load, predict_rows, read_inputs, write_outputs
 
     try:
+        if output != "-":
+            check_output_path(output)  # before the model loads and predicts
         predictor = load(run, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         inputs = read_inputs(input, text_column or predictor.session.cfg.data.text_column)
         preds, empty = predict_rows(predictor, inputs, input, text_column)
-    except (*_user_errors(), KeyError) as err:
+        clashes = write_outputs(output, inputs, preds)
+    except (*_user_errors(), KeyError, OSError) as err:
         _fail(err)
-    if clashes := write_outputs(output, inputs, preds):
+    if clashes:
         console.print(f"[yellow]the input has columns named like prediction fields ({', '.join(clashes)}): "
                       f"predictions written as {', '.join('predicted_' + k for k in clashes)}[/yellow]")
     if empty:
@@ -181,17 +184,20 @@ def evaluate(run: Path = typer.Argument(..., help="Run directory."),
     from lmtune.listing import metrics_table
     from lmtune.predict import evaluate as run_evaluate
 
+    from lmtune.files import write_text
+    from lmtune.predict import check_output_path
+    from lmtune.training.logs import finite_json
+
     try:
+        if output:
+            check_output_path(str(output))  # before the model loads and scores
         metrics = run_evaluate(run, data, "skip" if skip_bad_rows else None, trust_remote_code=trust_remote_code,
                                allow_pickle=allow_pickle)
-    except _user_errors() as err:
+        console.print(metrics_table(f"{data} ({metrics['rows']} rows)", metrics))
+        if output:
+            write_text(output, json.dumps(finite_json(metrics), indent=2, allow_nan=False))
+    except (*_user_errors(), OSError) as err:
         _fail(err)
-    console.print(metrics_table(f"{data} ({metrics['rows']} rows)", metrics))
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        from lmtune.training.logs import finite_json
-
-        output.write_text(json.dumps(finite_json(metrics), indent=2, allow_nan=False), encoding="utf-8")
 
 
 @app.command()

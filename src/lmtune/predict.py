@@ -182,10 +182,18 @@ def predict_rows(predictor: Predictor, inputs: list[Any], source: str, text_colu
 def read_inputs(path: str, column: str = "text") -> list[Any]:
     """Inputs for predict: JSONL/JSON/CSV/TSV rows (dicts), or plain text lines (file or stdin), every line one
     input, blank ones too (the final line end makes no line)."""
-    if path == "-" or Path(path).suffix in (".txt", ""):
+    plain = Path(path).name.lower().removesuffix(".gz")
+    if path == "-" or Path(plain).suffix in (".txt", ""):
         stdin = getattr(sys.stdin, "buffer", None) if path == "-" else None
         data = Path(path).read_bytes() if path != "-" else stdin.read() if stdin is not None else sys.stdin.read()
-        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        try:
+            if path.lower().endswith(".gz"):
+                import gzip
+
+                data = gzip.decompress(data)
+            text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        except (OSError, EOFError, UnicodeDecodeError) as err:
+            raise DataError(path, f"cannot read as UTF-8 text lines ({err})") from None
         # Universal newlines (\r\n and \r end a line, as \n does: no \r is left on a text), on stdin as in a file;
         # not splitlines(): U+2028, form feeds ... end no line.
         lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
@@ -212,16 +220,34 @@ def write_outputs(path: str, inputs: list[Any], preds: list[dict]) -> list[str]:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
         return sorted(clashes)
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    if file.suffix in (".csv", ".tsv"):
+    from lmtune.files import replace_file
+
+    file, kind = check_output_path(path), Path(path.lower().removesuffix(".gz")).suffix
+    if kind in (".csv", ".tsv"):
         import pandas as pd
 
         flat = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows]
-        pd.DataFrame(flat).to_csv(file, index=False, sep="\t" if file.suffix == ".tsv" else ",")
+        text = pd.DataFrame(flat).to_csv(index=False, sep="\t" if kind == ".tsv" else ",")
     else:
-        file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    data = text.encode("utf-8")
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        data = gzip.compress(data)
+    replace_file(file, lambda tmp: tmp.write_bytes(data))  # a write cut short leaves the earlier file as it was
     return sorted(clashes)
+
+
+def check_output_path(path: str) -> Path:
+    """The file an output goes to, refused (before any work) where it cannot be one: a folder, or under a file."""
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{path} is a folder: give a file name for the output (.jsonl, .csv or .tsv, or .gz of one)")
+    for parent in file.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{path}: {parent} is a file, not a folder")
+    return file
 
 
 def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = True, overwrite: bool = False,
