@@ -73,8 +73,9 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # A resumed run replays the steps after its checkpoint: TensorBoard hides what the first process wrote for them.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=_replayed_from(run_dir))
-        if _replayed_from(run_dir) is None:
+        replayed = _replayed_from(run_dir)
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=replayed)
+        if replayed is None:  # (a resumed run wrote its config when it started)
             import yaml
 
             self.writer.add_text("config", "```\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False) + "```")
